@@ -1,0 +1,214 @@
+"""The `liteattn` torch.library ops: one definition, its fake (meta) implementation, the CPU
+implementation (the exact reference) and the CUDA implementation (the Hopper kernel).
+
+    liteattn::sparse_attention(q, k, v, state!, threshold, must_do, must_skip, scale) -> (out, lse)
+    liteattn::attention(q, k, v, scale) -> (out, lse)
+
+q, k, v: logical (B, H, S, D) as for F.scaled_dot_product_attention, any strides with a contiguous
+last dim. out: q.dtype, logical (B, H, S_q, D) laid out in memory as (B, S_q, H, D); lse: float32
+(B, H, S_q), natural log. `state` (see liteattn_ops.state) is updated in place; `threshold` is a
+float32 (H,) tensor in log2 units (<= 0; -inf never removes a tile); must_do / must_skip are
+optional int32/int64 (R, 2) tensors of [start, end) key-token ranges.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._extension import extension
+from .state import check_state
+from .tiling import tile_shape
+
+_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+_CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (shared by the real and the fake implementations; symbolic-shape friendly)
+# --------------------------------------------------------------------------------------------
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k, v must share a dtype")
+    allowed = _CUDA_DTYPES if q.device.type == "cuda" else _CPU_DTYPES
+    if q.dtype not in allowed:
+        raise TypeError(f"q must have dtype in {[str(d) for d in allowed]} on {q.device.type}, got {q.dtype}")
+    tile_shape(q.shape[-1], q.dtype)  # raises for an unsupported head_dim
+    for dim, what in ((0, "batch"), (1, "heads"), (3, "head_dim")):
+        for name, t in (("k", k), ("v", v)):
+            torch._check_with(ValueError, t.shape[dim] == q.shape[dim],
+                              lambda: f"{name} {what} ({t.shape[dim]}) != q {what} ({q.shape[dim]}); "
+                                      f"q {tuple(q.shape)}, {name} {tuple(t.shape)}")
+    torch._check_with(ValueError, k.shape[2] == v.shape[2],
+                      lambda: f"k and v must have the same seq_len, got {k.shape[2]} and {v.shape[2]}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        torch._check_with(ValueError, t.shape[2] >= 1, lambda: f"{name} has an empty sequence")
+        torch._check_with(ValueError, t.stride(3) == 1,
+                          lambda: f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+
+
+def _check_threshold(threshold: Tensor, q: Tensor) -> None:
+    if not isinstance(threshold, Tensor):
+        raise TypeError(f"threshold must be a float32 tensor of shape (heads,), got {type(threshold).__name__}")
+    if threshold.dtype != torch.float32:
+        raise TypeError(f"threshold must be float32, got {threshold.dtype}")
+    if threshold.device != q.device:
+        raise ValueError(f"threshold is on {threshold.device} but q is on {q.device}")
+    torch._check_with(ValueError, threshold.dim() == 1 and threshold.shape[0] == q.shape[1],
+                      lambda: f"threshold must have shape ({q.shape[1]},) (one value per head), got {tuple(threshold.shape)}")
+    if threshold.device.type == "cpu" and not _is_fake(threshold):
+        # Values are checked only where it costs no device synchronisation.
+        if bool(torch.isnan(threshold).any()) or bool((threshold > 0).any()):
+            raise ValueError(f"threshold values must be <= 0 (log2 units) or -inf, got {threshold.tolist()}")
+
+
+def _check_ranges(name: str, ranges: Optional[Tensor], q: Tensor, seqlen_k) -> None:
+    if ranges is None:
+        return
+    if not isinstance(ranges, Tensor):
+        raise TypeError(f"{name} must be None or an integer tensor of shape (R, 2), got {type(ranges).__name__}")
+    if ranges.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {ranges.dtype}")
+    if ranges.device != q.device:
+        raise ValueError(f"{name} is on {ranges.device} but q is on {q.device}")
+    if ranges.dim() != 2 or ranges.shape[1] != 2:
+        raise ValueError(f"{name} must have shape (R, 2) of [start, end) key ranges, got {tuple(ranges.shape)}")
+    if ranges.device.type == "cpu" and not _is_fake(ranges) and ranges.numel():
+        start, end = ranges[:, 0], ranges[:, 1]
+        bad = (start < 0) | (end <= start) | (end > seqlen_k)
+        if bool(bad.any()):
+            raise ValueError(f"{name} ranges must satisfy 0 <= start < end <= seq_len_k ({seqlen_k}); "
+                             f"bad rows: {ranges[bad].tolist()}")
+
+
+def _is_fake(t: Tensor) -> bool:
+    return isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
+
+
+def check_inputs(q, k, v, state=None, threshold=None, must_do=None, must_skip=None) -> None:
+    """All argument checks of the ops; raises TypeError/ValueError naming the argument."""
+    _check_qkv(q, k, v)
+    if state is not None:
+        check_state(state, q, k)
+        _check_threshold(threshold, q)
+        _check_ranges("must_do", must_do, q, k.shape[2])
+        _check_ranges("must_skip", must_skip, q, k.shape[2])
+
+
+def _empty_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
+    batch, heads, seqlen_q, head_dim = q.shape
+    out = q.new_empty((batch, seqlen_q, heads, head_dim)).transpose(1, 2)
+    lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: the Hopper kernel
+# --------------------------------------------------------------------------------------------
+
+@functools.cache
+def _check_cuda_device(index: int) -> None:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) != (9, 0):
+        raise RuntimeError(f"the liteattn CUDA kernel needs a Hopper GPU (sm_90, H100/H200); "
+                           f"cuda:{index} is sm_{major}{minor}")
+
+
+def _tma_ready(t: Tensor) -> Tensor:
+    """TMA needs 16-byte aligned base addresses and strides; copy the rare tensor that is not."""
+    elem = t.element_size()
+    if t.data_ptr() % 16 or any((s * elem) % 16 for s in t.stride()[:3]):
+        return t.contiguous()
+    return t
+
+
+def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
+    ext = extension()
+    _check_cuda_device(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
+    batch, heads, seqlen_q, head_dim = q.shape
+    out, lse = _empty_outputs(q)
+
+    def ranges(r):
+        if r is None or r.shape[0] == 0:
+            return 0, 0
+        r = r.to(torch.int32).contiguous()
+        keep.append(r)
+        return r.data_ptr(), r.shape[0]
+
+    keep: list[Tensor] = []  # keeps converted range tensors alive until the launch is queued
+    do_ptr, n_do = ranges(must_do)
+    skip_ptr, n_skip = ranges(must_skip)
+    with torch.cuda.device(q.device):
+        ext.forward(
+            q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
+            batch=batch, heads=heads, seqlen_q=seqlen_q, seqlen_k=k.shape[2], head_dim=head_dim,
+            dtype=str(q.dtype).removeprefix("torch."),
+            q_stride=q.stride()[:3], k_stride=k.stride()[:3], v_stride=v.stride()[:3], out_stride=out.stride()[:3],
+            scale=_default_scale(scale, head_dim),
+            state=0 if state is None else state.data_ptr(),
+            threshold=0 if threshold is None else threshold.data_ptr(),
+            must_do=do_ptr, num_must_do=n_do, must_skip=skip_ptr, num_must_skip=n_skip,
+            stream=torch.cuda.current_stream(q.device).cuda_stream,
+        )
+    return out, lse
+
+
+def _default_scale(scale: Optional[float], head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+# --------------------------------------------------------------------------------------------
+# The ops
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("liteattn::sparse_attention", mutates_args=("state",))
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor, threshold: Tensor,
+                     must_do: Optional[Tensor] = None, must_skip: Optional[Tensor] = None,
+                     scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """Attention over the live KV tiles of `state`; drops the tiles found negligible from `state`.
+
+    Returns (out, lse). See the module docstring for layouts and liteattn_ops.reference for the
+    exact semantics.
+    """
+    check_inputs(q, k, v, state, threshold, must_do, must_skip)
+    if q.device.type == "cuda":
+        return _launch(q, k, v, state, threshold, must_do, must_skip, scale)
+    out, lse, new_state = reference.sparse_attention_reference(q, k, v, state, threshold, must_do, must_skip, scale)
+    state.copy_(new_state)
+    return out, lse
+
+
+@sparse_attention.register_fake
+def _(q, k, v, state, threshold, must_do=None, must_skip=None, scale=None):
+    check_inputs(q, k, v, state, threshold, must_do, must_skip)
+    return _empty_outputs(q)
+
+
+@torch.library.custom_op("liteattn::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """Dense attention (no skip state) with the same kernel and output conventions: (out, lse)."""
+    check_inputs(q, k, v)
+    if q.device.type == "cuda":
+        return _launch(q, k, v, None, None, None, None, scale)
+    return reference.attention_reference(q, k, v, scale)
+
+
+@attention.register_fake
+def _(q, k, v, scale=None):
+    check_inputs(q, k, v)
+    return _empty_outputs(q)

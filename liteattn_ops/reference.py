@@ -1,0 +1,136 @@
+"""Exact reference of the LiteAttention semantics, in float32 torch ops (any device).
+
+It is the CPU implementation of the op and the oracle the CUDA kernel is tested against. One call,
+for each (b, h, query tile m):
+
+1. visited = (live | do_tiles) & ~skip_tiles, where do_tiles overlap a must-do key range and
+   skip_tiles lie entirely inside a must-skip key range (must-do wins).
+2. Visited tiles are taken in a fixed order: start at n0 = min(Nt-1, m*BM*S_k // (S_q*BN)) (the
+   diagonal tile for self-attention), then n0+1, ..., Nt-1, 0, ..., n0-1.
+3. A visited tile is negligible when, for every valid query row i, its row max l_i minus the
+   running max r_i of the tiles visited before it is <= thr[h] (both in log2 units:
+   score * scale * log2(e)). The first visited tile (r_i = -inf) and must-do tiles never are.
+4. The output and the log-sum-exp cover every visited tile. Rows with no visited tile give
+   output 0 and lse -inf.
+5. New state words: (old | do_bits) & ~(negligible_bits | skip_bits); bits >= Nt unchanged.
+
+Nothing here loops over tiles: the running max in visit order is a cumulative max over a rotated
+tile axis. Query rows are processed in chunks only to bound memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .state import pack_bits, unpack_bits
+from .tiling import num_tiles, tile_shape
+
+_LOG2E = math.log2(math.e)
+_CHUNK_ELEMENTS = 1 << 24  # scores held at once (B*H*rows*S_k), ~64 MB in float32
+
+
+def range_tiles(ranges: torch.Tensor | None, seqlen_k: int, block_n: int, *, inside: bool) -> torch.Tensor:
+    """bool (Nt,): tiles overlapping any [start, end) key range (inside=False) or lying entirely
+    inside one (inside=True). Empty ranges (end <= start) select nothing."""
+    n_tiles = num_tiles(seqlen_k, block_n)
+    device = ranges.device if ranges is not None else None
+    if ranges is None or ranges.shape[0] == 0:
+        return torch.zeros(n_tiles, dtype=torch.bool, device=device)
+    lo = torch.arange(n_tiles, device=device, dtype=torch.int64) * block_n
+    hi = torch.clamp(lo + block_n, max=seqlen_k)
+    start, end = ranges[:, :1].long(), ranges[:, 1:].long()
+    if inside:
+        hit = (start <= lo) & (hi <= end)
+    else:
+        hit = (lo < end) & (hi > start) & (start < end)
+    return hit.any(0)
+
+
+def first_tile(block_m: int, block_n: int, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
+    """n0 for every query tile m: where the visit order of that query tile starts."""
+    m = torch.arange(num_tiles(seqlen_q, block_m), device=device, dtype=torch.int64)
+    n_tiles = num_tiles(seqlen_k, block_n)
+    return torch.clamp((m * block_m * seqlen_k) // (seqlen_q * block_n), max=n_tiles - 1)
+
+
+def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_skip=None, scale=None):
+    """Returns (out, lse, new_state); does not modify `state`.
+
+    out: q.dtype, logical (B, H, S_q, D) in (B, S_q, H, D) memory; lse: float32 (B, H, S_q), natural log.
+    """
+    batch, heads, seqlen_q, head_dim = q.shape
+    seqlen_k = k.shape[2]
+    block_m, block_n = tile_shape(head_dim, q.dtype)
+    m_tiles, n_tiles = num_tiles(seqlen_q, block_m), num_tiles(seqlen_k, block_n)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    device = q.device
+
+    do_tiles = range_tiles(must_do, seqlen_k, block_n, inside=False).to(device)
+    skip_tiles = range_tiles(must_skip, seqlen_k, block_n, inside=True).to(device) & ~do_tiles
+    live = unpack_bits(state, n_tiles)                                   # (B, H, Mt, Nt)
+    visited = (live | do_tiles) & ~skip_tiles
+
+    # Visit order: position j of query tile m holds tile (n0[m] + j) % Nt.
+    order = (first_tile(block_m, block_n, seqlen_q, seqlen_k, device)[:, None]
+             + torch.arange(n_tiles, device=device)) % n_tiles            # (Mt, Nt)
+    thr = threshold.to(device=device, dtype=torch.float32).view(1, heads, 1, 1)
+
+    qf, kf, vf = q.float(), k.float(), v.float()
+    out = torch.empty(batch, seqlen_q, heads, head_dim, dtype=q.dtype, device=device).transpose(1, 2)
+    lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=device)
+    negligible = torch.zeros_like(visited)
+
+    rows_per_chunk = max(block_m, _CHUNK_ELEMENTS // max(1, batch * heads * seqlen_k) // block_m * block_m)
+    pad_k = n_tiles * block_n - seqlen_k
+    for row0 in range(0, seqlen_q, rows_per_chunk):
+        row1 = min(seqlen_q, row0 + rows_per_chunk)
+        m0, m1 = row0 // block_m, num_tiles(row1, block_m)
+        tile_of_row = torch.arange(row0, row1, device=device) // block_m      # (rows,)
+
+        scores = torch.matmul(qf[:, :, row0:row1], kf.transpose(-1, -2)) * scale   # natural units
+        vis_rows = visited[:, :, tile_of_row]                                     # (B, H, rows, Nt)
+
+        # Per-row tile maxima in log2 units, unvisited tiles at -inf.
+        padded = torch.nn.functional.pad(scores * _LOG2E, (0, pad_k), value=-math.inf)
+        tile_max = padded.view(batch, heads, row1 - row0, n_tiles, block_n).amax(-1)
+        tile_max = tile_max.masked_fill(~vis_rows, -math.inf)
+
+        # Running max before each tile, in visit order.
+        order_rows = order[tile_of_row].expand(batch, heads, -1, -1)
+        in_order = torch.gather(tile_max, -1, order_rows)
+        running = torch.cummax(in_order, dim=-1).values
+        before = torch.nn.functional.pad(running[..., :-1], (1, 0), value=-math.inf)
+        row_negligible_ordered = (in_order - before) <= thr      # NaN (both -inf) -> False
+        row_negligible = torch.empty_like(row_negligible_ordered).scatter_(-1, order_rows, row_negligible_ordered)
+
+        # A tile is negligible when every valid row of its query tile says so.
+        n_rows_padded = (m1 - m0) * block_m
+        per_tile = torch.ones(batch, heads, n_rows_padded, n_tiles, dtype=torch.bool, device=device)
+        per_tile[:, :, row0 - m0 * block_m: row1 - m0 * block_m] = row_negligible
+        negligible[:, :, m0:m1] |= per_tile.view(batch, heads, m1 - m0, block_m, n_tiles).all(3)
+
+        # Attention over the visited tiles.
+        col_visible = vis_rows.repeat_interleave(block_n, dim=-1)[..., :seqlen_k]
+        masked = scores.masked_fill(~col_visible, -math.inf)
+        chunk_lse = torch.logsumexp(masked, dim=-1)
+        probs = torch.exp(masked - chunk_lse.unsqueeze(-1)).nan_to_num(0.0)  # empty rows -> 0
+        out[:, :, row0:row1] = torch.matmul(probs, vf).to(q.dtype)
+        lse[:, :, row0:row1] = chunk_lse
+
+    negligible &= visited & ~do_tiles
+    cleared = pack_bits(negligible | skip_tiles, fill=False)
+    new_state = torch.bitwise_and(torch.bitwise_or(state, pack_bits(do_tiles, fill=False)), torch.bitwise_not(cleared))
+    return out, lse, new_state
+
+
+def attention_reference(q, k, v, scale=None):
+    """Dense attention with the op's output conventions: (out, lse)."""
+    from .state import new_state
+
+    batch, heads, seqlen_q, head_dim = q.shape
+    state = new_state(batch, heads, seqlen_q, k.shape[2], head_dim, q.dtype, q.device)
+    threshold = torch.full((heads,), -math.inf, device=q.device)
+    out, lse, _ = sparse_attention_reference(q, k, v, state, threshold, scale=scale)
+    return out, lse
