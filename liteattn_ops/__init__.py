@@ -1,0 +1,23 @@
+"""liteattn_ops: temporal sparse attention for video diffusion transformers on Hopper GPUs.
+
+Public API:
+    tile_shape(head_dim, dtype) -> (BM, BN)
+    LiteAttention                       eager drop-in for F.scaled_dot_product_attention with a skip state
+    reset(model), stats(model), set_threshold(model, value)
+    new_state, reset_state, live_mask   the skip-state format (liteattn_ops.state)
+    is_available()                      whether the CUDA kernel was built
+    torch.ops.liteattn.sparse_attention / torch.ops.liteattn.attention   the custom ops
+"""
+
+from . import ops  # registers torch.ops.liteattn.*
+from ._extension import is_available
+from .module import LiteAttention, attention_sites, reset, set_threshold, stats
+from .state import live_mask, new_state, reset_state
+from .tiling import supported_head_dims, tile_shape
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LiteAttention", "attention_sites", "is_available", "live_mask", "new_state", "ops", "reset",
+    "reset_state", "set_threshold", "stats", "supported_head_dims", "tile_shape",
+]

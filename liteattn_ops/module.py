@@ -1,0 +1,216 @@
+"""Eager API: the LiteAttention module (one attention call site with its own skip state) and the
+model-level helpers reset / stats / set_threshold."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .state import live_mask, new_state, reset_state
+
+log = logging.getLogger("liteattn_ops")
+
+ThresholdLike = Union[float, Sequence[float], Tensor]
+RangesLike = Union[None, Sequence[Sequence[int]], Tensor]
+
+
+def _threshold_values(value: ThresholdLike) -> list[float]:
+    """Validate a threshold given as a float or per head; returns the list of values."""
+    if isinstance(value, Tensor):
+        values = value.detach().to("cpu", torch.float64).reshape(-1).tolist()
+    elif isinstance(value, (int, float)):
+        values = [float(value)]
+    else:
+        values = [float(x) for x in value]
+    if not values:
+        raise ValueError("threshold must be a float or a non-empty sequence of per-head floats")
+    for x in values:
+        if math.isnan(x) or x > 0:
+            raise ValueError(f"threshold must be <= 0 in log2 units (or -inf to never skip), got {x}")
+    return values
+
+
+def _ranges_tensor(name: str, ranges: RangesLike) -> Optional[Tensor]:
+    """Validate [start, end) key-token ranges given as pairs or an (R, 2) tensor; int32 on CPU."""
+    if ranges is None:
+        return None
+    t = ranges.detach().cpu() if isinstance(ranges, Tensor) else torch.tensor(list(ranges), dtype=torch.int64)
+    if t.numel() == 0:
+        return None
+    if t.dim() != 2 or t.shape[1] != 2 or t.is_floating_point():
+        raise ValueError(f"{name} must be a list of (start, end) integer pairs or an (R, 2) integer tensor, got {tuple(t.shape)}")
+    if bool(((t[:, 0] < 0) | (t[:, 1] <= t[:, 0])).any()):
+        raise ValueError(f"{name} ranges must satisfy 0 <= start < end, got {t.tolist()}")
+    return t.to(torch.int32)
+
+
+class LiteAttention(nn.Module):
+    """Drop-in for `F.scaled_dot_product_attention(q, k, v, scale=...)` that skips KV tiles found
+    negligible in earlier calls. Owns the skip state of one attention call site.
+
+    Args:
+        threshold: log2-units threshold (<= 0), one float or one per head; -inf never skips.
+        must_do: key-token [start, end) ranges whose tiles are always computed.
+        must_skip: key-token ranges whose tiles (entirely inside) are never computed.
+
+    The state is a non-persistent buffer, allocated at the first call and re-allocated (with a log
+    line) when (batch, heads, seq lens, head_dim, dtype, device) change. Inference only.
+    """
+
+    def __init__(self, threshold: ThresholdLike = -10.0, *, must_do: RangesLike = None,
+                 must_skip: RangesLike = None):
+        super().__init__()
+        self._threshold = _threshold_values(threshold)
+        self._must_do = _ranges_tensor("must_do", must_do)
+        self._must_skip = _ranges_tensor("must_skip", must_skip)
+        self.register_buffer("state", None, persistent=False)
+        self.register_buffer("threshold_per_head", None, persistent=False)
+        self.register_buffer("must_do_ranges", None, persistent=False)
+        self.register_buffer("must_skip_ranges", None, persistent=False)
+        self._key: Optional[tuple] = None
+        self.calls = 0  # calls since the last reset
+
+    # -- configuration ----------------------------------------------------------------------
+    @property
+    def threshold(self) -> list[float]:
+        return list(self._threshold)
+
+    @threshold.setter
+    def threshold(self, value: ThresholdLike) -> None:
+        self._threshold = _threshold_values(value)
+        if self.threshold_per_head is not None:
+            # In place: compiled graphs and CUDA graphs keep the buffer's address.
+            self.threshold_per_head.copy_(self._threshold_tensor(self.threshold_per_head.shape[0], "cpu"))
+
+    def set_ranges(self, must_do: RangesLike = None, must_skip: RangesLike = None) -> None:
+        """Replace the must-do / must-skip key ranges (takes effect at the next call)."""
+        self._must_do = _ranges_tensor("must_do", must_do)
+        self._must_skip = _ranges_tensor("must_skip", must_skip)
+        self._key = None if self.state is None else self._key
+        self.must_do_ranges = None if self._must_do is None else self._must_do.to(self._device())
+        self.must_skip_ranges = None if self._must_skip is None else self._must_skip.to(self._device())
+
+    def _device(self):
+        return self.state.device if self.state is not None else "cpu"
+
+    def _threshold_tensor(self, heads: int, device) -> Tensor:
+        values = self._threshold
+        if len(values) == 1:
+            values = values * heads
+        if len(values) != heads:
+            raise ValueError(f"threshold has {len(self._threshold)} values but the attention has {heads} heads; "
+                             "give one float or one value per head")
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    # -- state ------------------------------------------------------------------------------
+    def _ensure_state(self, q: Tensor, k: Tensor) -> None:
+        batch, heads, seqlen_q, head_dim = q.shape
+        key = (batch, heads, seqlen_q, k.shape[2], head_dim, q.dtype, q.device)
+        if key == self._key:
+            return
+        if self._key is not None:
+            log.info("LiteAttention: input shape changed from %s to %s: new skip state", self._key[:5], key[:5])
+        self.state = new_state(batch, heads, seqlen_q, k.shape[2], head_dim, q.dtype, q.device)
+        self.threshold_per_head = self._threshold_tensor(heads, q.device)
+        self.must_do_ranges = None if self._must_do is None else self._must_do.to(q.device)
+        self.must_skip_ranges = None if self._must_skip is None else self._must_skip.to(q.device)
+        self._key = key
+        self.calls = 0
+
+    def reset(self) -> None:
+        """Make every tile live again (in place); the next video starts from dense attention."""
+        if self.state is not None:
+            reset_state(self.state)
+        self.calls = 0
+
+    def live_mask(self) -> Optional[Tensor]:
+        """bool (B, H, Mt, Nt), True where a KV tile is live; None before the first call."""
+        if self.state is None:
+            return None
+        _, _, _, seqlen_k, head_dim, dtype, _ = self._key
+        return live_mask(self.state, seqlen_k, head_dim, dtype)
+
+    def live_fraction(self, per_head: bool = False) -> Optional[Tensor]:
+        """Fraction of live tiles (0-d tensor), or per head ((H,) tensor); computed on the device."""
+        mask = self.live_mask()
+        if mask is None:
+            return None
+        mask = mask.float()
+        return mask.mean(dim=(0, 2, 3)) if per_head else mask.mean()
+
+    # -- call -------------------------------------------------------------------------------
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+                return_lse: bool = False):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise RuntimeError("LiteAttention is inference-only (the skip state is not differentiable): "
+                               "run under torch.no_grad() / torch.inference_mode(), or liteattn_ops.disable(model)")
+        ops.check_inputs(q, k, v)
+        self._ensure_state(q, k)
+        out, lse = torch.ops.liteattn.sparse_attention(
+            q, k, v, self.state, self.threshold_per_head, self.must_do_ranges, self.must_skip_ranges, scale)
+        self.calls += 1
+        return (out, lse) if return_lse else out
+
+    def extra_repr(self) -> str:
+        thr = self._threshold[0] if len(self._threshold) == 1 else self._threshold
+        return f"threshold={thr}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Model-level helpers (the compile backend and enable() register their sites as LiteAttention too)
+# ------------------------------------------------------------------------------------------------
+
+def attention_sites(model: nn.Module) -> Iterator[tuple[str, LiteAttention]]:
+    """(qualified name, LiteAttention) for every attention site of `model`, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LiteAttention):
+            yield name, module
+
+
+def _sites_or_raise(model: nn.Module) -> list[tuple[str, LiteAttention]]:
+    sites = list(attention_sites(model))
+    if not sites:
+        raise ValueError(f"{type(model).__name__} has no LiteAttention sites: use LiteAttention modules, "
+                         "liteattn_ops.enable(model) or torch.compile(model, backend='liteattn')")
+    return sites
+
+
+def reset(model: nn.Module) -> None:
+    """Reset every skip state of `model` in place (call it before each new video)."""
+    for _, site in _sites_or_raise(model):
+        site.reset()
+
+
+def set_threshold(model: nn.Module, value: Union[ThresholdLike, Mapping[str, ThresholdLike]]) -> None:
+    """Set the threshold of every site (a float or per-head sequence), or per site with a mapping
+    {site name: threshold} (names as in stats(model)); takes effect at the next call."""
+    sites = dict(_sites_or_raise(model))
+    if isinstance(value, Mapping):
+        unknown = set(value) - set(sites)
+        if unknown:
+            raise ValueError(f"unknown attention sites {sorted(unknown)}; known: {sorted(sites)}")
+        for name, v in value.items():
+            sites[name].threshold = v
+    else:
+        for site in sites.values():
+            site.threshold = value
+
+
+def stats(model: nn.Module) -> dict[str, dict]:
+    """Per site: live fraction overall and per head (host floats: this synchronises), calls since
+    the last reset, threshold. Sites not called yet report None."""
+    report = {}
+    for name, site in _sites_or_raise(model):
+        per_head = site.live_fraction(per_head=True)
+        report[name] = {
+            "live_fraction": None if per_head is None else float(site.live_fraction()),
+            "live_fraction_per_head": None if per_head is None else per_head.tolist(),
+            "calls": site.calls,
+            "threshold": site.threshold,
+        }
+    return report
