@@ -43,7 +43,7 @@ class DiTConfig:
     dim: int = 256
     num_heads: int = 4  # head_dim = dim // num_heads = 64
     depth: int = 5
-    mlp_ratio: float = 3.0
+    mlp_ratio: float = 2.5
     num_classes: int = 4
     class_tokens: int = 4
     freq_dim: int = 128
