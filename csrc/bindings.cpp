@@ -1,0 +1,97 @@
+// liteattn_ops._C: raw device pointers in, kernel launched on the given stream.
+// Does not link torch; liteattn_ops/ops.py owns tensors, checks and allocation.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "liteattn.h"
+
+namespace py = pybind11;
+using Stride3 = std::tuple<int64_t, int64_t, int64_t>;
+
+namespace {
+
+liteattn::DType parse_dtype(const std::string& dtype) {
+  if (dtype == "bfloat16") return liteattn::DType::kBFloat16;
+  if (dtype == "float16") return liteattn::DType::kFloat16;
+  throw std::invalid_argument("liteattn._C: dtype must be 'bfloat16' or 'float16', got '" + dtype + "'");
+}
+
+std::array<int64_t, 3> to_array(const Stride3& s) { return {std::get<0>(s), std::get<1>(s), std::get<2>(s)}; }
+
+template <class T>
+T* as_ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "liteattn sm_90a forward attention kernel (TMA + wgmma) with the temporal skip state";
+
+  m.def(
+      "forward",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int batch, int heads, int seqlen_q,
+         int seqlen_k, int head_dim, const std::string& dtype, Stride3 q_stride, Stride3 k_stride, Stride3 v_stride,
+         Stride3 out_stride, float scale, uintptr_t state, uintptr_t threshold, uintptr_t must_do, int num_must_do,
+         uintptr_t must_skip, int num_must_skip, uintptr_t stream) {
+        liteattn::FwdArgs a;
+        a.q = as_ptr<const void>(q);
+        a.k = as_ptr<const void>(k);
+        a.v = as_ptr<const void>(v);
+        a.out = as_ptr<void>(out);
+        a.lse = as_ptr<float>(lse);
+        a.batch = batch;
+        a.heads = heads;
+        a.seqlen_q = seqlen_q;
+        a.seqlen_k = seqlen_k;
+        a.head_dim = head_dim;
+        a.dtype = parse_dtype(dtype);
+        a.q_stride = to_array(q_stride);
+        a.k_stride = to_array(k_stride);
+        a.v_stride = to_array(v_stride);
+        a.out_stride = to_array(out_stride);
+        a.scale = scale;
+        a.state = as_ptr<int32_t>(state);
+        a.threshold = as_ptr<const float>(threshold);
+        a.must_do = as_ptr<const int32_t>(must_do);
+        a.num_must_do = num_must_do;
+        a.must_skip = as_ptr<const int32_t>(must_skip);
+        a.num_must_skip = num_must_skip;
+        a.stream = as_ptr<void>(stream);
+        py::gil_scoped_release release;
+        liteattn::forward(a);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("batch"), py::arg("heads"),
+      py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"), py::arg("dtype"), py::arg("q_stride"),
+      py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"), py::arg("scale"), py::arg("state"),
+      py::arg("threshold"), py::arg("must_do"), py::arg("num_must_do"), py::arg("must_skip"),
+      py::arg("num_must_skip"), py::arg("stream"),
+      "Forward attention. state == 0 runs the dense path; otherwise the skip state (B, H, Mt, W) int32 is read "
+      "and updated in place. Raises ValueError on bad arguments.");
+
+  m.def(
+      "tile_shape",
+      [](int head_dim, const std::string& dtype) {
+        const auto t = liteattn::tile_shape(head_dim, parse_dtype(dtype));
+        if (t.bm == 0) throw std::invalid_argument("liteattn._C.tile_shape: no kernel for head_dim " + std::to_string(head_dim));
+        return std::make_tuple(t.bm, t.bn);
+      },
+      py::arg("head_dim"), py::arg("dtype"), "(BM, BN) of the kernel for this head dim and dtype.");
+
+  m.def(
+      "tma_compatible",
+      [](uintptr_t ptr, Stride3 stride, Stride3 sizes) {
+        return liteattn::tma_compatible(ptr, to_array(stride), to_array(sizes), 2);
+      },
+      py::arg("ptr"), py::arg("stride"), py::arg("sizes") = Stride3{2, 2, 2},
+      "True when a 16-bit (b, h, s, d) view at ptr with element strides `stride` over (b, h, s) and sizes `sizes` "
+      "can be loaded by TMA without a copy: 16-byte aligned base, strides positive multiples of 8 elements "
+      "(size-1 dims exempt).");
+
+  m.attr("MAX_STATE_WORDS") = liteattn::kMaxStateWords;
+}

@@ -1,0 +1,219 @@
+// The forward kernel: one CTA per (m tile, head, batch). Warpgroup 0 is the producer
+// (one thread issues the TMA loads of Q and of the visited K/V tiles into a
+// kStages-deep ring); warpgroups 1.. are consumers, each owning 64 query rows: wgmma
+// S = Q K^T, online softmax and the skip verdict in registers, wgmma O += P V, then
+// the O / LSE epilogue and (skip path) the state write-back.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_conversion.h>
+
+#include "fwd_traits.cuh"
+#include "skip_state.cuh"
+#include "softmax.cuh"
+
+namespace liteattn {
+
+// Named barriers (id 0 is __syncthreads).
+enum class NamedBarrier : uint32_t { kConsumersDone = 1 };
+
+// C (+)= A * B on one warpgroup: fence, issue every k block, commit. The caller waits.
+template <bool kZeroInit, bool kRegisterA, class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, TA& a, TB const& b, TC& c) {
+  using namespace cute;
+  if constexpr (kRegisterA) warpgroup_fence_operand(a);
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTLASS_PRAGMA_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(c);
+  if constexpr (kRegisterA) warpgroup_fence_operand(a);
+}
+
+// Float fragment -> 16-bit fragment with the same value order (packed conversions).
+template <class Element, class Src, class Dst>
+__device__ __forceinline__ void convert_fragment(Src const& src, Dst& dst) {
+  constexpr int kN = decltype(cute::size(src))::value;
+  static_assert(kN == decltype(cute::size(dst))::value);
+  cutlass::NumericArrayConverter<Element, float, kN> convert;
+  *reinterpret_cast<cutlass::Array<Element, kN>*>(dst.data()) =
+      convert(*reinterpret_cast<cutlass::Array<float, kN> const*>(src.data()));
+}
+
+template <class Tr>
+__device__ __forceinline__ void producer_loop(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
+                                              int m, int h, int b) {
+  using namespace cute;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD;
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutVt{});
+  Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int32_t(kD), p.heads, p.batch));
+  Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int32_t(kD), p.heads, p.batch));
+  Tensor mVt = p.tma_vt.get_tma_tensor(make_shape(int32_t(kD), p.seqlen_k, p.heads, p.batch));
+  Tensor gQ = local_tile(mQ(_, _, h, b), Shape<Int<kBM>, Int<kD>>{}, make_coord(m, 0));    // (BM, D)
+  Tensor gK = local_tile(mK(_, _, h, b), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, 0));    // (BN, D, Nt)
+  Tensor gVt = local_tile(mVt(_, _, h, b), Shape<Int<kD>, Int<kBN>>{}, make_coord(0, _));  // (D, BN, Nt)
+  auto [tQg, tQs] = tma_partition(p.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+  auto [tKg, tKs] = tma_partition(p.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+  auto [tVg, tVs] = tma_partition(p.tma_vt, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+
+  ss.q_full.arrive_and_expect_tx(Tr::kQBytes);
+  copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full)), tQg, tQs);
+
+  int stage = 0;
+  uint32_t phase = 0;
+  for (TileCursor<Tr::kSkip> tile(ss.visit, m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles); tile.valid();
+       tile.advance(ss.visit)) {
+    ss.k_empty[stage].wait(phase ^ 1);
+    ss.k_full[stage].arrive_and_expect_tx(Tr::kKVStageBytes);
+    copy(p.tma_k.with(reinterpret_cast<uint64_t&>(ss.k_full[stage])), tKg(_, tile.n), tKs(_, stage));
+    ss.v_empty[stage].wait(phase ^ 1);
+    ss.v_full[stage].arrive_and_expect_tx(Tr::kKVStageBytes);
+    copy(p.tma_vt.with(reinterpret_cast<uint64_t&>(ss.v_full[stage])), tVg(_, tile.n), tVs(_, stage));
+    if (++stage == Tr::kStages) { stage = 0; phase ^= 1; }
+  }
+}
+
+template <class Tr>
+__device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
+                                              int m, int h, int b, int warpgroup, int thread) {
+  using namespace cute;
+  using Element = typename Tr::Element;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD;
+  const int t = thread % 128;  // thread in this warpgroup
+  const int lane = t % 32;
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutVt{});
+  Tensor sQw = local_tile(sQ, Shape<_64, Int<kD>>{}, make_coord(warpgroup, 0));  // this warpgroup's rows
+
+  typename Tr::TiledMmaQK mma_qk;
+  typename Tr::TiledMmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(t);
+  auto thr_pv = mma_pv.get_thread_slice(t);
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQw);  // smem descriptors
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, N, K, stage)
+  Tensor tOrVt = thr_pv.partition_fragment_B(sVt);  // (MMA, N, K, stage)
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<kD>>{});
+  clear(tOrO);
+
+  OnlineSoftmax softmax;
+  const int row0 = m * kBM + warpgroup * 64 + (t / 32) * 16 + lane / 4;  // and row0 + 8
+  const bool row_valid[2] = {row0 < p.seqlen_q, row0 + 8 < p.seqlen_q};
+  float threshold = 0.f;
+  if constexpr (Tr::kSkip) threshold = p.threshold[h];
+
+  ss.q_full.wait(0);
+  int stage = 0;
+  uint32_t phase = 0;
+  for (TileCursor<Tr::kSkip> tile(ss.visit, m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles); tile.valid();
+       tile.advance(ss.visit)) {
+    Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBN>>{});
+    ss.k_full[stage].wait(phase);
+    warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+    warpgroup_wait<0>();
+    __syncwarp();
+    if (lane == 0) ss.k_empty[stage].arrive();
+
+    float tile_max[2];
+    softmax.tile_max(tSrS, lane, p.seqlen_k - tile.n * kBN, p.scale_log2, tile_max);
+    if constexpr (Tr::kSkip) {
+      // Not negligible when some valid row's tile max beats its running max by more
+      // than the threshold (always true on the first tile: running max -inf).
+      const bool keep = (row_valid[0] && tile_max[0] - softmax.row_max[0] > threshold) ||
+                        (row_valid[1] && tile_max[1] - softmax.row_max[1] > threshold);
+      if (__any_sync(0xffffffffu, keep) && lane == 0) atomicOr(&ss.keep[tile.n >> 5], 1u << (tile.n & 31));
+    }
+    float correction[2];
+    softmax.update(tSrS, tile_max, p.scale_log2, correction);
+    rescale_rows(tOrO, correction);
+
+    Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
+    convert_fragment<Element>(tSrS, tOrP);
+    ss.v_full[stage].wait(phase);
+    warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, stage), tOrO);
+    warpgroup_wait<0>();
+    __syncwarp();
+    if (lane == 0) ss.v_empty[stage].arrive();
+    if (++stage == Tr::kStages) { stage = 0; phase ^= 1; }
+  }
+
+  // Epilogue: O / row sum into (B, S, H, D) memory, LSE in natural-log units. A row
+  // with no visited tile gets O = 0 and LSE = -inf.
+  float inv_sum[2], lse[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(softmax.row_sum[r]);
+    inv_sum[r] = sum > 0.f ? 1.f / sum : 0.f;
+    lse[r] = sum > 0.f ? (softmax.row_max[r] + log2f(sum)) * p.ln2 : -INFINITY;
+  }
+  Element* out = p.out + b * p.out_stride_b + h * p.out_stride_h;
+  cutlass::NumericArrayConverter<Element, float, 2> convert_pair;
+  constexpr int kO = decltype(size(tOrO))::value;
+#pragma unroll
+  for (int i = 0; i < kO; i += 2) {
+    const int r = frag_row_half(i);
+    if (!row_valid[r]) continue;
+    const int row = row0 + 8 * r;
+    cutlass::Array<float, 2> pair;
+    pair[0] = tOrO(i) * inv_sum[r];
+    pair[1] = tOrO(i + 1) * inv_sum[r];
+    *reinterpret_cast<cutlass::Array<Element, 2>*>(out + row * p.out_stride_s + frag_col(i, lane)) =
+        convert_pair(pair);
+  }
+  if (lane % 4 == 0) {
+    float* lse_row = p.lse + (int64_t(b) * p.heads + h) * p.seqlen_q;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (row_valid[r]) lse_row[row0 + 8 * r] = lse[r];
+  }
+
+  if constexpr (Tr::kSkip) {
+    cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, static_cast<uint32_t>(NamedBarrier::kConsumersDone));
+    store_skip_state(p, b, h, m, ss.visit, ss.keep, thread, Tr::kConsumerThreads);
+  }
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_constant__ typename Tr::Params p) {
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
+  const int m = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warpgroup = cutlass::canonical_warp_group_idx();
+
+  if (threadIdx.x == 0) {
+    ss.q_full.init(1);
+#pragma unroll
+    for (int s = 0; s < Tr::kStages; ++s) {
+      ss.k_full[s].init(1);
+      ss.v_full[s].init(1);
+      ss.k_empty[s].init(Tr::kConsumerThreads / 32);  // one arrival per consumer warp
+      ss.v_empty[s].init(Tr::kConsumerThreads / 32);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  if constexpr (Tr::kSkip) load_skip_state<Tr::kBN>(p, b, h, m, ss.visit, ss.keep);
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(p.tma_vt.get_tma_descriptor());
+      producer_loop<Tr>(p, ss, m, h, b);
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+    consumer_loop<Tr>(p, ss, m, h, b, warpgroup - 1, threadIdx.x - 128);
+  }
+}
+
+}  // namespace liteattn

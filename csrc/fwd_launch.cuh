@@ -1,0 +1,82 @@
+// Host side of one instantiation: TMA descriptors for this call's tensors, kernel
+// parameters, launch on the caller's stream. Inputs are validated in forward.cu.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "fwd_kernel.cuh"
+
+namespace liteattn {
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("liteattn: ") + what + ": " + cudaGetErrorString(err));
+}
+
+// A size-1 dimension's stride is irrelevant to addressing but still goes into the TMA
+// descriptor, which wants multiples of 16 bytes: give it a harmless valid one.
+inline int64_t tma_stride(int64_t stride, int size, int64_t fallback) { return size == 1 ? fallback : stride; }
+
+template <DType kDType, int kHeadDim, bool kSkip>
+void run_fwd(const FwdArgs& a) {
+  using namespace cute;
+  using Tr = FwdTraits<kDType, kHeadDim, kSkip>;
+  using Element = typename Tr::Element;
+  constexpr int64_t kD = kHeadDim;
+
+  auto rows = [&](const void* ptr, const std::array<int64_t, 3>& st, int seqlen) {
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)),
+                       make_layout(make_shape(int32_t(seqlen), int32_t(kD), int32_t(a.heads), int32_t(a.batch)),
+                                   make_stride(tma_stride(st[2], seqlen, kD), _1{}, tma_stride(st[1], a.heads, kD),
+                                               tma_stride(st[0], a.batch, kD))));
+  };
+  auto q = rows(a.q, a.q_stride, a.seqlen_q);
+  auto k = rows(a.k, a.k_stride, a.seqlen_k);
+  auto vt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.v)),
+                        make_layout(make_shape(int32_t(kD), int32_t(a.seqlen_k), int32_t(a.heads), int32_t(a.batch)),
+                                    make_stride(_1{}, tma_stride(a.v_stride[2], a.seqlen_k, kD),
+                                                tma_stride(a.v_stride[1], a.heads, kD),
+                                                tma_stride(a.v_stride[0], a.batch, kD))));
+
+  typename Tr::Params p{
+      make_tma_copy(SM90_TMA_LOAD{}, q, typename Tr::SmemLayoutQ{}),
+      make_tma_copy(SM90_TMA_LOAD{}, k, typename Tr::SmemLayoutKStage{}),
+      make_tma_copy(SM90_TMA_LOAD{}, vt, typename Tr::SmemLayoutVtStage{}),
+  };
+  p.out = static_cast<Element*>(a.out);
+  p.out_stride_b = a.out_stride[0];
+  p.out_stride_h = a.out_stride[1];
+  p.out_stride_s = a.out_stride[2];
+  p.lse = a.lse;
+  p.batch = a.batch;
+  p.heads = a.heads;
+  p.seqlen_q = a.seqlen_q;
+  p.seqlen_k = a.seqlen_k;
+  p.num_m_tiles = (a.seqlen_q + Tr::kBM - 1) / Tr::kBM;
+  p.num_n_tiles = (a.seqlen_k + Tr::kBN - 1) / Tr::kBN;
+  p.num_state_words = (p.num_n_tiles + 31) / 32;
+  const double log2e = 1.0 / std::log(2.0);
+  p.scale_log2 = static_cast<float>(double(a.scale) * log2e);
+  p.ln2 = static_cast<float>(std::log(2.0));
+  p.state = a.state;
+  p.threshold = a.threshold;
+  p.must_do = a.must_do;
+  p.num_must_do = a.num_must_do;
+  p.must_skip = a.must_skip;
+  p.num_must_skip = a.num_must_skip;
+
+  auto kernel = fwd_kernel<Tr>;
+  static const cudaError_t attr_err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  check_cuda(attr_err, "cudaFuncSetAttribute(max dynamic shared memory)");
+  const dim3 grid(p.num_m_tiles, a.heads, a.batch);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, static_cast<cudaStream_t>(a.stream)>>>(p);
+  check_cuda(cudaGetLastError(), "forward kernel launch");
+}
+
+}  // namespace liteattn
+
+#define LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP) \
+  template void liteattn::run_fwd<liteattn::DType::DTYPE, HEAD_DIM, SKIP>(const liteattn::FwdArgs&);

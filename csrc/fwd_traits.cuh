@@ -1,0 +1,116 @@
+// Compile-time shape of one forward kernel instantiation: tile sizes, warp roles,
+// shared-memory layouts, the TMA copy types and the kernel parameters.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+
+#include "liteattn.h"
+
+namespace liteattn {
+
+template <DType kDType> struct ElementOf;
+template <> struct ElementOf<DType::kBFloat16> { using type = cutlass::bfloat16_t; };
+template <> struct ElementOf<DType::kFloat16> { using type = cutlass::half_t; };
+
+template <DType kDType_, int kHeadDim_, bool kSkip_>
+struct FwdTraits {
+  static constexpr DType kDType = kDType_;
+  static constexpr int kD = kHeadDim_;
+  static constexpr bool kSkip = kSkip_;
+  using Element = typename ElementOf<kDType>::type;
+
+  // Tile shape: the shared table (liteattn_ops/tile_shapes.json) decides.
+  static constexpr int kBM = tile_shape(kD, kDType).bm;
+  static constexpr int kBN = tile_shape(kD, kDType).bn;
+  static_assert(kBM > 0 && kBN > 0, "tile_shapes.json has no entry for this (head_dim, dtype)");
+  static_assert(kD == 64 || kD == 128, "head dims 64 and 128");
+  // One producer warpgroup, then consumer warpgroups of 64 query rows each.
+  static_assert(kBM == 128, "the kernel splits BM = 128 rows over two consumer warpgroups");
+  static_assert(kBN % 16 == 0 && kBN >= 64 && kBN <= 256, "BN must be a wgmma N (multiple of 16, <= 256)");
+  static constexpr int kConsumerWarpgroups = kBM / 64;
+  static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
+  static constexpr int kThreads = 128 + kConsumerThreads;
+  static constexpr int kStages = 2;
+  // setmaxnreg budgets: 128 * 32 + 256 * 240 = 65536 registers.
+  static constexpr int kProducerRegs = 32;
+  static constexpr int kConsumerRegs = 240;
+
+  // Shared-memory tiles. Q and K are K-major (head dim contiguous); V is stored
+  // transposed, (D, BN) with D contiguous, the MN-major B operand of O += P V.
+  using SmemLayoutQ = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
+                                                   cute::Shape<cute::Int<kBM>, cute::Int<kD>>{}));
+  using SmemLayoutKStage = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
+                                                        cute::Shape<cute::Int<kBN>, cute::Int<kD>>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
+                                                   cute::Shape<cute::Int<kBN>, cute::Int<kD>, cute::Int<kStages>>{}));
+  using SmemLayoutVtStage = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<Element>{},
+                                                         cute::Shape<cute::Int<kD>, cute::Int<kBN>>{}));
+  using SmemLayoutVt = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<Element>{},
+                                                    cute::Shape<cute::Int<kD>, cute::Int<kBN>, cute::Int<kStages>>{}));
+
+  // Per-warpgroup GEMMs: S = Q K^T (64 x BN, both operands in smem) and
+  // O += P V (64 x D, P from registers).
+  using TiledMmaQK = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kBN>, cute::Int<kD>>>()));
+  using TiledMmaPV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kD>, cute::Int<kBN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+
+  // Global views handed to TMA: (S, D, H, B) for Q and K, (D, S, H, B) for V^T.
+  using GmemLayoutRowMajor = cute::Layout<cute::Shape<int32_t, int32_t, int32_t, int32_t>,
+                                          cute::Stride<int64_t, cute::_1, int64_t, int64_t>>;
+  using GmemLayoutColMajor = cute::Layout<cute::Shape<int32_t, int32_t, int32_t, int32_t>,
+                                          cute::Stride<cute::_1, int64_t, int64_t, int64_t>>;
+  using GmemPtr = decltype(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)));
+  using TmaQ = decltype(cute::make_tma_copy(cute::SM90_TMA_LOAD{},
+                                            cute::make_tensor(GmemPtr{}, GmemLayoutRowMajor{}), SmemLayoutQ{}));
+  using TmaK = decltype(cute::make_tma_copy(cute::SM90_TMA_LOAD{},
+                                            cute::make_tensor(GmemPtr{}, GmemLayoutRowMajor{}), SmemLayoutKStage{}));
+  using TmaVt = decltype(cute::make_tma_copy(cute::SM90_TMA_LOAD{},
+                                             cute::make_tensor(GmemPtr{}, GmemLayoutColMajor{}), SmemLayoutVtStage{}));
+
+  static constexpr uint32_t kQBytes = cute::cosize_v<SmemLayoutQ> * sizeof(Element);
+  static constexpr uint32_t kKVStageBytes = cute::cosize_v<SmemLayoutKStage> * sizeof(Element);
+  static constexpr int kStateWords = kSkip ? kMaxStateWords : 1;
+
+  struct SharedStorage {
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<Element, cute::cosize_v<SmemLayoutVt>, 1024> v;
+    cutlass::arch::ClusterTransactionBarrier q_full;
+    cutlass::arch::ClusterTransactionBarrier k_full[kStages];
+    cutlass::arch::ClusterTransactionBarrier v_full[kStages];
+    cutlass::arch::ClusterBarrier k_empty[kStages];
+    cutlass::arch::ClusterBarrier v_empty[kStages];
+    // Skip state of this CTA's (b, h, m) row: tiles to visit, and tiles to keep
+    // (must-do tiles plus every visited tile some valid row found non-negligible).
+    uint32_t visit[kStateWords];
+    uint32_t keep[kStateWords];
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
+
+  struct Params {
+    TmaQ tma_q;
+    TmaK tma_k;
+    TmaVt tma_vt;
+    Element* out = nullptr;
+    int64_t out_stride_b = 0, out_stride_h = 0, out_stride_s = 0;
+    float* lse = nullptr;
+    int batch = 0, heads = 0, seqlen_q = 0, seqlen_k = 0;
+    int num_m_tiles = 0, num_n_tiles = 0, num_state_words = 0;
+    float scale_log2 = 0.f;  // scale * log2(e): scores to log2 units
+    float ln2 = 0.f;         // log2 units back to natural log for the LSE
+    int32_t* state = nullptr;
+    const float* threshold = nullptr;
+    const int32_t* must_do = nullptr;
+    int num_must_do = 0;
+    const int32_t* must_skip = nullptr;
+    int num_must_skip = 0;
+  };
+};
+
+}  // namespace liteattn

@@ -1,0 +1,130 @@
+// The skip state of one (b, h, m) row: which KV tiles to visit, in which order, and the
+// write-back of the verdicts. Semantics: ../shared/DESIGN.md and the header of
+// liteattn_ops/reference.py; both sides must agree bit for bit.
+#pragma once
+#include <cstdint>
+
+namespace liteattn {
+
+// Bits [lo, hi) of a 32-bit word, 0 <= lo <= hi <= 32.
+__device__ __forceinline__ uint32_t bit_range(int lo, int hi) {
+  if (lo >= hi) return 0u;
+  const uint32_t upper = hi >= 32 ? ~0u : ((1u << hi) - 1u);
+  return upper & ~((1u << lo) - 1u);
+}
+
+// Bits of word `w` for the tiles in [tile_lo, tile_hi).
+__device__ __forceinline__ uint32_t tile_bits(int64_t tile_lo, int64_t tile_hi, int w) {
+  const int64_t base = int64_t(w) * 32;
+  const int64_t lo = tile_lo > base ? tile_lo - base : 0;
+  const int64_t hi = tile_hi < base + 32 ? tile_hi - base : 32;
+  return lo < hi ? bit_range(int(lo), int(hi)) : 0u;
+}
+
+// Tiles of word w that overlap any [start, end) key range (must-do), or that lie
+// entirely inside one (must-skip). Tile n covers keys [n*BN, min((n+1)*BN, S_k)).
+// Any range values are safe: they are clamped to [0, S_k) and only build masks.
+template <int kBN>
+__device__ uint32_t range_bits(const int32_t* ranges, int num_ranges, int w, int seqlen_k, int num_tiles,
+                               bool inside) {
+  uint32_t bits = 0;
+  for (int r = 0; r < num_ranges; ++r) {
+    const int64_t start = ranges[2 * r] > 0 ? ranges[2 * r] : 0;
+    const int64_t end = ranges[2 * r + 1] < seqlen_k ? ranges[2 * r + 1] : seqlen_k;
+    if (start >= end) continue;
+    int64_t lo, hi;
+    if (inside) {
+      lo = (start + kBN - 1) / kBN;                       // first tile starting at or after `start`
+      hi = end >= seqlen_k ? num_tiles : end / kBN;       // tiles ending at or before `end`
+    } else {
+      lo = start / kBN;
+      hi = (end + kBN - 1) / kBN;
+    }
+    bits |= tile_bits(lo, hi, w);
+  }
+  return bits;
+}
+
+// Fills smem visit/keep words for this CTA's row; all threads of the CTA take part
+// (a __syncthreads must follow). visit = (live | do) & ~skip; keep starts as do.
+template <int kBN, class Params>
+__device__ void load_skip_state(const Params& p, int b, int h, int m, uint32_t* visit, uint32_t* keep) {
+  const int64_t row = (int64_t(b) * p.heads + h) * p.num_m_tiles + m;
+  const int32_t* state = p.state + row * p.num_state_words;
+  for (int w = threadIdx.x; w < p.num_state_words; w += blockDim.x) {
+    const uint32_t valid = tile_bits(0, p.num_n_tiles, w);
+    const uint32_t live = static_cast<uint32_t>(state[w]);
+    const uint32_t must_do = range_bits<kBN>(p.must_do, p.num_must_do, w, p.seqlen_k, p.num_n_tiles, false);
+    const uint32_t must_skip =
+        range_bits<kBN>(p.must_skip, p.num_must_skip, w, p.seqlen_k, p.num_n_tiles, true) & ~must_do;
+    visit[w] = (live | must_do) & ~must_skip & valid;
+    keep[w] = must_do & valid;
+  }
+}
+
+// new word = (old | do) & ~(negligible | skip) on the valid bits, the others unchanged.
+// Since visit = (old | do) & ~skip and negligible = visit & ~keep, that is visit & keep.
+template <class Params>
+__device__ void store_skip_state(const Params& p, int b, int h, int m, const uint32_t* visit,
+                                 const uint32_t* keep, int thread, int num_threads) {
+  const int64_t row = (int64_t(b) * p.heads + h) * p.num_m_tiles + m;
+  int32_t* state = p.state + row * p.num_state_words;
+  for (int w = thread; w < p.num_state_words; w += num_threads) {
+    const uint32_t valid = tile_bits(0, p.num_n_tiles, w);
+    const uint32_t old = static_cast<uint32_t>(state[w]);
+    state[w] = static_cast<int32_t>((old & ~valid) | (visit[w] & keep[w]));
+  }
+}
+
+// First visited tile in [from, to), or `to` when there is none.
+template <bool kSkip>
+__device__ __forceinline__ int next_visited(const uint32_t* visit, int from, int to) {
+  if constexpr (!kSkip) {
+    return from;
+  } else {
+    while (from < to) {
+      const int w = from >> 5;
+      const uint32_t word = visit[w] & (~0u << (from & 31));
+      if (word) {
+        const int n = (w << 5) + __ffs(word) - 1;
+        return n < to ? n : to;
+      }
+      from = (w + 1) << 5;
+    }
+    return to;
+  }
+}
+
+// The fixed visit order of the contract: n0, n0+1, ..., Nt-1, 0, ..., n0-1, visited
+// tiles only, with n0 = min(Nt-1, floor(m*BM*S_k / (S_q*BN))). Producer and consumers
+// walk it independently and see the same sequence.
+template <bool kSkip>
+struct TileCursor {
+  int n = -1;          // current tile, -1 once the sequence is exhausted
+  int n0 = 0;
+  int num_tiles = 0;
+  bool wrapped = false;
+
+  __device__ TileCursor(const uint32_t* visit, int m, int bm, int bn, int seqlen_q, int seqlen_k,
+                        int num_tiles_)
+      : num_tiles(num_tiles_) {
+    const int64_t start = (int64_t(m) * bm * seqlen_k) / (int64_t(seqlen_q) * bn);
+    n0 = start < num_tiles - 1 ? int(start) : num_tiles - 1;
+    n = n0 - 1;
+    advance(visit);
+  }
+  __device__ bool valid() const { return n >= 0; }
+  __device__ void advance(const uint32_t* visit) {
+    int from = n + 1;
+    if (!wrapped) {
+      const int x = next_visited<kSkip>(visit, from, num_tiles);
+      if (x < num_tiles) { n = x; return; }
+      wrapped = true;
+      from = 0;
+    }
+    const int x = next_visited<kSkip>(visit, from, n0);
+    n = x < n0 ? x : -1;
+  }
+};
+
+}  // namespace liteattn

@@ -1,0 +1,78 @@
+// Online softmax over the wgmma accumulator of one consumer warpgroup (64 rows).
+// Fragment layout of a 64xN fp32 wgmma accumulator (and of the 16-bit A operand built
+// from it): value i of a thread sits at row  warp*16 + lane/4 + 8*((i>>1)&1),
+// column (i>>2)*8 + 2*(lane%4) + (i&1). So each thread holds two rows, and a row's
+// values are spread over the 4 lanes of a quad.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cmath>
+
+namespace liteattn {
+
+__device__ __forceinline__ int frag_row_half(int i) { return (i >> 1) & 1; }
+__device__ __forceinline__ int frag_col(int i, int lane) { return (i >> 2) * 8 + 2 * (lane & 3) + (i & 1); }
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Running state of the two rows a thread owns. `row_max` is in log2 units
+// (score * scale * log2 e); `row_sum` is this thread's partial sum (quad-reduced only at
+// the end).
+struct OnlineSoftmax {
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+
+  // Masks columns >= valid_cols, returns the per-row tile max in log2 units.
+  template <class Frag>
+  __device__ __forceinline__ void tile_max(Frag& s, int lane, int valid_cols, float scale_log2,
+                                           float (&tile_max_log2)[2]) {
+    constexpr int kN = decltype(cute::size(s))::value;
+    if (valid_cols < 2 * kN) {  // a partial last tile (BN = 2 * kN): only then pay for the mask
+#pragma unroll
+      for (int i = 0; i < kN; ++i)
+        if (frag_col(i, lane) >= valid_cols) s(i) = -INFINITY;
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < kN; ++i) mx[frag_row_half(i)] = fmaxf(mx[frag_row_half(i)], s(i));
+#pragma unroll
+    for (int r = 0; r < 2; ++r) tile_max_log2[r] = quad_max(mx[r]) * scale_log2;
+  }
+
+  // Updates the running max with the tile max, turns s into probabilities
+  // exp2(s*scale_log2 - max) and returns the factor that rescales the old O and sums.
+  template <class Frag>
+  __device__ __forceinline__ void update(Frag& s, const float (&tile_max_log2)[2], float scale_log2,
+                                         float (&correction)[2]) {
+    constexpr int kN = decltype(cute::size(s))::value;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float new_max = fmaxf(row_max[r], tile_max_log2[r]);
+      correction[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (-inf)
+      row_max[r] = new_max;
+      row_sum[r] *= correction[r];
+    }
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      const int r = frag_row_half(i);
+      s(i) = exp2f(fmaf(s(i), scale_log2, -row_max[r]));
+      row_sum[r] += s(i);
+    }
+  }
+};
+
+// O *= correction, row by row.
+template <class Frag>
+__device__ __forceinline__ void rescale_rows(Frag& o, const float (&correction)[2]) {
+  constexpr int kN = decltype(cute::size(o))::value;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) o(i) *= correction[frag_row_half(i)];
+}
+
+}  // namespace liteattn
