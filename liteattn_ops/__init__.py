@@ -10,12 +10,14 @@ Public API:
 """
 
 from . import ops  # registers torch.ops.liteattn.*
-from ._extension import is_available
+from ._extension import is_available, warn_if_gpu_without_kernel
 from .module import LiteAttention, attention_sites, reset, set_threshold, stats
 from .state import live_mask, new_state, reset_state
 from .tiling import supported_head_dims, tile_shape
 
 __version__ = "0.1.0"
+
+warn_if_gpu_without_kernel()
 
 __all__ = [
     "LiteAttention", "attention_sites", "is_available", "live_mask", "new_state", "ops", "reset",

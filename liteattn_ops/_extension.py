@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 _MISSING_MESSAGE = (
     "liteattn_ops was installed without its CUDA kernel (liteattn_ops._C): it was built on a machine "
@@ -18,6 +19,14 @@ def _load():
     except ImportError as error:
         return None, f"{_MISSING_MESSAGE} (import error: {error})"
     return _C, None
+
+
+def warn_if_gpu_without_kernel() -> None:
+    """Say once, at import, when a GPU is present but the kernel was not built."""
+    import torch
+
+    if torch.cuda.is_available() and not is_available():
+        warnings.warn(_load()[1], stacklevel=3)
 
 
 def is_available() -> bool:

@@ -1,0 +1,40 @@
+"""Inputs with the structure of a video DiT's attention, for tests and benchmarks.
+
+Real DiT attention is local in (t, h, w): a token attends mostly to tokens near it in space and
+time. `local_qkv` builds q and k from random Fourier features of a 3-D token grid, so q·k
+approximates a Gaussian kernel of the grid distance and attention is local; `sharpness` sets how
+many log2 units separate near tokens from far ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def token_grid(frames: int, height: int, width: int, device=None) -> torch.Tensor:
+    """(frames*height*width, 3) float32 (t, h, w) coordinates in row-major token order."""
+    t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([t, h, w], -1).reshape(-1, 3).float().to(device)
+
+
+def local_qkv(grid: tuple[int, int, int], batch: int = 1, heads: int = 2, head_dim: int = 64, *,
+              length_scale: float = 2.0, sharpness: float = 30.0, dtype=torch.float32, device=None,
+              generator: torch.Generator | None = None):
+    """q, k, v (batch, heads, S, head_dim) with local attention over a (frames, height, width) grid.
+
+    Each head draws its own frequencies. Scores span about `sharpness` log2 units between a token
+    and far-away tokens at the default scale 1/sqrt(head_dim).
+    """
+    coords = token_grid(*grid)                                              # (S, 3)
+    features = head_dim // 2
+    freqs = torch.randn(batch, heads, 3, features, generator=generator) / length_scale
+    phase = torch.rand(batch, heads, 1, features, generator=generator) * 2 * math.pi
+    angles = coords @ freqs + phase                                         # (B, H, S, F)
+    feats = torch.cat([angles.cos(), angles.sin()], -1) / math.sqrt(features)   # f·f' ≈ RBF in [-1, 1]
+    gain = sharpness / math.log2(math.e) * math.sqrt(head_dim)              # score = gain * f·f' / sqrt(D)
+    q = feats * math.sqrt(gain)
+    k = feats * math.sqrt(gain)
+    v = torch.randn(batch, heads, coords.shape[0], head_dim, generator=generator)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
