@@ -113,6 +113,12 @@ class LiteAttention(nn.Module):
         key = (batch, heads, seqlen_q, k.shape[2], head_dim, q.dtype, q.device)
         if key == self._key:
             return
+        if torch.compiler.is_exporting():
+            # A state created while torch.export traces would be a fake tensor left in the module.
+            raise RuntimeError(
+                f"LiteAttention: torch.export reached a site whose skip state is missing or sized for other shapes "
+                f"(have {None if self._key is None else self._key[:5]}, need {key[:5]}): run the model once on "
+                "inputs of the export shapes before torch.export.export, or use liteattn_ops.export(model, args)")
         if self._key is not None:
             log.info("LiteAttention: input shape changed from %s to %s: new skip state", self._key[:5], key[:5])
         self.state = new_state(batch, heads, seqlen_q, k.shape[2], head_dim, q.dtype, q.device)
