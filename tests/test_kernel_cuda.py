@@ -1,0 +1,259 @@
+"""GPU tests of the sm_90a kernel (liteattn_ops._C) against the float32 reference.
+
+Every test is marked `cuda`; conftest.py skips them without a Hopper GPU and a built `_C`.
+Most tests call `_C.forward` directly with NaN-poisoned outputs, so an element the kernel
+forgets to write shows up; a few go through the torch ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import liteattn_ops  # noqa: F401  (registers torch.ops.liteattn)
+from liteattn_ops import reference
+from liteattn_ops.state import live_mask, new_state
+from liteattn_ops.testing import local_qkv
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.bfloat16, torch.float16]
+HEAD_DIMS = [64, 128]
+TOL = 1e-2  # relative error vs the float32 reference (bf16 and fp16)
+
+
+def _ext():
+    from liteattn_ops._extension import extension
+
+    return extension()
+
+
+def _qkv(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, layout="bhsd", seed=0):
+    """Fresh random q, k, v in either the (B, H, S, D) or the (B, S, H, D) memory layout."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def make(seqlen):
+        if layout == "bhsd":
+            return torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype, generator=gen)
+        return torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+
+    return make(seqlen_q), make(seqlen_k), make(seqlen_k)
+
+
+def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None):
+    """_C.forward with outputs poisoned with NaN. Returns (out, lse)."""
+    batch, heads, seqlen_q, head_dim = q.shape
+    out = torch.full((batch, seqlen_q, heads, head_dim), math.nan, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.full((batch, heads, seqlen_q), math.nan, device=q.device, dtype=torch.float32)
+
+    def ranges(r):
+        return (0, 0) if r is None else (r.data_ptr(), r.shape[0])
+
+    must_do = None if must_do is None else must_do.to(torch.int32).contiguous()
+    must_skip = None if must_skip is None else must_skip.to(torch.int32).contiguous()
+    do_ptr, n_do = ranges(must_do)
+    skip_ptr, n_skip = ranges(must_skip)
+    _ext().forward(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
+        batch=batch, heads=heads, seqlen_q=seqlen_q, seqlen_k=k.shape[2], head_dim=head_dim,
+        dtype=str(q.dtype).removeprefix("torch."),
+        q_stride=q.stride()[:3], k_stride=k.stride()[:3], v_stride=v.stride()[:3], out_stride=out.stride()[:3],
+        scale=1.0 / math.sqrt(head_dim) if scale is None else scale,
+        state=0 if state is None else state.data_ptr(),
+        threshold=0 if threshold is None else threshold.data_ptr(),
+        must_do=do_ptr, num_must_do=n_do, must_skip=skip_ptr, num_must_skip=n_skip,
+        stream=torch.cuda.current_stream().cuda_stream,
+    )
+    return out, lse
+
+
+def rel_err(x, ref):
+    x, ref = x.float(), ref.float()
+    assert not torch.isnan(x).any(), "NaN in kernel output (unwritten or broken element)"
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(x), finite), "inf pattern differs from the reference"
+    return ((x[finite] - ref[finite]).norm() / ref[finite].norm().clamp_min(1e-30)).item()
+
+
+def check_against_reference(q, k, v, state=None, threshold=None, must_do=None, must_skip=None):
+    dense = state is None
+    if dense:
+        state = new_state(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, q.device)
+        threshold = torch.full((q.shape[1],), -math.inf, device=q.device)
+    ref_out, ref_lse, ref_state = reference.sparse_attention_reference(q, k, v, state, threshold, must_do, must_skip)
+    kernel_state = None if dense else state.clone()
+    out, lse = run_kernel(q, k, v, kernel_state, None if dense else threshold, must_do, must_skip)
+    torch.cuda.synchronize()
+    assert rel_err(out, ref_out) <= TOL
+    assert rel_err(lse, ref_lse) <= TOL
+    return out, lse, kernel_state, ref_state
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seqlen", [1, 7, 127, 128, 129, 1000, 4096])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_dense_matches_reference(dtype, head_dim, seqlen, layout):
+    q, k, v = _qkv(2, 3, seqlen, seqlen, head_dim, dtype, layout, seed=seqlen)
+    check_against_reference(q, k, v)
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 128), (torch.float16, 64)])
+def test_dense_long_sequence(dtype, head_dim):
+    q, k, v = _qkv(1, 2, 32760, 32760, head_dim, dtype, "bshd", seed=1)
+    check_against_reference(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1000, 129), (77, 4096), (128, 1), (1, 300), (4096, 333)])
+def test_cross_attention(dtype, head_dim, seqlen_q, seqlen_k):
+    q, k, v = _qkv(2, 2, seqlen_q, seqlen_k, head_dim, dtype, "bshd", seed=seqlen_q + seqlen_k)
+    check_against_reference(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_state_all_live_equals_dense(dtype, head_dim):
+    """A fresh state with thr = -inf computes exactly what the dense path computes."""
+    q, k, v = _qkv(2, 2, 1000, 1000, head_dim, dtype, seed=3)
+    state = new_state(2, 2, 1000, 1000, head_dim, dtype, "cuda")
+    before = state.clone()
+    out_sparse, lse_sparse = run_kernel(q, k, v, state, torch.full((2,), -math.inf, device="cuda"))
+    out_dense, lse_dense = run_kernel(q, k, v)
+    assert torch.equal(out_sparse, out_dense)
+    assert torch.equal(lse_sparse, lse_dense)
+    assert torch.equal(state, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_skip_decisions_over_calls(dtype, head_dim, layout):
+    """Structured (local) attention over 12 consecutive calls with per-head thresholds: the
+    kernel's new state equals the reference's from the same old state, except tiles within
+    rounding of the threshold; the output equals the reference on the kernel's own live set."""
+    grid = (8, 16, 16)  # 2048 tokens
+    batch, heads = 2, 4
+    gen = torch.Generator().manual_seed(head_dim)
+    q0, k0, v0 = local_qkv(grid, batch, heads, head_dim, sharpness=40.0, dtype=torch.float32, generator=gen)
+    threshold = torch.tensor([-4.0, -8.0, -14.0, -math.inf], device="cuda")
+    state = new_state(batch, heads, q0.shape[2], k0.shape[2], head_dim, dtype, "cuda")
+    disagreements = total = 0
+    for step in range(12):
+        noise = 0.02 * step
+        q, k, v = ((t + noise * torch.randn(t.shape, generator=gen)).to("cuda", dtype) for t in (q0, k0, v0))
+        if layout == "bshd":
+            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        _, _, kernel_state, ref_state = check_against_reference(q, k, v, state, threshold)
+        n_k = k.shape[2]
+        kernel_live = live_mask(kernel_state, n_k, head_dim, dtype)
+        ref_live = live_mask(ref_state, n_k, head_dim, dtype)
+        disagreements += (kernel_live != ref_live).sum().item()
+        total += kernel_live.numel()
+        # Bits >= Nt are untouched (a fresh state has them set).
+        nt = kernel_live.shape[-1]
+        if nt % 32:
+            high = torch.bitwise_right_shift(kernel_state[..., -1], nt % 32)
+            assert torch.equal(high, torch.full_like(high, -1))
+        state = kernel_state
+    live = live_mask(state, k0.shape[2], head_dim, dtype).float()
+    assert live[:, 3].all(), "thr = -inf must never remove a tile"
+    assert live[:, :3].mean() < 0.9, "structured inputs should let tiles be skipped"
+    print(f"skip decisions: {disagreements} / {total} tiles disagree ({100 * disagreements / total:.4f} %)")
+    assert disagreements <= 0.002 * total
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_must_do_and_must_skip(dtype, head_dim):
+    batch, heads, seqlen = 2, 3, 1500
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (t.to("cuda", dtype) for t in local_qkv((6, 10, 25), batch, heads, head_dim, generator=gen))
+    state = new_state(batch, heads, seqlen, seqlen, head_dim, dtype, "cuda")
+    # Knock some tiles out first so must-do has something to revive.
+    state[:, :, :, 0] &= 0x5555_5555
+    threshold = torch.full((heads,), -6.0, device="cuda")
+    # Odd ranges on purpose: negative start, past the end, empty, overlapping do/skip.
+    must_do = torch.tensor([[0, 10], [700, 701], [-50, 3], [1490, 5000], [900, 800]], device="cuda")
+    must_skip = torch.tensor([[128, 640], [650, 1100], [-10, -1], [1400, 99999], [700, 900]], device="cuda")
+    for _ in range(3):
+        _, _, kernel_state, ref_state = check_against_reference(q, k, v, state, threshold, must_do, must_skip)
+        assert torch.equal(kernel_state, ref_state)
+        state = kernel_state
+
+
+def test_batch_heads_per_head_threshold_op():
+    """Through torch.ops.liteattn.sparse_attention: state mutated in place, per-head thresholds."""
+    batch, heads, head_dim, dtype = 3, 5, 128, torch.bfloat16
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (t.to("cuda", dtype) for t in local_qkv((4, 16, 16), batch, heads, head_dim, generator=gen))
+    state = new_state(batch, heads, q.shape[2], k.shape[2], head_dim, dtype, "cuda")
+    threshold = torch.tensor([-math.inf, -20.0, -10.0, -5.0, -2.0], device="cuda")
+    for _ in range(3):
+        ref_out, ref_lse, ref_state = reference.sparse_attention_reference(q, k, v, state, threshold)
+        out, lse = torch.ops.liteattn.sparse_attention(q, k, v, state, threshold)
+        assert rel_err(out, ref_out) <= TOL and rel_err(lse, ref_lse) <= TOL
+        assert (live_mask(state, k.shape[2], head_dim, dtype) != live_mask(ref_state, k.shape[2], head_dim, dtype)
+                ).float().mean() <= 0.002
+    frac = live_mask(state, k.shape[2], head_dim, dtype).float().mean(dim=(0, 2, 3))
+    assert frac[0] == 1.0 and frac[4] < frac[1]
+    out, lse = torch.ops.liteattn.attention(q, k, v)
+    ref_out, ref_lse = reference.attention_reference(q, k, v)
+    assert rel_err(out, ref_out) <= TOL and rel_err(lse, ref_lse) <= TOL
+
+
+def test_cuda_graph_capture():
+    """No host synchronisation: the sparse op captures into a CUDA graph and replays."""
+    q, k, v = _qkv(1, 2, 1000, 1000, 64, torch.bfloat16, seed=5)
+    state = new_state(1, 2, 1000, 1000, 64, torch.bfloat16, "cuda")
+    threshold = torch.full((2,), -8.0, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.ops.liteattn.sparse_attention(q, k, v, state, threshold)  # warm-up outside the graph
+    torch.cuda.synchronize()
+    state.fill_(-1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = torch.ops.liteattn.sparse_attention(q, k, v, state, threshold)
+    state.fill_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, _, _ = reference.sparse_attention_reference(
+        q, k, v, new_state(1, 2, 1000, 1000, 64, torch.bfloat16, "cuda"), threshold)
+    assert rel_err(out, ref_out) <= TOL
+
+
+def test_bad_inputs_raise():
+    ext = _ext()
+    q, k, v = _qkv(1, 2, 256, 256, 128, torch.bfloat16)
+    with pytest.raises(ValueError, match="head_dim"):
+        run_kernel(q[..., :96].contiguous(), k[..., :96].contiguous(), v[..., :96].contiguous())
+    with pytest.raises(ValueError, match="dtype"):
+        ext.tile_shape(128, "float32")
+    misaligned = torch.empty(q.numel() + 8, device="cuda", dtype=q.dtype)[1:1 + q.numel()].view(q.shape)
+    with pytest.raises(ValueError, match="q must have a 16-byte aligned"):
+        run_kernel(misaligned, k, v)
+    odd = torch.randn(1, 2, 256, 130, device="cuda", dtype=q.dtype)[..., :128]  # strides not multiples of 8
+    with pytest.raises(ValueError, match="k must"):
+        run_kernel(q, odd, v)
+    with pytest.raises(ValueError, match="scale"):
+        run_kernel(q, k, v, scale=-1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        state = new_state(1, 2, 256, 256, 128, torch.bfloat16, "cuda")
+        out = torch.empty(1, 256, 2, 128, device="cuda", dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty(1, 2, 256, device="cuda")
+        ext.forward(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
+                    batch=1, heads=2, seqlen_q=256, seqlen_k=256, head_dim=128, dtype="bfloat16",
+                    q_stride=q.stride()[:3], k_stride=k.stride()[:3], v_stride=v.stride()[:3],
+                    out_stride=out.stride()[:3], scale=0.1, state=state.data_ptr(), threshold=0,
+                    must_do=0, num_must_do=0, must_skip=0, num_must_skip=0,
+                    stream=torch.cuda.current_stream().cuda_stream)
+    assert ext.tma_compatible(q.data_ptr(), q.stride()[:3]) and not ext.tma_compatible(q.data_ptr() + 2, q.stride()[:3])
+    assert ext.tile_shape(128, "bfloat16") == liteattn_ops.tile_shape(128, torch.bfloat16)
+    # The op copies a TMA-incompatible view instead of failing.
+    out, _ = torch.ops.liteattn.attention(q, odd, v)
+    ref, _ = reference.attention_reference(q, odd, v)
+    assert rel_err(out, ref) <= TOL

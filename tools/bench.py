@@ -1,0 +1,169 @@
+"""Benchmark of the liteattn kernel against its peers on one GPU (H200).
+
+    python tools/bench.py [--shapes S,H,D ...] [--only ours,sdpa,flex] [--json bench.json] [--ceilings]
+
+For each (S, H, D) at B = 1, bf16, q/k/v in the (B, S, H, D) memory layout of a DiT:
+  ours dense                 torch.ops.liteattn.attention
+  ours state f=1.00          sparse op, fresh state, thr = -inf (the cost of the skip logic)
+  ours forced f, balanced    every query tile keeps the same number of random live tiles
+  ours forced f, heavy-first live counts fall linearly over the query tiles (mean f)
+  ours forced f, heavy-last  ... rise linearly
+  ours structured            local (3-D grid) q/k, thr = -10, state settled over 4 calls
+  sdpa FLASH / CUDNN         F.scaled_dot_product_attention with one backend
+  flex dense / flex forced   FlexAttention (compiled), dense and with the block mask of the
+                             forced 50 % balanced state
+Forced masks use thr = -inf, so the same tiles are live at every timed call.
+TFLOP/s = 4 * B * H * S^2 * D / t (dense-equivalent for the sparse rows); times are the median of
+triton.testing.do_bench. Prints a table and writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import liteattn_ops  # noqa: F401  (registers torch.ops.liteattn)
+from liteattn_ops.state import live_mask, new_state, pack_bits
+from liteattn_ops.testing import local_qkv
+from liteattn_ops.tiling import num_tiles, tile_shape
+
+DEFAULT_SHAPES = [(32760, 12, 128), (75600, 40, 128), (16384, 24, 128), (32760, 24, 64)]
+GRIDS = {32760: (21, 30, 52), 75600: (21, 45, 80), 16384: (16, 32, 32)}  # Wan-style (t, h, w)
+
+
+def do_bench(fn, flop_hint: float) -> float:
+    """Median milliseconds. Long calls (a second or more) get fewer repetitions."""
+    from triton.testing import do_bench as triton_bench
+
+    long_call = flop_hint > 2e14
+    return triton_bench(fn, warmup=1 if long_call else 25, rep=1 if long_call else 200, return_mode="median")
+
+
+def forced_live(batch, heads, m_tiles, n_tiles, fraction, kind, gen):
+    """bool (B, H, Mt, Nt) with exactly round(count_m) random live tiles in row m."""
+    if kind == "balanced":
+        counts = torch.full((m_tiles,), fraction * n_tiles)
+    else:
+        spread = min(fraction, 1 - fraction) * n_tiles
+        ramp = torch.linspace(1.0, -1.0, m_tiles) if m_tiles > 1 else torch.zeros(1)
+        counts = fraction * n_tiles + spread * (ramp if kind == "heavy-first" else -ramp)
+    counts = counts.round().clamp(1, n_tiles).long()
+    scores = torch.rand(batch, heads, m_tiles, n_tiles, generator=gen)
+    rank = scores.argsort(-1).argsort(-1)
+    return rank < counts.view(1, 1, -1, 1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="*", default=None, help="S,H,D triples (default: the four DiT shapes)")
+    parser.add_argument("--only", default="ours,sdpa,flex", help="comma list of ours, sdpa, flex")
+    parser.add_argument("--fractions", default="0.75,0.5,0.25")
+    parser.add_argument("--kinds", default="balanced,heavy-first,heavy-last")
+    parser.add_argument("--no-structured", action="store_true")
+    parser.add_argument("--ceilings", action="store_true", help="also time a bf16 GEMM and a D2D copy")
+    parser.add_argument("--json", default="bench.json")
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    only = set(args.only.split(","))
+    fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else []
+    kinds = args.kinds.split(",") if args.kinds else []
+    dev = "cuda"
+    dtype = torch.bfloat16
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+
+    def record(shape, name, ms, fraction=1.0):
+        seqlen, heads, head_dim = shape
+        tflops = 4 * heads * seqlen * seqlen * head_dim / (ms * 1e-3) / 1e12
+        rows.append(dict(S=seqlen, H=heads, D=head_dim, name=name, ms=ms, live=fraction, tflops=tflops))
+        print(f"  {name:<28} {ms:9.3f} ms  live {fraction:5.3f}  {tflops:7.1f} TFLOP/s", flush=True)
+
+    if args.ceilings:
+        a = torch.randn(8192, 8192, device=dev, dtype=dtype)
+        b = torch.randn(8192, 8192, device=dev, dtype=dtype)
+        ms = do_bench(lambda: a @ b, 1e12)
+        print(f"bf16 GEMM 8192^3: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s")
+        rows.append(dict(name="ceiling bf16 gemm 8192^3", ms=ms, tflops=2 * 8192**3 / ms / 1e9))
+        x = torch.empty(2 * 1024**3, device=dev, dtype=torch.uint8)
+        y = torch.empty_like(x)
+        ms = do_bench(lambda: y.copy_(x), 1e12)
+        print(f"D2D copy 2 GiB: {2 * x.numel() / ms / 1e9:.0f} GB/s (read + write)")
+        rows.append(dict(name="ceiling d2d copy 2GiB", ms=ms, gbps=2 * x.numel() / ms / 1e9))
+        del a, b, x, y
+
+    for shape in shapes:
+        seqlen, heads, head_dim = shape
+        flop = 4 * heads * seqlen * seqlen * head_dim
+        print(f"S={seqlen} H={heads} D={head_dim} (B=1, bf16)", flush=True)
+        q, k, v = (torch.randn(1, seqlen, heads, head_dim, device=dev, dtype=dtype).transpose(1, 2) for _ in range(3))
+        block_m, block_n = tile_shape(head_dim, dtype)
+        m_tiles, n_tiles = num_tiles(seqlen, block_m), num_tiles(seqlen, block_n)
+        no_thr = torch.full((heads,), -math.inf, device=dev)
+        if "ours" in only:
+            record(shape, "ours dense", do_bench(lambda: torch.ops.liteattn.attention(q, k, v), flop))
+            state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
+            record(shape, "ours state f=1.00",
+                   do_bench(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop))
+            for fraction in fractions:
+                for kind in kinds:
+                    live = forced_live(1, heads, m_tiles, n_tiles, fraction, kind, gen)
+                    state = pack_bits(live).to(dev)
+                    actual = live.float().mean().item()
+                    ms = do_bench(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop)
+                    record(shape, f"ours forced {kind} f={fraction:.2f}", ms, actual)
+            if not args.no_structured and seqlen in GRIDS:
+                sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
+                state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
+                thr = torch.full((heads,), -10.0, device=dev)
+                for _ in range(4):
+                    torch.ops.liteattn.sparse_attention(sq, sk, sv, state, thr)
+                ms = do_bench(lambda: torch.ops.liteattn.sparse_attention(sq, sk, sv, state, thr), flop)
+                fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
+                record(shape, "ours structured thr=-10", ms, fraction)
+                del sq, sk, sv
+        if "sdpa" in only:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+                try:
+                    with sdpa_kernel(backend):
+                        ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), flop)
+                    record(shape, f"sdpa {backend.name}", ms)
+                except Exception as error:  # a backend can refuse a shape
+                    print(f"  sdpa {backend.name}: unavailable ({error.__class__.__name__}: {error})"[:200])
+        if "flex" in only:
+            try:
+                from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+                flex = torch.compile(flex_attention, dynamic=False)
+                record(shape, "flex dense", do_bench(lambda: flex(q, k, v), flop))
+                live = forced_live(1, heads, m_tiles, n_tiles, 0.5, "balanced", gen).to(dev)
+                counts = live.sum(-1).to(torch.int32)
+                indices = torch.argsort(live.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+                mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=(block_m, block_n), seq_lengths=(seqlen, seqlen))
+                record(shape, "flex forced balanced f=0.50", do_bench(lambda: flex(q, k, v, block_mask=mask), flop),
+                       live.float().mean().item())
+            except Exception as error:
+                print(f"  flex: failed ({error.__class__.__name__}: {error})"[:300])
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                gpu=torch.cuda.get_device_name(), torch=torch.__version__, command=" ".join(sys.argv))
+    with open(args.json, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\n{meta['date']}  {meta['gpu']}  torch {meta['torch']}")
+    print(f"{'S':>6} {'H':>3} {'D':>4}  {'kernel':<30} {'ms':>9} {'live':>6} {'TFLOP/s':>8}")
+    for r in rows:
+        if "S" in r:
+            print(f"{r['S']:>6} {r['H']:>3} {r['D']:>4}  {r['name']:<30} {r['ms']:9.3f} {r['live']:6.3f} {r['tflops']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
