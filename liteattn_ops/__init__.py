@@ -14,6 +14,8 @@ from ._extension import is_available, warn_if_gpu_without_kernel
 from .module import LiteAttention, attention_sites, reset, set_threshold, stats
 from .state import live_mask, new_state, reset_state
 from .tiling import supported_head_dims, tile_shape
+from .export import (ProgramMismatchError, aoti_compile_and_package, aoti_load_package, check_program, export,
+                     exported_states, load, reset_program)
 
 __version__ = "0.1.0"
 
@@ -22,4 +24,8 @@ warn_if_gpu_without_kernel()
 __all__ = [
     "LiteAttention", "attention_sites", "is_available", "live_mask", "new_state", "ops", "reset",
     "reset_state", "set_threshold", "stats", "supported_head_dims", "tile_shape",
+]
+__all__ += [
+    "ProgramMismatchError", "aoti_compile_and_package", "aoti_load_package", "check_program", "export",
+    "exported_states", "load", "reset_program",
 ]

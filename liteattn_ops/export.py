@@ -180,11 +180,25 @@ def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
                 store[rec["state"]] = store[rec["state"]].clone()
     ep.graph_module.meta.setdefault("custom", {})[METADATA_KEY] = {
         "format_version": FORMAT_VERSION, "liteattn_ops_version": _package_version(), "sites": records,
+        "inputs": _input_specs(ep),
     }
     states = exported_states(ep)
     log.info("liteattn_ops.export: %d attention sites, skip states %s", len(states),
              {name: tuple(t.shape) for name, t in states.items()})
     return ep
+
+
+def _input_specs(ep: torch.export.ExportedProgram) -> list[dict]:
+    """Shape, dtype and device of each tensor user input, in the program's flat input order."""
+    user_inputs = set(ep.graph_signature.user_inputs)
+    specs = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, Tensor):
+                specs.append({"shape": [int(s) for s in val.shape], "dtype": _dtype_name(val.dtype),
+                              "device": val.device.type})
+    return specs
 
 
 def _package_version() -> str:
@@ -317,8 +331,8 @@ def aoti_compile_and_package(ep: torch.export.ExportedProgram, package_path: Uni
     metadata = dict(configs.get("aot_inductor.metadata", {}))
     metadata[METADATA_KEY] = json.dumps(meta)
     configs["aot_inductor.metadata"] = metadata
-    return torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=configs,
-                                                    **kwargs)
+    return torch._inductor.aoti_compile_and_package(
+        ep, package_path=None if package_path is None else os.fspath(package_path), inductor_configs=configs, **kwargs)
 
 
 class LiteAttentionPackage:
@@ -341,7 +355,26 @@ class LiteAttentionPackage:
         compiled.load_constants(self.states, check_full_update=False, user_managed=True)
 
     def __call__(self, *args, **kwargs):
+        self._check_inputs(args, kwargs)
         return self.compiled(*args, **kwargs)
+
+    def _check_inputs(self, args: tuple, kwargs: dict) -> None:
+        """The compiled model does not check its inputs; a tensor of another shape would be read
+        out of bounds and the skip states would be indexed wrongly. Host-side metadata only."""
+        from torch.export._tree_utils import reorder_kwargs
+        from torch.utils import _pytree as pytree
+
+        specs = self.metadata.get("inputs", [])
+        in_spec = pytree.treespec_loads(self.compiled.loader.get_call_spec()[0])
+        flat = [x for x in pytree.tree_leaves((args, reorder_kwargs(kwargs, in_spec))) if isinstance(x, Tensor)]
+        if len(flat) != len(specs):
+            raise ValueError(f"this package takes {len(specs)} tensor inputs, got {len(flat)}")
+        for i, (t, spec) in enumerate(zip(flat, specs)):
+            if list(t.shape) != spec["shape"] or _dtype_name(t.dtype) != spec["dtype"] or t.device.type != spec["device"]:
+                raise ValueError(
+                    f"tensor input {i} is {tuple(t.shape)} {_dtype_name(t.dtype)} on {t.device.type}, but this package "
+                    f"was exported for {tuple(spec['shape'])} {spec['dtype']} on {spec['device']}: its skip states fit "
+                    "only that shape. Export and compile one package per shape.")
 
     def reset(self) -> None:
         """Every tile live again, in place (the compiled model keeps the same addresses)."""
