@@ -29,3 +29,11 @@ __all__ += [
     "ProgramMismatchError", "aoti_compile_and_package", "aoti_load_package", "check_program", "export",
     "exported_states", "load", "reset_program",
 ]
+
+# torch.compile backend and eager routing (issue 4)
+from . import backend as _backend_module  # noqa: E402  (keeps liteattn_ops.backend:liteattn loadable)
+from .backend import backend  # noqa: E402  liteattn_ops.backend(cross=..., fallback=...)
+from .enable import AttentionSite, branch, disable, enable, find_attention_modules, format_report, report  # noqa: E402
+
+__all__ += ["AttentionSite", "backend", "branch", "disable", "enable", "find_attention_modules",
+            "format_report", "report"]

@@ -1,0 +1,285 @@
+"""Which scaled_dot_product_attention calls LiteAttention can take over, and the FX pass that the
+`liteattn` backend runs on Dynamo's graph.
+
+Two pieces, kept apart (as Inductor keeps `_sfdp_params_check` apart from its replacements):
+
+* `ineligible_reason(...)`: the match predicate. Given the arguments of one SDPA call (real or
+  fake tensors) it returns None when the call can become a LiteAttention op, or a short reason.
+  The eager router (liteattn_ops.enable) and this pass both use it, so eager and compiled runs
+  decide alike.
+* `run_pass(gm, ...)`: looks at every attention node of a Dynamo graph, rewrites the SDPA nodes the
+  options ask for into `liteattn.attention` (dense, stateless), and returns a `PassReport` (also
+  logged, and counted in `torch._dynamo.utils.counters["liteattn"]`).
+
+The stateful rewrite itself does not happen here: a skip state has to be a buffer of the model so
+that Dynamo lifts it as a graph input (a state created by a backend would belong to the compiled
+graph, and be shared by every model instance and every block that reuses the graph). The routed
+modules of `liteattn_ops.enable(model)` therefore emit `liteattn.sparse_attention` on their own
+state buffers while Dynamo traces them; this pass finds those nodes, counts them as rewritten, and
+reports every SDPA call that is left, with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import logging
+import operator
+import warnings
+from collections import deque
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._extension import is_available
+from .tiling import supported_head_dims
+
+log = logging.getLogger("liteattn_ops")
+
+SDPA = torch._C._nn.scaled_dot_product_attention  # is torch.nn.functional.scaled_dot_product_attention
+SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+# Read once, here: the predicate runs inside Dynamo traces, which must not call these (cached,
+# file-reading) helpers.
+_HEAD_DIMS = supported_head_dims()
+_KERNEL_BUILT = is_available()
+_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+_CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Reasons (the report and the counters use these strings; tests match them).
+GRAD = "grad mode (inference only: the op has no autograd formula)"
+CROSS = "cross-attention (S_q != S_k): no temporal skipping"
+NOT_TENSORS = "q/k/v are not tensors"
+NOT_A_SITE = "no LiteAttention site (call liteattn_ops.enable(model) before torch.compile)"
+
+
+def bind_sdpa(args: tuple, kwargs: dict) -> dict:
+    """The arguments of one SDPA call by name, defaults filled in."""
+    call = dict(_SDPA_DEFAULTS)
+    call.update(zip(SDPA_PARAMS, args))
+    call.update(kwargs)
+    return call
+
+
+def ineligible_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                      enable_gqa=False, *, allow_cross: bool = False) -> Optional[str]:
+    """None when this SDPA call can run as a LiteAttention op, else why not.
+
+    Eligible: 4-D q/k/v of one dtype and device, no mask, dropout_p == 0, not causal, same number of
+    heads for q and k/v, a head dim with a kernel tile (liteattn_ops.supported_head_dims()), a
+    dtype the device supports (CUDA: bf16/fp16 with the kernel built; CPU: also fp32, reference),
+    a contiguous last dim, and no input requiring grad while grad mode is on. S_q != S_k
+    (cross-attention) is eligible only with `allow_cross` (for the dense op).
+    Works on fake tensors: only shapes, dtypes, devices and flags are read, never values.
+    """
+    tensors = (query, key, value)
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return NOT_TENSORS
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return GRAD
+    if attn_mask is not None:
+        return "attention mask"
+    if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
+        return "dropout_p != 0"
+    if not isinstance(is_causal, bool) or is_causal:
+        return "causal"
+    if any(t.dim() != 4 for t in tensors):
+        return "inputs are not 4-D (batch, heads, seq, head_dim)"
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        return "q, k, v dtypes differ"
+    if key.device != query.device or value.device != query.device:
+        return "q, k, v devices differ"
+    if enable_gqa or key.shape[1] != query.shape[1] or value.shape[1] != query.shape[1]:
+        return "grouped-query attention (heads of q and k/v differ)"
+    if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
+        return "batch sizes differ"
+    if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
+        return "head dims of q, k, v differ"
+    if query.shape[-1] not in _HEAD_DIMS:
+        return f"head_dim {query.shape[-1]} unsupported (supported: {', '.join(map(str, _HEAD_DIMS))})"
+    if query.device.type == "cuda":
+        if query.dtype not in _CUDA_DTYPES:
+            return f"dtype {query.dtype} unsupported on CUDA (bfloat16, float16)"
+        if not _KERNEL_BUILT:
+            return "CUDA kernel not built (liteattn_ops.is_available() is False)"
+    elif query.device.type == "cpu":
+        if query.dtype not in _CPU_DTYPES:
+            return f"dtype {query.dtype} unsupported on CPU"
+    else:
+        return f"device {query.device.type} unsupported"
+    if any(t.stride(-1) != 1 for t in tensors):
+        return "last dim not contiguous"
+    if not allow_cross and key.shape[2] != query.shape[2]:
+        return CROSS
+    return None
+
+
+_grad_warned = False
+
+
+def warn_grad_once() -> None:
+    global _grad_warned
+    if not _grad_warned:
+        _grad_warned = True
+        warnings.warn("liteattn: grad mode is on and q/k/v require grad, so attention runs as plain "
+                      "scaled_dot_product_attention (LiteAttention is inference-only). Run under "
+                      "torch.no_grad() / torch.inference_mode() to skip tiles.", stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pass
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PassReport:
+    """What one run of the pass saw in one graph. Paths are module paths relative to the compiled
+    module (Dynamo's nn_module_stack), e.g. "blocks.0.attn1"; "" for the compiled module itself."""
+
+    graph: str
+    rewritten: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, op)
+    left: list[tuple[str, str]] = dataclasses.field(default_factory=list)       # (path, reason)
+
+    @property
+    def found(self) -> int:
+        return len(self.rewritten) + len(self.left)
+
+    def summary(self) -> str:
+        lines = [f"liteattn pass on {self.graph}: {self.found} attention calls found, "
+                 f"{len(self.rewritten)} rewritten, {len(self.left)} left"]
+        lines += [f"  rewritten  {path or '<root>'}: {op}" for path, op in self.rewritten]
+        lines += [f"  left       {path or '<root>'}: {reason}" for path, reason in self.left]
+        return "\n".join(lines)
+
+
+REPORTS: deque[PassReport] = deque(maxlen=64)  # most recent last
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # Dynamo writes "L['self'].blocks[0].attn1" (older: "L__self___blocks_0_attn1"); make it
+    # "blocks.0.attn1".
+    for prefix in ("L['self'].", "L['self']"):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    return path.replace("[", ".").replace("]", "").replace("'", "").replace("..", ".").strip(".")
+
+
+def _fake(arg):
+    if isinstance(arg, torch.fx.Node):
+        return arg.meta.get("example_value", arg.meta.get("val"))
+    return arg
+
+
+def is_sdpa_node(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (SDPA, torch.ops.aten.scaled_dot_product_attention.default)
+
+
+def _is_op(node: torch.fx.Node, op) -> bool:
+    return node.op == "call_function" and node.target in (op, op.default)
+
+
+def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "sdpa",
+             name: str = "graph") -> PassReport:
+    """Report every attention node of `gm`; rewrite SDPA nodes into `liteattn.attention` where the
+    options ask for it; count everything in torch._dynamo.utils.counters["liteattn"].
+
+    cross:    "sdpa" leaves eligible cross-attention (S_q != S_k) to SDPA; "dense" runs it with
+              the dense liteattn op.
+    fallback: what to do with an eligible self-attention SDPA call that has no skip state (its
+              module was not routed by liteattn_ops.enable): "sdpa" leaves it (and warns once),
+              "dense" uses the dense op, "error" raises.
+    """
+    if cross not in ("sdpa", "dense"):
+        raise ValueError(f"cross must be 'sdpa' or 'dense', got {cross!r}")
+    if fallback not in ("sdpa", "dense", "error"):
+        raise ValueError(f"fallback must be 'sdpa', 'dense' or 'error', got {fallback!r}")
+    from torch._dynamo.utils import counters
+
+    report = PassReport(graph=name)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if _is_op(node, torch.ops.liteattn.sparse_attention):
+            report.rewritten.append((_module_path(node), "liteattn.sparse_attention"))
+            continue
+        if _is_op(node, torch.ops.liteattn.attention):
+            report.rewritten.append((_module_path(node), "liteattn.attention"))
+            continue
+        if not is_sdpa_node(node):
+            continue
+        call = bind_sdpa(tuple(_fake(a) for a in node.args), {k: _fake(v) for k, v in node.kwargs.items()})
+        path = _module_path(node)
+        reason = ineligible_reason(**call, allow_cross=True)
+        if reason is None:
+            is_cross = call["key"].shape[2] != call["query"].shape[2]
+            if is_cross:
+                dense = cross == "dense"
+                reason = CROSS
+            else:
+                # Eligible self-attention that reached the graph as SDPA: the router of
+                # liteattn_ops.enable would have turned it into the stateful op, so its module is
+                # not a site.
+                if fallback == "error":
+                    raise RuntimeError(f"liteattn: SDPA call in {path or '<root>'} is eligible but has no skip "
+                                       "state: call liteattn_ops.enable(model) before torch.compile")
+                dense = fallback == "dense"
+                reason = NOT_A_SITE
+                if not dense:
+                    _warn_not_a_site_once()
+            if dense:
+                _replace_with_dense(graph, node, call)
+                report.rewritten.append((path, "liteattn.attention"))
+                continue
+        elif reason == GRAD:
+            warn_grad_once()
+        report.left.append((path, reason))
+    graph.lint()
+    gm.recompile()
+
+    c = counters["liteattn"]
+    c["graphs"] += 1
+    c["found"] += report.found
+    c["rewritten"] += sum(op == "liteattn.sparse_attention" for _, op in report.rewritten)
+    c["dense"] += sum(op == "liteattn.attention" for _, op in report.rewritten)
+    c["left"] += len(report.left)
+    for _, reason in report.left:
+        c[f"left: {reason}"] += 1
+    REPORTS.append(report)
+    log.info("%s", report.summary())
+    return report
+
+
+def _replace_with_dense(graph: torch.fx.Graph, node: torch.fx.Node, call: dict) -> None:
+    args = {**dict(zip(SDPA_PARAMS, node.args)), **node.kwargs}
+    with graph.inserting_before(node):
+        pair = graph.call_function(torch.ops.liteattn.attention.default,
+                                   (args["query"], args["key"], args["value"], args.get("scale")))
+        out = graph.call_function(operator.getitem, (pair, 0))
+    out.meta.update(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+_not_a_site_warned = False
+
+
+def _warn_not_a_site_once() -> None:
+    global _not_a_site_warned
+    if not _not_a_site_warned:
+        _not_a_site_warned = True
+        warnings.warn("liteattn backend: eligible self-attention reached the graph as plain SDPA because its "
+                      "module has no skip state; call liteattn_ops.enable(model) before torch.compile "
+                      "(see liteattn_ops.report(model))", stacklevel=3)
+
+
+def pass_uuid(**options) -> str:
+    """Changes when the pass's source or its options change (a cache key, as Inductor's custom
+    passes have)."""
+    source = inspect.getsource(run_pass) + inspect.getsource(ineligible_reason)
+    return hashlib.sha256((source + repr(sorted(options.items()))).encode()).hexdigest()
