@@ -20,9 +20,11 @@ What a program records. `export` writes a JSON-serialisable record under
 package metadata key "liteattn_ops":
 
     {"format_version": 1, "liteattn_ops_version": "0.1.0",
-     "sites": [{"name": "blocks.0.attn", "state": "blocks.0.attn.state",
-                "q_shape": [B, H, S_q, D], "k_shape": [B, H, S_k, D], "dtype": "bfloat16",
-                "device": "cuda", "tile": [BM, BN], "state_shape": [B, H, Mt, W]}, ...]}
+     "states": [{"site": "blocks.0.attn", "state": "blocks.0.attn.state",
+                 "q_shape": [B, H, S_q, D], "k_shape": [B, H, S_k, D], "dtype": "bfloat16",
+                 "device": "cuda", "tile": [BM, BN], "state_shape": [B, H, Mt, W]}, ...],
+     "inputs": [{"shape": [...], "dtype": "bfloat16", "device": "cuda"}, ...],    # tensor inputs
+     "attention": {"rewritten": [[module path, op], ...], "left": [[module path, reason], ...]}}
 
 `check_program` (called by `load` and `aoti_load_package`) compares it with this installation:
 a different FORMAT_VERSION (op schema or skip-state layout) or a different tile shape for a site's
@@ -82,18 +84,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _call_qk(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
-    """q and k of a LiteAttention.forward(q, k, v, ...) call, positional or keyword."""
-    q = args[0] if len(args) > 0 else kwargs["q"]
-    k = args[1] if len(args) > 1 else kwargs["k"]
-    return q, k
+_ENABLE_OPTIONS = ("threshold", "must_do", "must_skip", "cross", "sites")
 
 
 @contextlib.contextmanager
-def _site_hooks(sites: list[tuple[str, LiteAttention]], hook):
+def _refuse_dynamic_shapes(sites: list[tuple[str, LiteAttention]]):
+    """While torch.export traces: a symbolic batch, head count or sequence length reaching a site
+    would need a skip state of run-time size, which a buffer cannot have. Raise, naming the site."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    def check(name, mod, call_args, call_kwargs):
+        if call_kwargs.get("left") is not None:      # a call the router leaves to SDPA: no state
+            return
+        q = call_args[0] if len(call_args) > 0 else call_kwargs["q"]
+        k = call_args[1] if len(call_args) > 1 else call_kwargs["k"]
+        dims = [(f"q.shape[{i}]", s) for i, s in enumerate(q.shape)] + \
+               [(f"k.shape[{i}]", s) for i, s in enumerate(k.shape)]
+        dynamic = [f"{where} = {s}" for where, s in dims if not is_concrete_int(s)]
+        if dynamic:
+            raise ValueError(
+                f"liteattn_ops.export: attention site '{name}' gets dynamic dimensions ({', '.join(dynamic)}). "
+                "Its skip state is a buffer of one fixed shape (B, H, ceil(S_q/BM), ceil(ceil(S_k/BN)/32)), "
+                "sized for one (batch, heads, seq_len) and meaningful for one token layout only, so the batch "
+                "size and the sequence lengths that reach attention must be static. Export one program per "
+                "resolution (leave those dimensions out of dynamic_shapes, or mark them Dim.STATIC).")
+
     handles = [site.register_forward_pre_hook(
-        lambda mod, args, kwargs, name=name: hook(name, mod, args, kwargs), with_kwargs=True)
-        for name, site in sites]
+        lambda mod, a, kw, name=name: check(name, mod, a, kw), with_kwargs=True) for name, site in sites]
     try:
         yield
     finally:
@@ -101,77 +118,96 @@ def _site_hooks(sites: list[tuple[str, LiteAttention]], hook):
             handle.remove()
 
 
-def _size_states(model: nn.Module, sites, args: tuple, kwargs: dict) -> list[dict]:
-    """Run `model` once on the example inputs so that every site allocates its skip state for
-    these shapes; return one record per site (the order of the model's modules)."""
-    seen: dict[str, dict] = {}
+def _prepare(model: nn.Module, enable_options: dict) -> list[tuple[str, LiteAttention]]:
+    """The model's LiteAttention sites; routes its SDPA calls first (liteattn_ops.enable, the same
+    rewrite the compile backend relies on) when it has none or when enable options are given."""
+    sites = list(attention_sites(model))
+    if enable_options or not sites:
+        from .enable import enable
 
-    def record(name, mod, call_args, call_kwargs):
-        q, k = _call_qk(call_args, call_kwargs)
-        head_dim, dtype = q.shape[-1], q.dtype
-        seen[name] = {
-            "name": name, "state": f"{name}.state" if name else "state",
-            "q_shape": list(q.shape), "k_shape": list(k.shape), "dtype": _dtype_name(dtype),
-            "device": q.device.type, "tile": list(tile_shape(head_dim, dtype)),
-            "state_shape": list(state_shape(q.shape[0], q.shape[1], q.shape[2], k.shape[2], head_dim, dtype)),
-        }
-
-    with _site_hooks(sites, record), torch.no_grad():
-        model(*args, **kwargs)
-    missing = [name for name, _ in sites if name not in seen]
-    if missing:
-        raise ValueError(f"liteattn_ops.export: attention sites {missing} were not called by the example inputs; "
-                         "their skip states cannot be sized (export needs every LiteAttention site to run)")
-    return [seen[name] for name, _ in sites]
+        if sites and not any(type(site).__name__ == "AttentionSite" for _, site in sites):
+            raise ValueError(f"{sorted(enable_options)} are options of liteattn_ops.enable, but this model "
+                             "uses LiteAttention modules directly: configure those instead")
+        enable(model, **enable_options)
+        sites = list(attention_sites(model))
+    if not sites:
+        raise ValueError(f"{type(model).__name__} has no attention that liteattn_ops can take over: no "
+                         "LiteAttention module and no scaled_dot_product_attention call that enable() routes "
+                         "(see liteattn_ops.report(model)); use plain torch.export")
+    return sites
 
 
-def _refuse_dynamic(name, mod, call_args, call_kwargs):
-    """Forward pre-hook active while torch.export traces: a symbolic batch, head count or sequence
-    length at a site would need a skip state of run-time size, which a buffer cannot have."""
-    from torch.fx.experimental.symbolic_shapes import is_concrete_int
-
-    q, k = _call_qk(call_args, call_kwargs)
-    dims = {f"q.shape[{i}]": s for i, s in enumerate(q.shape)}
-    dims.update({f"k.shape[{i}]": s for i, s in enumerate(k.shape)})
-    dynamic = [f"{where} = {s}" for where, s in dims.items() if not is_concrete_int(s)]
-    if dynamic:
-        raise ValueError(
-            f"liteattn_ops.export: attention site '{name}' gets dynamic dimensions ({', '.join(dynamic)}). "
-            f"Its skip state is a buffer of one fixed shape (B, H, Mt, W) = {tuple(mod.state.shape)}, sized for "
-            "one (batch, heads, seq_len) and meaningful for one token layout only, so the batch size and the "
-            "sequence lengths that reach attention must be static. Export one program per resolution "
-            "(leave those dimensions out of dynamic_shapes, or mark them Dim.STATIC).")
+def _state_records(ep: torch.export.ExportedProgram) -> list[dict]:
+    """One record per skip state the graph uses, read from the graph itself: which buffer, the
+    q/k shapes of the call, the tile shape and the state shape."""
+    inputs_to_buffers = ep.graph_signature.inputs_to_buffers
+    records, seen = [], set()
+    for node in ep.graph.nodes:
+        if not (node.op == "call_function" and node.target is torch.ops.liteattn.sparse_attention.default):
+            continue
+        q, k, state = node.args[0], node.args[1], node.kwargs.get("state", node.args[3])
+        name = inputs_to_buffers.get(state.name) if isinstance(state, torch.fx.Node) else None
+        if name is None:
+            raise RuntimeError(f"liteattn_ops.export: the skip state of {node.name} is not a buffer of the model "
+                               f"({state}); the program would not keep it across calls")
+        if name in seen:
+            continue
+        seen.add(name)
+        qv, kv = q.meta["val"], k.meta["val"]
+        head_dim, dtype = int(qv.shape[-1]), qv.dtype
+        shape_q, shape_k = [int(s) for s in qv.shape], [int(s) for s in kv.shape]
+        records.append({
+            "site": name.rpartition(".")[0], "state": name, "q_shape": shape_q, "k_shape": shape_k,
+            "dtype": _dtype_name(dtype), "device": qv.device.type, "tile": list(tile_shape(head_dim, dtype)),
+            "state_shape": list(state_shape(shape_q[0], shape_q[1], shape_q[2], shape_k[2], head_dim, dtype)),
+        })
+    return records
 
 
 def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
            dynamic_shapes=None, strict: bool = False, **options) -> torch.export.ExportedProgram:
-    """torch.export.export for a model with LiteAttention sites; returns an ExportedProgram whose
-    graph calls `torch.ops.liteattn.sparse_attention` with each site's skip state as a buffer.
+    """torch.export.export with LiteAttention: returns an ExportedProgram whose graph calls
+    `torch.ops.liteattn.sparse_attention` with each skip state as a buffer of the program.
 
-    Runs `model` once on (args, kwargs) without grad to size every site's skip state, then resets
-    the model's states (a new video). The program gets its own copies of the states, all live, so
-    the program and the model evolve independently. Thresholds and must-do/must-skip ranges are
-    taken as they are now. The record described in the module docstring is attached.
+    1. A model without LiteAttention sites is first routed with `liteattn_ops.enable(model, ...)`
+       (the rewrite the "liteattn" compile backend uses); the options threshold, must_do,
+       must_skip, cross and sites go to enable(). A model with sites is used as it is.
+    2. `model` runs once on (args, kwargs), without grad, so that every site sizes its skip states
+       for these shapes; then the model's states are reset (a new video).
+    3. torch.export.export(model, args, kwargs, dynamic_shapes=..., strict=..., **other options)
+       under torch.no_grad(). Dimensions that reach an attention site must be static: a dynamic
+       one raises ValueError here, naming the site.
+    4. The compile backend's pass (liteattn_ops.graph_pass.run_pass) reports every attention call
+       of the graph and applies its cross-attention rule; the program gets its own copies of the
+       states (all live) and the record described in the module docstring.
 
-    dynamic_shapes / strict / **options go to torch.export.export. Dimensions that reach an
-    attention site must be static (ValueError at export time otherwise, naming the site).
+    Thresholds and must-do/must-skip ranges are taken as they are now (they are buffers of the
+    program). Inference only.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple of example inputs, got {type(args).__name__}")
     kwargs = dict(kwargs or {})
-    sites = list(attention_sites(model))
-    if not sites:
-        raise ValueError(f"{type(model).__name__} has no LiteAttention sites, so there is nothing for liteattn_ops "
-                         "to export: use LiteAttention modules (or liteattn_ops.enable(model)), or plain torch.export")
-    records = _size_states(model, sites, args, kwargs)
+    enable_options = {key: options.pop(key) for key in _ENABLE_OPTIONS if key in options}
+    cross = enable_options.get("cross", "sdpa")
+    sites = _prepare(model, enable_options)
+
+    with torch.no_grad():
+        model(*args, **kwargs)
     for _, site in sites:
         site.reset()
 
-    with _site_hooks(sites, _refuse_dynamic), torch.no_grad():
+    with _refuse_dynamic_shapes(sites), torch.no_grad():
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict, **options)
 
+    from .graph_pass import run_pass
+
+    report = run_pass(ep.graph_module, cross=cross, fallback="sdpa", name=f"export of {type(model).__name__}")
+    records = _state_records(ep)
+    if not records:
+        raise ValueError(f"liteattn_ops.export: no attention call of {type(model).__name__} became "
+                         f"liteattn.sparse_attention with these inputs:\n{report.summary()}")
     # The traced program holds the model's own state tensors; give it copies so that running the
     # program and running the model do not disturb each other.
     for rec in records:
@@ -179,12 +215,11 @@ def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
             if rec["state"] in store:
                 store[rec["state"]] = store[rec["state"]].clone()
     ep.graph_module.meta.setdefault("custom", {})[METADATA_KEY] = {
-        "format_version": FORMAT_VERSION, "liteattn_ops_version": _package_version(), "sites": records,
-        "inputs": _input_specs(ep),
+        "format_version": FORMAT_VERSION, "liteattn_ops_version": _package_version(), "states": records,
+        "inputs": _input_specs(ep), "attention": {"rewritten": report.rewritten, "left": report.left},
     }
-    states = exported_states(ep)
-    log.info("liteattn_ops.export: %d attention sites, skip states %s", len(states),
-             {name: tuple(t.shape) for name, t in states.items()})
+    log.info("liteattn_ops.export: skip states %s\n%s",
+             {rec["state"]: tuple(rec["state_shape"]) for rec in records}, report.summary())
     return ep
 
 
@@ -236,20 +271,20 @@ def check_program(program) -> dict:
             f"program exported with liteattn_ops {meta.get('liteattn_ops_version')} (op/state format version "
             f"{version}); this liteattn_ops {_package_version()} has format version {FORMAT_VERSION}. "
             "Re-export the model with this version.")
-    for site in meta["sites"]:
-        dtype = getattr(torch, site["dtype"])
-        head_dim = site["q_shape"][-1]
+    for rec in meta["states"]:
+        dtype = getattr(torch, rec["dtype"])
+        head_dim = rec["q_shape"][-1]
         now = list(tile_shape(head_dim, dtype))
-        if now != site["tile"]:
+        if now != rec["tile"]:
             raise ProgramMismatchError(
-                f"attention site '{site['name']}' was exported with {site['tile'][0]}x{site['tile'][1]} tiles for "
-                f"head_dim {head_dim} {site['dtype']}, but this liteattn_ops uses {now[0]}x{now[1]}: its skip "
-                "state has the wrong layout. Re-export the model with this version.")
-        q, k = site["q_shape"], site["k_shape"]
+                f"skip state '{rec['state']}' was exported with {rec['tile'][0]}x{rec['tile'][1]} tiles for "
+                f"head_dim {head_dim} {rec['dtype']}, but this liteattn_ops uses {now[0]}x{now[1]}: the state has "
+                "the wrong layout. Re-export the model with this version.")
+        q, k = rec["q_shape"], rec["k_shape"]
         expected = list(state_shape(q[0], q[1], q[2], k[2], head_dim, dtype))
-        if expected != site["state_shape"]:
-            raise ProgramMismatchError(f"attention site '{site['name']}': recorded state shape {site['state_shape']} "
-                                       f"!= {expected} computed by this liteattn_ops. Re-export the model.")
+        if expected != rec["state_shape"]:
+            raise ProgramMismatchError(f"skip state '{rec['state']}': recorded shape {rec['state_shape']} != "
+                                       f"{expected} computed by this liteattn_ops. Re-export the model.")
     return meta
 
 
@@ -258,12 +293,13 @@ def load(f, **kwargs) -> torch.export.ExportedProgram:
     exported by an incompatible liteattn_ops (see check_program)."""
     ep = torch.export.load(f, **kwargs)
     meta = check_program(ep)
-    for site in meta["sites"]:
-        state = exported_states(ep).get(site["state"])
-        if state is None or list(state.shape) != site["state_shape"]:
-            raise ProgramMismatchError(f"attention site '{site['name']}': the program's state buffer "
+    states = exported_states(ep)
+    for rec in meta["states"]:
+        state = states.get(rec["state"])
+        if state is None or list(state.shape) != rec["state_shape"]:
+            raise ProgramMismatchError(f"skip state '{rec['state']}': the program's buffer "
                                        f"{None if state is None else tuple(state.shape)} does not match its record "
-                                       f"{site['state_shape']}")
+                                       f"{rec['state_shape']}")
     return ep
 
 
@@ -292,20 +328,17 @@ def exported_states(program) -> dict[str, Tensor]:
         return dict(program.states)
     if isinstance(program, torch.export.ExportedProgram):
         meta = program_metadata(program)
-        names = [s["state"] for s in meta["sites"]] if meta else []
+        names = [rec["state"] for rec in meta["states"]] if meta else []
         out = {}
         for name in names:
             for store in (program.constants, program.state_dict):
                 if name in store:
                     out[name] = store[name]
         return out
-    if isinstance(program, nn.Module):
-        if isinstance(program, torch.fx.GraphModule):
-            return {name: program.get_buffer(name) for name in _state_names_in_graph(program.graph)}
-        return {f"{name}.state" if name else "state": site.state
-                for name, site in attention_sites(program) if site.state is not None}
+    if isinstance(program, torch.fx.GraphModule):
+        return {name: program.get_buffer(name) for name in _state_names_in_graph(program.graph)}
     raise TypeError(f"expected an ExportedProgram, a module from ep.module() or a LiteAttentionPackage, "
-                    f"got {type(program).__name__}")
+                    f"got {type(program).__name__} (for an eager model use liteattn_ops.reset / stats)")
 
 
 def reset_program(program) -> None:
@@ -347,11 +380,11 @@ class LiteAttentionPackage:
         self.compiled = compiled
         self.metadata = metadata
         self.states: dict[str, Tensor] = {}
-        for site in metadata["sites"]:
-            device = torch.device(site["device"])
+        for rec in metadata["states"]:
+            device = torch.device(rec["device"])
             if device.type == "cuda":
                 device = torch.device("cuda", device_index if device_index >= 0 else torch.cuda.current_device())
-            self.states[site["state"]] = torch.full(site["state_shape"], -1, dtype=torch.int32, device=device)
+            self.states[rec["state"]] = torch.full(rec["state_shape"], -1, dtype=torch.int32, device=device)
         compiled.load_constants(self.states, check_full_update=False, user_managed=True)
 
     def __call__(self, *args, **kwargs):
@@ -382,11 +415,11 @@ class LiteAttentionPackage:
             reset_state(state)
 
     def live_fraction(self, per_head: bool = False) -> dict[str, Tensor]:
-        """{site name: fraction of live tiles} (0-d tensor, or (H,) with per_head), on the device."""
+        """{state buffer name: fraction of live tiles} (0-d tensor, or (H,) with per_head), on the device."""
         out = {}
-        for site in self.metadata["sites"]:
-            out[site["name"]] = _state_live_fraction(self.states[site["state"]], site["k_shape"][2],
-                                                     site["q_shape"][-1], getattr(torch, site["dtype"]),
+        for rec in self.metadata["states"]:
+            out[rec["state"]] = _state_live_fraction(self.states[rec["state"]], rec["k_shape"][2],
+                                                     rec["q_shape"][-1], getattr(torch, rec["dtype"]),
                                                      per_head=per_head)
         return out
 
@@ -400,7 +433,7 @@ def aoti_load_package(path: Union[str, os.PathLike], device_index: int = -1) -> 
         raise ProgramMismatchError(f"{path} carries no liteattn_ops record: compile it with "
                                    "liteattn_ops.aoti_compile_and_package")
     meta = check_program(json.loads(raw))
-    missing = {s["state"] for s in meta["sites"]} - set(compiled.get_constant_fqns())
+    missing = {rec["state"] for rec in meta["states"]} - set(compiled.get_constant_fqns())
     if missing:
         raise ProgramMismatchError(f"{path}: the compiled model has no constants {sorted(missing)} for the skip "
                                    "states listed in its record")

@@ -149,8 +149,10 @@ def test_export_graph_calls_op_with_state_buffers(program):
     assert sorted(decomposed.graph_signature.buffers_to_mutate.values()) == STATE_NAMES
     meta = decomposed.graph_module.meta["custom"]["liteattn_ops"]    # survives run_decompositions
     assert meta["format_version"] == lx.FORMAT_VERSION
-    assert [s["state"] for s in meta["sites"]] == STATE_NAMES
-    assert meta["sites"][0]["tile"] == [128, 128] and meta["sites"][0]["state_shape"] == [1, HEADS, 3, 1]
+    assert [rec["state"] for rec in meta["states"]] == STATE_NAMES
+    assert meta["states"][0]["site"] == "blocks.0.attn"
+    assert meta["states"][0]["tile"] == [128, 128] and meta["states"][0]["state_shape"] == [1, HEADS, 3, 1]
+    assert [path for path, _ in meta["attention"]["rewritten"]] == ["blocks.0.attn", "blocks.1.attn"]
     assert meta["inputs"] == [{"shape": [1, SEQ, DIM], "dtype": "float32", "device": "cpu"},
                               {"shape": [1], "dtype": "float32", "device": "cpu"}]
 
@@ -200,7 +202,7 @@ def test_dynamic_sequence_length_is_refused_at_export(model, inputs):
 
 
 def test_export_needs_attention_sites():
-    with pytest.raises(ValueError, match="no LiteAttention sites"):
+    with pytest.raises(ValueError, match="no attention that liteattn_ops can take over"):
         liteattn_ops.export(nn.Linear(4, 4), (torch.randn(2, 4),))
 
 
@@ -277,7 +279,7 @@ def test_load_rejects_program_with_other_tile_shape(monkeypatch, inputs, tmp_pat
     ep = _export_with(monkeypatch, model, inputs[0], table=table)
     assert liteattn_ops.exported_states(ep)[STATE_NAMES[0]].shape == (1, HEADS, 5, 1)
     torch.export.save(ep, tmp_path / "old.pt2")
-    with pytest.raises(lx.ProgramMismatchError, match=r"exported with 64x64 tiles .* uses 128x128.*Re-export"):
+    with pytest.raises(lx.ProgramMismatchError, match=r"'blocks.0.attn.state' was exported with 64x64 tiles .* uses 128x128.*Re-export"):
         liteattn_ops.load(tmp_path / "old.pt2")
     module = torch.export.load(tmp_path / "old.pt2").module()
     with torch.no_grad(), pytest.raises(ValueError, match=r"state of shape \(1, 2, 5, 1\) does not match"):
@@ -314,7 +316,7 @@ def test_aoti_package_runs_op_and_keeps_state(program, inputs, eager, tmp_path, 
                                                  inductor_configs=_fast_cpu_configs())
     runner = liteattn_ops.aoti_load_package(path)
     assert sorted(runner.states) == STATE_NAMES
-    assert json.loads(runner.compiled.get_metadata()["liteattn_ops"])["sites"][1]["name"] == "blocks.1.attn"
+    assert json.loads(runner.compiled.get_metadata()["liteattn_ops"])["states"][1]["site"] == "blocks.1.attn"
 
     calls = []
     real = reference.sparse_attention_reference
@@ -327,7 +329,7 @@ def test_aoti_package_runs_op_and_keeps_state(program, inputs, eager, tmp_path, 
                 assert torch.equal(runner.states[name], states[i][name]), (i, name)
     assert len(calls) == 2 * len(inputs)                    # two sites, through the dispatcher
     fractions = runner.live_fraction()
-    assert sorted(fractions) == ["blocks.0.attn", "blocks.1.attn"] and float(fractions["blocks.0.attn"]) < 1
+    assert sorted(fractions) == STATE_NAMES and float(fractions[STATE_NAMES[0]]) < 1
 
     ptrs = [s.data_ptr() for s in runner.states.values()]
     runner.reset()
