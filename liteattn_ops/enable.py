@@ -125,23 +125,23 @@ class AttentionSite(LazyModuleMixin, LiteAttention):
             self._current = name
 
     def _infer_parameters(self, module, args, kwargs=None):
-        """Called by Dynamo, eagerly, before it traces a call of this module (fake args)."""
+        """Called by Dynamo, eagerly, before it traces a call of this module (fake args). The
+        decision and the state are also given to the sites of the same role (the same attention in
+        the other blocks and instances), which reuse the graph without being traced."""
         kwargs = kwargs or {}
         q, k = args[0], args[1]
         slot = int(kwargs.get("slot", 0))
         left = kwargs.get("left")
-        if left is not None:
-            self._note(slot, left, q, k)
-            if left == GRAD:
-                warn_grad_once()
-            return
-        if k.shape[2] != q.shape[2]:  # dense cross-attention: no state
-            self._note(slot, None, q, k, op="liteattn.attention")
-            return
-        self._note(slot, None, q, k)
-        for site in _role_members(self):
-            site._allocate(q, k, slot)
-        self._allocate(q, k, slot)
+        if left == GRAD:
+            warn_grad_once()
+        for site in (*_role_members(self), self):
+            if left is not None:
+                site._note(slot, left, q, k)
+            elif k.shape[2] != q.shape[2]:  # dense cross-attention: no state
+                site._note(slot, None, q, k, op="liteattn.attention")
+            else:
+                site._note(slot, None, q, k)
+                site._allocate(q, k, slot)
 
     def _note(self, slot: int, left: Optional[str], q: Tensor, k: Tensor, op: str = "liteattn.sparse_attention"):
         entry = self.decisions.setdefault(slot, {"shapes": []})

@@ -168,7 +168,9 @@ def _module_path(node: torch.fx.Node) -> str:
         if path.startswith(prefix):
             path = path[len(prefix):]
             break
-    return path.replace("[", ".").replace("]", "").replace("'", "").replace("..", ".").strip(".")
+    path = path.replace("[", ".").replace("]", "").replace("'", "").replace("..", ".").strip(".")
+    # A routed module's op is traced inside its `liteattn` child: report the routed module.
+    return path.removesuffix(".liteattn") if path != "liteattn" else ""
 
 
 def _fake(arg):
