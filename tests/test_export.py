@@ -226,40 +226,49 @@ _FRESH_PROCESS = textwrap.dedent("""
         report["without_import"] = None
     except Exception as e:
         report["without_import"] = f"{type(e).__name__}: {e}"
+    report["modules_before"] = sorted(m for m in ("liteattn_ops", "diffusers") if m in sys.modules)
     import liteattn_ops
     ep = liteattn_ops.load(path)
     module = ep.module()
     states = liteattn_ops.exported_states(module)
     outs, seen = [], []
     with torch.no_grad():
-        for args in torch.load(data_path):
-            outs.append(module(*args))
+        for args, kwargs in torch.load(data_path):
+            outs.append(module(*args, **kwargs))
             seen.append({k: v.clone() for k, v in states.items()})
     torch.save({"outs": outs, "states": seen}, out_path)
     print(json.dumps(report))
 """)
 
 
-def test_save_load_in_fresh_process(program, inputs, eager, tmp_path):
-    path, data, result, script = (tmp_path / n for n in ("model.pt2", "inputs.pt", "result.pt", "run.py"))
-    liteattn_ops.reset_program(program)
+def run_in_fresh_process(program, calls, tmp_path):
+    """Save `program`, then in a new Python process: try torch.export.load without importing
+    liteattn_ops, then import it, liteattn_ops.load the file and run `calls` [(args, kwargs)] in
+    order. Returns (report, outputs, states after each call, stderr)."""
+    path, data, result, script = (tmp_path / n for n in ("model.pt2", "calls.pt", "result.pt", "run.py"))
     torch.export.save(program, path)
-    torch.save(inputs, data)
+    torch.save(calls, data)
     script.write_text(_FRESH_PROCESS)
     proc = subprocess.run([sys.executable, str(script), str(path), str(data), str(result)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = torch.load(result)
+    return report, got["outs"], got["states"], proc.stderr
+
+
+def test_save_load_in_fresh_process(program, inputs, eager, tmp_path):
+    liteattn_ops.reset_program(program)
+    report, outs, states, stderr = run_in_fresh_process(program, [(args, {}) for args in inputs], tmp_path)
     # Without `import liteattn_ops`, PyTorch refuses the unknown operator (the reason is in its
     # exception or, in torch 2.13, in the warning it logs just before).
-    assert report["without_import"] is not None, report
-    assert "liteattn.sparse_attention" in report["without_import"] + proc.stderr, (report, proc.stderr[-2000:])
-    got = torch.load(result)
-    outs, states = eager
+    assert report["modules_before"] == [] and report["without_import"] is not None, report
+    assert "liteattn.sparse_attention" in report["without_import"] + stderr, (report, stderr[-2000:])
+    expected_outs, expected_states = eager
     for i in range(len(inputs)):
-        torch.testing.assert_close(got["outs"][i], outs[i], rtol=0, atol=0)
+        torch.testing.assert_close(outs[i], expected_outs[i], rtol=0, atol=0)
         for name in STATE_NAMES:
-            assert torch.equal(got["states"][i][name], states[i][name]), (i, name)
+            assert torch.equal(states[i][name], expected_states[i][name]), (i, name)
 
 
 def _export_with(monkeypatch, model, args, *, table=None, version=None):
