@@ -46,6 +46,21 @@ __device__ __forceinline__ void convert_fragment(Src const& src, Dst& dst) {
       convert(*reinterpret_cast<cutlass::Array<float, kN> const*>(src.data()));
 }
 
+// Position in a kStages-deep ring of buffers: stage index and mbarrier phase parity.
+struct PipelineState {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance(int stages) {
+    if (++stage == stages) { stage = 0; phase ^= 1; }
+  }
+};
+
+// A consumer warp is done with a buffer: one arrival per warp on its "empty" barrier.
+__device__ __forceinline__ void release(cutlass::arch::ClusterBarrier& empty, int lane) {
+  __syncwarp();
+  if (lane == 0) empty.arrive();
+}
+
 template <class Tr>
 __device__ __forceinline__ void producer_loop(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
                                               int m, int h, int b) {
@@ -67,17 +82,16 @@ __device__ __forceinline__ void producer_loop(typename Tr::Params const& p, type
   ss.q_full.arrive_and_expect_tx(Tr::kQBytes);
   copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full)), tQg, tQs);
 
-  int stage = 0;
-  uint32_t phase = 0;
+  PipelineState write;
   for (TileCursor<Tr::kSkip> tile(ss.visit, m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles); tile.valid();
        tile.advance(ss.visit)) {
-    ss.k_empty[stage].wait(phase ^ 1);
-    ss.k_full[stage].arrive_and_expect_tx(Tr::kKVStageBytes);
-    copy(p.tma_k.with(reinterpret_cast<uint64_t&>(ss.k_full[stage])), tKg(_, tile.n), tKs(_, stage));
-    ss.v_empty[stage].wait(phase ^ 1);
-    ss.v_full[stage].arrive_and_expect_tx(Tr::kKVStageBytes);
-    copy(p.tma_vt.with(reinterpret_cast<uint64_t&>(ss.v_full[stage])), tVg(_, tile.n), tVs(_, stage));
-    if (++stage == Tr::kStages) { stage = 0; phase ^= 1; }
+    ss.k_empty[write.stage].wait(write.phase ^ 1);
+    ss.k_full[write.stage].arrive_and_expect_tx(Tr::kKVStageBytes);
+    copy(p.tma_k.with(reinterpret_cast<uint64_t&>(ss.k_full[write.stage])), tKg(_, tile.n), tKs(_, write.stage));
+    ss.v_empty[write.stage].wait(write.phase ^ 1);
+    ss.v_full[write.stage].arrive_and_expect_tx(Tr::kKVStageBytes);
+    copy(p.tma_vt.with(reinterpret_cast<uint64_t&>(ss.v_full[write.stage])), tVg(_, tile.n), tVs(_, write.stage));
+    write.advance(Tr::kStages);
   }
 }
 
@@ -111,39 +125,61 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
   float threshold = 0.f;
   if constexpr (Tr::kSkip) threshold = p.threshold[h];
 
-  ss.q_full.wait(0);
-  int stage = 0;
-  uint32_t phase = 0;
-  for (TileCursor<Tr::kSkip> tile(ss.visit, m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles); tile.valid();
-       tile.advance(ss.visit)) {
-    Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBN>>{});
-    ss.k_full[stage].wait(phase);
-    warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
-    warpgroup_wait<0>();
-    __syncwarp();
-    if (lane == 0) ss.k_empty[stage].arrive();
-
+  // One tile's softmax step on S (in registers): mask, tile max, skip vote, running max
+  // and sum, probabilities in place. Returns the factor that rescales the old O.
+  auto softmax_step = [&](auto& tSrS, int n, float (&correction)[2]) {
     float tile_max[2];
-    softmax.tile_max(tSrS, lane, p.seqlen_k - tile.n * kBN, p.scale_log2, tile_max);
+    softmax.tile_max(tSrS, lane, p.seqlen_k - n * kBN, p.scale_log2, tile_max);
     if constexpr (Tr::kSkip) {
       // Not negligible when some valid row's tile max beats its running max by more
       // than the threshold (always true on the first tile: running max -inf).
       const bool keep = (row_valid[0] && tile_max[0] - softmax.row_max[0] > threshold) ||
                         (row_valid[1] && tile_max[1] - softmax.row_max[1] > threshold);
-      if (__any_sync(0xffffffffu, keep) && lane == 0) atomicOr(&ss.keep[tile.n >> 5], 1u << (tile.n & 31));
+      if (__any_sync(0xffffffffu, keep) && lane == 0) atomicOr(&ss.keep[n >> 5], 1u << (n & 31));
     }
-    float correction[2];
     softmax.update(tSrS, tile_max, p.scale_log2, correction);
-    rescale_rows(tOrO, correction);
+  };
 
-    Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
-    convert_fragment<Element>(tSrS, tOrP);
-    ss.v_full[stage].wait(phase);
-    warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, stage), tOrO);
+  // Software pipeline inside the warpgroup: while the tensor cores run S(n) = Q K(n)^T and
+  // O += P(n-1) V(n-1), this warpgroup waits only for S(n) and does its softmax.
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBN>>{});
+  Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
+  PipelineState k_read, v_read;
+  ss.q_full.wait(0);
+  TileCursor<Tr::kSkip> tile(ss.visit, m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles);
+  if (tile.valid()) {
+    ss.k_full[k_read.stage].wait(k_read.phase);
+    warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
     warpgroup_wait<0>();
-    __syncwarp();
-    if (lane == 0) ss.v_empty[stage].arrive();
-    if (++stage == Tr::kStages) { stage = 0; phase ^= 1; }
+    warpgroup_fence_operand(tSrS);
+    release(ss.k_empty[k_read.stage], lane);
+    k_read.advance(Tr::kStages);
+    float correction[2];
+    softmax_step(tSrS, tile.n, correction);
+    convert_fragment<Element>(tSrS, tOrP);
+    for (tile.advance(ss.visit); tile.valid(); tile.advance(ss.visit)) {
+      ss.k_full[k_read.stage].wait(k_read.phase);
+      warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
+      ss.v_full[v_read.stage].wait(v_read.phase);
+      warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
+      warpgroup_wait<1>();  // S(n) is ready; O += P V may still run
+      warpgroup_fence_operand(tSrS);
+      release(ss.k_empty[k_read.stage], lane);
+      k_read.advance(Tr::kStages);
+      softmax_step(tSrS, tile.n, correction);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(tOrP);
+      release(ss.v_empty[v_read.stage], lane);
+      v_read.advance(Tr::kStages);
+      rescale_rows(tOrO, correction);
+      convert_fragment<Element>(tSrS, tOrP);
+    }
+    ss.v_full[v_read.stage].wait(v_read.phase);
+    warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    release(ss.v_empty[v_read.stage], lane);
   }
 
   // Epilogue: O / row sum into (B, S, H, D) memory, LSE in natural-log units. A row

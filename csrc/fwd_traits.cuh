@@ -34,8 +34,10 @@ struct FwdTraits {
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
   static constexpr int kThreads = 128 + kConsumerThreads;
   static constexpr int kStages = 2;
-  // setmaxnreg budgets: 128 * 32 + 256 * 240 = 65536 registers.
-  static constexpr int kProducerRegs = 32;
+  // setmaxnreg budgets. They must add up to what the CTA got at launch (168 per thread
+  // for 384 threads under __launch_bounds__(384, 1)): 128 * 24 + 256 * 240 = 384 * 168,
+  // otherwise the consumers' setmaxnreg.inc waits forever for registers.
+  static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
 
   // Shared-memory tiles. Q and K are K-major (head dim contiguous); V is stored
@@ -90,6 +92,8 @@ struct FwdTraits {
     uint32_t visit[kStateWords];
     uint32_t keep[kStateWords];
   };
+  static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= kThreads * (65536 / kThreads / 8 * 8),
+                "setmaxnreg budgets exceed the registers the CTA is launched with");
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 
