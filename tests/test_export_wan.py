@@ -144,6 +144,20 @@ def test_wan_dynamic_frames_refused_at_export(calls):
         liteattn_ops.export(make_wan(), args, kwargs, dynamic_shapes=({2: frames}, None, None, None))
 
 
+def test_wan_dynamic_text_length_works(calls):
+    """A dynamic dimension that does not reach a skip state (the text length of cross-attention,
+    left to SDPA) is fine."""
+    text_len = torch.export.Dim("text_len", min=2, max=64)
+    (latents, t, text), kwargs = calls[0]
+    model = make_wan()
+    program = liteattn_ops.export(model, (latents, t, text), kwargs, threshold=THRESHOLD,
+                                  dynamic_shapes=(None, None, {1: text_len}, None))
+    longer = torch.randn(1, 20, 32, generator=torch.Generator().manual_seed(3))
+    liteattn_ops.reset(model)
+    with torch.no_grad():
+        assert_same(program.module()(latents, t, longer, **kwargs), model(latents, t, longer, **kwargs))
+
+
 @pytest.mark.slow
 def test_wan_aoti_package(wan_and_program, calls, eager, tmp_path):
     _, program = wan_and_program
