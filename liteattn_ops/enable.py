@@ -100,8 +100,16 @@ class AttentionSite(LazyModuleMixin, LiteAttention):
         dtype_name = str(dtype).removeprefix("torch.")
         return f"state_{slot}_{self.branch}_{batch}x{heads}x{seqlen_q}x{seqlen_k}x{head_dim}_{dtype_name}"
 
-    def _allocate(self, q: Tensor, k: Tensor, slot: int) -> None:
-        """Make sure the state for this call exists (real tensors, even when q, k are fake)."""
+    def _needs_allocation(self, name: str, q: Tensor) -> bool:
+        state, thr = self._buffers.get(name), self.threshold_per_head
+        return (state is None or state.device != q.device or thr is None or thr.dtype != torch.float32
+                or thr.device != q.device)
+
+    def _allocate(self, q: Tensor, k: Tensor, slot: int, *, member: bool = False) -> None:
+        """Make sure the state for this call exists (real tensors, even when q, k are fake).
+
+        member=True: allocating for a site of the same role as the one being traced; only what is
+        missing is created, nothing is replaced (that site may live on another device)."""
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         name = self.state_name(q, k, slot)
@@ -109,13 +117,16 @@ class AttentionSite(LazyModuleMixin, LiteAttention):
         seqlen_k = int(k.shape[2])
         with unset_fake_temporarily(), torch.no_grad():
             thr = self.threshold_per_head
-            if thr is None or thr.dtype != torch.float32 or thr.device != device or thr.shape[0] != heads:
+            if thr is None or not member and (thr.dtype != torch.float32 or thr.device != device
+                                              or thr.shape[0] != heads):
+                # (model.to(dtype) casts float buffers; the op wants float32 thresholds)
                 self.threshold_per_head = self._threshold_tensor(heads, device)
             for attr, ranges in (("must_do_ranges", self._must_do), ("must_skip_ranges", self._must_skip)):
                 current = getattr(self, attr)
-                if ranges is not None and (current is None or current.device != device):
+                if ranges is not None and (current is None or not member and current.device != device):
                     setattr(self, attr, ranges.to(device))
-            if self._buffers.get(name) is None:
+            state = self._buffers.get(name)
+            if state is None or not member and state.device != device:
                 self.register_buffer(name, new_state(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, device),
                                      persistent=False)
                 self._slots[name] = (slot, self.branch, (batch, heads, seqlen_q, seqlen_k, head_dim, dtype))
@@ -141,7 +152,7 @@ class AttentionSite(LazyModuleMixin, LiteAttention):
                 site._note(slot, None, q, k, op="liteattn.attention")
             else:
                 site._note(slot, None, q, k)
-                site._allocate(q, k, slot)
+                site._allocate(q, k, slot, member=site is not self)
 
     def _note(self, slot: int, left: Optional[str], q: Tensor, k: Tensor, op: str = "liteattn.sparse_attention"):
         entry = self.decisions.setdefault(slot, {"shapes": []})
@@ -177,7 +188,7 @@ class AttentionSite(LazyModuleMixin, LiteAttention):
                 self._note(slot, None, q, k, op="liteattn.attention")
             return torch.ops.liteattn.attention(q, k, v, scale)[0]
         name = self.state_name(q, k, slot)
-        if name not in self._buffers:  # eager first call (under Dynamo, _infer_parameters did it)
+        if self._needs_allocation(name, q):  # eager (under Dynamo, _infer_parameters did it)
             self._note(slot, None, q, k)
             self._allocate(q, k, slot)
         out, _ = torch.ops.liteattn.sparse_attention(

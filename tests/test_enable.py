@@ -188,3 +188,15 @@ def test_grad_mode_eager_warns_once_and_backpropagates():
         net(x)
     assert liteattn_ops.report(net)["layers.0"]["calls"][0]["left"] == graph_pass.GRAD
     assert net.layers[0].liteattn.states() == {}
+
+
+def test_model_to_dtype_keeps_thresholds_float32():
+    net = Net()
+    liteattn_ops.enable(net, threshold=-2.0)
+    with torch.no_grad():
+        net(inputs())
+        net.to(torch.bfloat16)          # casts the float32 threshold buffers too
+        net(inputs().bfloat16())
+    site = net.layers[0].liteattn
+    assert site.threshold_per_head.dtype == torch.float32
+    assert "state_0_default_1x2x256x256x64_bfloat16" in site.states()
