@@ -573,6 +573,7 @@ def test_cuda_wan_compiled_equals_eager(mode):
         # bf16 Inductor vs eager may round a borderline tile differently: allow a few bits
         assert (a != b).float().mean() < 0.05, key
     assert counters["liteattn"]["rewritten"] == 2
+    assert counters["inductor"]["cudagraph_skips"] == 0       # reduce-overhead: the op is captured
 
 
 @pytest.mark.cuda
@@ -591,3 +592,4 @@ def test_cuda_reduce_overhead_regional_tinydit():
     fractions = [s["live_fraction"] for s in liteattn_ops.stats(model).values() if s["live_fraction"] is not None]
     ref_fractions = [s["live_fraction"] for s in liteattn_ops.stats(ref).values() if s["live_fraction"] is not None]
     assert fractions == pytest.approx(ref_fractions, abs=0.05) and min(fractions) < 1.0
+    assert counters["inductor"]["cudagraph_skips"] == 0
