@@ -123,9 +123,9 @@ def _prepare(model: nn.Module, enable_options: dict) -> list[tuple[str, LiteAtte
     rewrite the compile backend relies on) when it has none or when enable options are given."""
     sites = list(attention_sites(model))
     if enable_options or not sites:
-        from .enable import enable
+        from .enable import AttentionSite, enable
 
-        if sites and not any(type(site).__name__ == "AttentionSite" for _, site in sites):
+        if sites and not any(isinstance(site, AttentionSite) for _, site in sites):
             raise ValueError(f"{sorted(enable_options)} are options of liteattn_ops.enable, but this model "
                              "uses LiteAttention modules directly: configure those instead")
         enable(model, **enable_options)

@@ -201,6 +201,11 @@ def test_dynamic_sequence_length_is_refused_at_export(model, inputs):
         liteattn_ops.export(model, (x.repeat(2, 1, 1), t.repeat(2)), dynamic_shapes=({0: batch}, {0: batch}))
 
 
+def test_export_enable_options_need_a_routed_model(model, inputs):
+    with pytest.raises(ValueError, match="options of liteattn_ops.enable.*configure those instead"):
+        liteattn_ops.export(model, inputs[0], threshold=-4.0)
+
+
 def test_export_needs_attention_sites():
     with pytest.raises(ValueError, match="no attention that liteattn_ops can take over"):
         liteattn_ops.export(nn.Linear(4, 4), (torch.randn(2, 4),))
