@@ -83,8 +83,8 @@ __device__ __forceinline__ void producer_loop(typename Tr::Params const& p, type
   copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full)), tQg, tQs);
 
   PipelineState write;
-  for (TileCursor<Tr::kSkip> tile(ss.visit, m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles); tile.valid();
-       tile.advance(ss.visit)) {
+  const int n0 = first_tile(m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles);
+  for (TileCursor<Tr::kSkip> tile(ss.visit, n0, p.num_n_tiles); tile.valid(); tile.advance()) {
     ss.k_empty[write.stage].wait(write.phase ^ 1);
     ss.k_full[write.stage].arrive_and_expect_tx(Tr::kKVStageBytes);
     copy(p.tma_k.with(reinterpret_cast<uint64_t&>(ss.k_full[write.stage])), tKg(_, tile.n), tKs(_, write.stage));
@@ -127,17 +127,26 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
 
   // One tile's softmax step on S (in registers): mask, tile max, skip vote, running max
   // and sum, probabilities in place. Returns the factor that rescales the old O.
+  // The last tile of a sequence whose length is not a multiple of BN needs a column mask;
+  // only that tile pays for it.
+  const int masked_tile = p.seqlen_k % kBN ? p.num_n_tiles - 1 : -1;
   auto softmax_step = [&](auto& tSrS, int n, float (&correction)[2]) {
     float tile_max[2];
-    softmax.tile_max(tSrS, lane, p.seqlen_k - n * kBN, p.scale_log2, tile_max);
-    if constexpr (Tr::kSkip) {
-      // Not negligible when some valid row's tile max beats its running max by more
-      // than the threshold (always true on the first tile: running max -inf).
-      const bool keep = (row_valid[0] && tile_max[0] - softmax.row_max[0] > threshold) ||
-                        (row_valid[1] && tile_max[1] - softmax.row_max[1] > threshold);
-      if (__any_sync(0xffffffffu, keep) && lane == 0) atomicOr(&ss.keep[n >> 5], 1u << (n & 31));
+    if (n == masked_tile) {
+      softmax.template tile_max</*kMask=*/true>(tSrS, lane, p.seqlen_k - n * kBN, p.scale_log2, tile_max);
+    } else {
+      softmax.template tile_max</*kMask=*/false>(tSrS, lane, kBN, p.scale_log2, tile_max);
     }
+    const float old_max[2] = {softmax.row_max[0], softmax.row_max[1]};
     softmax.update(tSrS, tile_max, p.scale_log2, correction);
+    if constexpr (Tr::kSkip) {
+      // Not negligible when some valid row's tile max beats its running max before this
+      // tile by more than the threshold (always true on the first tile: -inf before).
+      const bool keep = (row_valid[0] & (tile_max[0] - old_max[0] > threshold)) |
+                        (row_valid[1] & (tile_max[1] - old_max[1] > threshold));
+      const uint32_t warp_keeps = __any_sync(0xffffffffu, keep);
+      if (lane == 0 && warp_keeps) atomicOr(&ss.keep[n >> 5], 1u << (n & 31));
+    }
   };
 
   // Software pipeline inside the warpgroup: while the tensor cores run S(n) = Q K(n)^T and
@@ -146,8 +155,11 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
   Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
   PipelineState k_read, v_read;
   ss.q_full.wait(0);
-  TileCursor<Tr::kSkip> tile(ss.visit, m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles);
+  TileCursor<Tr::kSkip> tile(ss.visit, first_tile(m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
+                             p.num_n_tiles);
   if (tile.valid()) {
+    int n = tile.n;
+    tile.advance();
     ss.k_full[k_read.stage].wait(k_read.phase);
     warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
     warpgroup_wait<0>();
@@ -155,18 +167,20 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
     release(ss.k_empty[k_read.stage], lane);
     k_read.advance(Tr::kStages);
     float correction[2];
-    softmax_step(tSrS, tile.n, correction);
+    softmax_step(tSrS, n, correction);
     convert_fragment<Element>(tSrS, tOrP);
-    for (tile.advance(ss.visit); tile.valid(); tile.advance(ss.visit)) {
+    while (tile.valid()) {
+      n = tile.n;
       ss.k_full[k_read.stage].wait(k_read.phase);
       warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
       ss.v_full[v_read.stage].wait(v_read.phase);
       warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
+      tile.advance();  // find the next tile while the tensor cores work
       warpgroup_wait<1>();  // S(n) is ready; O += P V may still run
       warpgroup_fence_operand(tSrS);
       release(ss.k_empty[k_read.stage], lane);
       k_read.advance(Tr::kStages);
-      softmax_step(tSrS, tile.n, correction);
+      softmax_step(tSrS, n, correction);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(tOrP);

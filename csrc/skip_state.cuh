@@ -76,55 +76,65 @@ __device__ void store_skip_state(const Params& p, int b, int h, int m, const uin
   }
 }
 
-// First visited tile in [from, to), or `to` when there is none.
-template <bool kSkip>
-__device__ __forceinline__ int next_visited(const uint32_t* visit, int from, int to) {
-  if constexpr (!kSkip) {
-    return from;
-  } else {
-    while (from < to) {
-      const int w = from >> 5;
-      const uint32_t word = visit[w] & (~0u << (from & 31));
-      if (word) {
-        const int n = (w << 5) + __ffs(word) - 1;
-        return n < to ? n : to;
-      }
-      from = (w + 1) << 5;
-    }
-    return to;
-  }
-}
-
 // The fixed visit order of the contract: n0, n0+1, ..., Nt-1, 0, ..., n0-1, visited
 // tiles only, with n0 = min(Nt-1, floor(m*BM*S_k / (S_q*BN))). Producer and consumers
 // walk it independently and see the same sequence.
+//
+// Skip path: the cursor keeps the not-yet-visited bits of the current state word in a
+// register, so a step is a clear-lowest-bit and a find-first-set; shared memory is read
+// once per 32 tiles. It walks the words w0 = n0/32, w0+1, ..., W-1, 0, ..., w0: the first
+// visit of w0 takes its bits >= n0%32, the last one the bits below. Dense path: plain
+// arithmetic.
 template <bool kSkip>
-struct TileCursor {
-  int n = -1;          // current tile, -1 once the sequence is exhausted
-  int n0 = 0;
-  int num_tiles = 0;
-  bool wrapped = false;
+struct TileCursor;
 
-  __device__ TileCursor(const uint32_t* visit, int m, int bm, int bn, int seqlen_q, int seqlen_k,
-                        int num_tiles_)
-      : num_tiles(num_tiles_) {
-    const int64_t start = (int64_t(m) * bm * seqlen_k) / (int64_t(seqlen_q) * bn);
-    n0 = start < num_tiles - 1 ? int(start) : num_tiles - 1;
-    n = n0 - 1;
-    advance(visit);
+template <>
+struct TileCursor<true> {
+  int n = -1;  // current tile, -1 once the sequence is exhausted
+  const uint32_t* visit;
+  int num_words, word, words_done;
+  uint32_t bits, low_mask;  // low_mask: bits of w0 below n0, visited last
+
+  __device__ TileCursor(const uint32_t* visit_, int n0, int num_tiles)
+      : visit(visit_), num_words((num_tiles + 31) / 32), word(n0 >> 5), words_done(0) {
+    low_mask = (1u << (n0 & 31)) - 1u;
+    bits = visit[word] & ~low_mask;
+    find();
   }
-  __device__ bool valid() const { return n >= 0; }
-  __device__ void advance(const uint32_t* visit) {
-    int from = n + 1;
-    if (!wrapped) {
-      const int x = next_visited<kSkip>(visit, from, num_tiles);
-      if (x < num_tiles) { n = x; return; }
-      wrapped = true;
-      from = 0;
+  __device__ __forceinline__ bool valid() const { return n >= 0; }
+  __device__ __forceinline__ void advance() {
+    bits &= bits - 1u;
+    find();
+  }
+  __device__ __forceinline__ void find() {
+    while (bits == 0u) {
+      if (++words_done > num_words) { n = -1; return; }
+      word = word + 1 == num_words ? 0 : word + 1;
+      bits = visit[word];
+      if (words_done == num_words) bits &= low_mask;
     }
-    const int x = next_visited<kSkip>(visit, from, n0);
-    n = x < n0 ? x : -1;
+    n = (word << 5) + __ffs(bits) - 1;
   }
 };
+
+template <>
+struct TileCursor<false> {
+  int n;
+  int n0, num_tiles;
+  bool wrapped = false;
+  __device__ TileCursor(const uint32_t*, int n0_, int num_tiles_) : n(n0_), n0(n0_), num_tiles(num_tiles_) {}
+  __device__ __forceinline__ bool valid() const { return n >= 0; }
+  __device__ __forceinline__ void advance() {
+    ++n;
+    if (n == num_tiles) { n = 0; wrapped = true; }
+    if (wrapped && n == n0) n = -1;
+  }
+};
+
+// n0 of the contract, in 64-bit arithmetic.
+__device__ __forceinline__ int first_tile(int m, int bm, int bn, int seqlen_q, int seqlen_k, int num_tiles) {
+  const int64_t start = (int64_t(m) * bm * seqlen_k) / (int64_t(seqlen_q) * bn);
+  return start < num_tiles - 1 ? int(start) : num_tiles - 1;
+}
 
 }  // namespace liteattn
