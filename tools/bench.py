@@ -110,6 +110,13 @@ def main(argv=None):
         rows.append(dict(name="ceiling d2d copy 2GiB", ms=ms, gbps=2 * x.numel() / ms / 1e6))
         del a, b, x, y
 
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                gpu=torch.cuda.get_device_name(), torch=torch.__version__, command=" ".join(sys.argv))
+
+    def write_json():
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
     flex_shapes = [tuple(int(x) for x in s.split(",")) for s in args.flex_shapes] if args.flex_shapes is not None else shapes
     for shape in shapes:
         seqlen, heads, head_dim = shape
@@ -170,11 +177,8 @@ def main(argv=None):
                 print(f"  flex: failed ({error.__class__.__name__}: {error})"[:300])
         del q, k, v
         torch.cuda.empty_cache()
+        write_json()  # after every shape, so an interrupted run keeps what it measured
 
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                gpu=torch.cuda.get_device_name(), torch=torch.__version__, command=" ".join(sys.argv))
-    with open(args.json, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"\n{meta['date']}  {meta['gpu']}  torch {meta['torch']}")
     print(f"{'S':>6} {'H':>3} {'D':>4}  {'kernel':<30} {'ms':>9} {'live':>6} {'TFLOP/s':>8}")
     for r in rows:
