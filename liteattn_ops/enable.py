@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import types
 import weakref
 from collections import defaultdict
@@ -231,8 +232,21 @@ class _Route:
         self.slot = 0
 
 
-_ROUTES: list[_Route] = []   # innermost routed forward last (a stack; empty outside a forward)
+# The routed forwards running now, innermost last. Eager calls keep one stack per thread; while
+# Dynamo traces, it runs this Python symbolically on the module-level list, which therefore stays
+# empty at run time (compiled code reads no stack: the routing is already in the graph).
+_ROUTES: list[_Route] = []
+_THREAD = threading.local()
 _ORIGINAL_SDPA = SDPA
+
+
+def _routes() -> list[_Route]:
+    if torch.compiler.is_compiling():
+        return _ROUTES
+    routes = getattr(_THREAD, "routes", None)
+    if routes is None:
+        routes = _THREAD.routes = []
+    return routes
 
 
 def _route_sdpa(route: _Route, args: tuple, kwargs: dict):
@@ -254,8 +268,9 @@ def _route_sdpa(route: _Route, args: tuple, kwargs: dict):
 def scaled_dot_product_attention(*args, **kwargs):
     """What torch.nn.functional.scaled_dot_product_attention is once enable() ran: the original
     SDPA, except inside the forward of a routed module, where the call goes to its site."""
-    if _ROUTES:
-        return _route_sdpa(_ROUTES[-1], args, kwargs)
+    routes = _routes()
+    if routes:
+        return _route_sdpa(routes[-1], args, kwargs)
     return _ORIGINAL_SDPA(*args, **kwargs)
 
 
@@ -273,14 +288,15 @@ def _install_sdpa_hook() -> None:
 
 
 def _routed_forward(self, *args, **kwargs):
-    _ROUTES.append(_Route(self._modules[SITE_ATTR]))
+    routes = _routes()
+    routes.append(_Route(self._modules[SITE_ATTR]))
     try:
         inner = self.__dict__.get("_liteattn_inner_forward")
         if inner is not None:
             return inner(*args, **kwargs)
         return type(self).forward(self, *args, **kwargs)
     finally:
-        _ROUTES.pop()
+        routes.pop()
 
 
 def _calls_sdpa(fn) -> bool:

@@ -200,3 +200,32 @@ def test_model_to_dtype_keeps_thresholds_float32():
     site = net.layers[0].liteattn
     assert site.threshold_per_head.dtype == torch.float32
     assert "state_0_default_1x2x256x256x64_bfloat16" in site.states()
+
+
+def test_threads_route_to_their_own_models():
+    import threading
+
+    nets = [Net(), Net()]
+    refs = [Net(), Net()]
+    for net in nets + refs:
+        liteattn_ops.enable(net, threshold=-1.0)
+    xs = [inputs(256), inputs(256) * 3]
+    with torch.no_grad():
+        expected = [ref(x) for ref, x in zip(refs, xs) for _ in range(3)][2::3]
+    results = [None, None]
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = nets[i](xs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        torch.testing.assert_close(results[i], expected[i], rtol=0, atol=0)
+        for (_, a), (_, b) in zip(routed_sites(nets[i]), routed_sites(refs[i])):
+            assert a.states().keys() == b.states().keys()
+            assert all(torch.equal(a.states()[k], b.states()[k]) for k in a.states())
