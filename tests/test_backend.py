@@ -553,6 +553,36 @@ def test_wan_threshold_minus_inf_equals_sdpa():
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_flux_joint_attention_is_self_attention():
+    """MM-DiT joint attention (text and image tokens in one sequence, S_q = S_k) gets the stateful
+    op; must_do keeps the text tokens' tiles (Flux puts them first) always computed."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    plain = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(16, 24, 24)).eval()
+    model, ref = copy.deepcopy(plain), copy.deepcopy(plain)
+    for m in (model, ref):
+        assert liteattn_ops.enable(m, threshold=-2.0, must_do=[(0, 16)]) == [
+            "transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+
+    def inputs(step):
+        g = torch.Generator().manual_seed(step)
+        return dict(hidden_states=torch.randn(1, 496, 4, generator=g),
+                    encoder_hidden_states=torch.randn(1, 16, 32, generator=g),
+                    pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.9 - 0.1 * step]),
+                    img_ids=torch.randn(496, 3, generator=g), txt_ids=torch.zeros(16, 3), return_dict=False)
+
+    cmodel = torch.compile(model, backend=quick(), fullgraph=True)
+    with torch.no_grad():
+        for step in range(3):
+            torch.testing.assert_close(cmodel(**inputs(step))[0], ref(**inputs(step))[0], rtol=0, atol=1e-5)
+    assert_same_states(states_of(model), states_of(ref))
+    assert counters["liteattn"]["rewritten"] == 2 and counters["liteattn"]["left"] == 0
+    assert liteattn_ops.report(model)["transformer_blocks.0.attn"]["calls"][0]["shapes"] == [
+        ((1, 2, 512, 64), (1, 2, 512, 64))]
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA (H100 / H200 with the kernel built)
 # ------------------------------------------------------------------------------------------------
