@@ -424,15 +424,22 @@ class LiteAttentionPackage:
         return out
 
 
-def aoti_load_package(path: Union[str, os.PathLike], device_index: int = -1) -> LiteAttentionPackage:
-    """torch._inductor.aoti_load_package + check_program; returns a LiteAttentionPackage that owns
-    the skip states (fresh: every tile live)."""
-    compiled = torch._inductor.aoti_load_package(str(path), device_index=device_index)
-    raw = compiled.get_metadata().get(METADATA_KEY)
+def _package_record(metadata: dict[str, str], path) -> dict:
+    raw = metadata.get(METADATA_KEY)
     if raw is None:
         raise ProgramMismatchError(f"{path} carries no liteattn_ops record: compile it with "
                                    "liteattn_ops.aoti_compile_and_package")
-    meta = check_program(json.loads(raw))
+    return check_program(json.loads(raw))
+
+
+def aoti_load_package(path: Union[str, os.PathLike], device_index: int = -1) -> LiteAttentionPackage:
+    """torch._inductor.aoti_load_package + check_program; returns a LiteAttentionPackage that owns
+    the skip states (fresh: every tile live)."""
+    read_metadata = getattr(torch._C._aoti.AOTIModelPackageLoader, "load_metadata_from_package", None)
+    if read_metadata is not None:      # check the record before the compiled model is loaded
+        _package_record(read_metadata(str(path), "model"), path)
+    compiled = torch._inductor.aoti_load_package(str(path), device_index=device_index)
+    meta = _package_record(compiled.get_metadata(), path)
     missing = {rec["state"] for rec in meta["states"]} - set(compiled.get_constant_fqns())
     if missing:
         raise ProgramMismatchError(f"{path}: the compiled model has no constants {sorted(missing)} for the skip "

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 import torch
@@ -357,6 +358,20 @@ def test_aoti_package_runs_op_and_keeps_state(program, inputs, eager, tmp_path, 
         runner(x[:, :200], t)
     with pytest.raises(ValueError, match="float64"):
         runner(x.double(), t)
+
+    # A package whose record says another format version is refused at load.
+    future = tmp_path / "future_aoti.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(future, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("_metadata.json"):
+                metadata = json.loads(data)
+                record = json.loads(metadata["liteattn_ops"])
+                metadata["liteattn_ops"] = json.dumps({**record, "format_version": lx.FORMAT_VERSION + 1})
+                data = json.dumps(metadata).encode()
+            dst.writestr(item, data)
+    with pytest.raises(lx.ProgramMismatchError, match="format version 2"):
+        liteattn_ops.aoti_load_package(future)
 
 
 # ------------------------------------------------------------------------------------------------
