@@ -133,8 +133,10 @@ class AttentionSite(LazyModuleMixin, LiteAttention):
                 self._slots[name] = (slot, self.branch, (batch, heads, seqlen_q, seqlen_k, head_dim, dtype))
                 if len(self._slots) > 1:
                     log.info("liteattn site: new skip state %s", name)
-            # The most recent state is the one live_mask / live_fraction / stats(model) show.
-            self._current = name
+            # The most recent state is the one live_mask / live_fraction / stats(model) show (a
+            # same-role allocation only fills in a site that has none yet).
+            if not member or self._current is None:
+                self._current = name
 
     def _infer_parameters(self, module, args, kwargs=None):
         """Called by Dynamo, eagerly, before it traces a call of this module (fake args). The
@@ -217,7 +219,7 @@ def _role_members(site: AttentionSite) -> list[AttentionSite]:
 
 def _role(root: nn.Module, name: str) -> tuple:
     # blocks.3.attn1 -> blocks.*.attn1 ; the class of the model makes instances of it share roles
-    return (type(root).__qualname__, re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name))
+    return (type(root), re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name))
 
 
 # ------------------------------------------------------------------------------------------------
