@@ -72,8 +72,9 @@ class LiteAttnBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None, **unused):
+        compile_id = torch._guards.CompileContext.current_compile_id()
         graph_pass.run_pass(gm, cross=self.cross, fallback=self.fallback,
-                            name=getattr(gm, "_liteattn_name", type(gm).__name__))
+                            name=f"graph {compile_id}" if compile_id is not None else "graph")
         if not self.inductor:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .graph_pass import CROSS, GRAD, NOT_TENSORS, SDPA, bind_sdpa, ineligible_reason, warn_grad_once
+from .graph_pass import GRAD, NOT_TENSORS, SDPA, bind_sdpa, ineligible_reason, warn_grad_once
 from .module import LiteAttention, RangesLike, ThresholdLike
 from .state import live_mask, new_state, reset_state
 

@@ -235,7 +235,7 @@ def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "
                 if not dense:
                     _warn_not_a_site_once()
             if dense:
-                _replace_with_dense(graph, node, call)
+                _replace_with_dense(graph, node)
                 report.rewritten.append((path, "liteattn.attention"))
                 continue
         elif reason == GRAD:
@@ -257,7 +257,8 @@ def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "
     return report
 
 
-def _replace_with_dense(graph: torch.fx.Graph, node: torch.fx.Node, call: dict) -> None:
+def _replace_with_dense(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """SDPA node -> liteattn.attention(q, k, v, scale)[0] (checked eligible: no mask, dropout, causal)."""
     args = {**dict(zip(SDPA_PARAMS, node.args)), **node.kwargs}
     with graph.inserting_before(node):
         pair = graph.call_function(torch.ops.liteattn.attention.default,
