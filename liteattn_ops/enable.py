@@ -4,10 +4,10 @@ LiteAttention, with every skip state owned by the model.
 Ownership. Every module whose forward calls SDPA (a *site*; found by `find_attention_modules`)
 gets one child `liteattn`, an `AttentionSite` (a `LiteAttention`), and its `forward` is wrapped
 so that, while it runs, its eligible SDPA calls go to that child
-(`torch.nn.functional.scaled_dot_product_attention` is replaced by a wrapper that routes the calls
-made inside a routed forward and passes every other call straight through). The child keeps its skip states as non-persistent buffers, one per
-(call index in the forward, branch, shape), named `state_<slot>_<branch>_<B>x<H>x<Sq>x<Sk>x<D>_<dtype>`.
-So each site of each model instance has its own states, `model.to(...)` moves them, the
+(`torch.nn.functional.scaled_dot_product_attention` is replaced by a wrapper that routes the
+calls made inside a routed forward and passes every other call straight through). The child
+keeps its skip states as non-persistent buffers, one per (call index in the forward, branch,
+shape), named `state_<slot>_<branch>_<B>x<H>x<Sq>x<Sk>x<D>_<dtype>`. So each site of each model instance has its own states, `model.to(...)` moves them, the
 state_dict is unchanged, and `torch.compile` sees them as ordinary module buffers: Dynamo lifts
 them as graph inputs, so one graph reused for many blocks (regional compilation) or for two
 instances of one class still updates each module's own state.
@@ -101,6 +101,9 @@ class AttentionSite(LazyModuleMixin, LiteAttention):
         dtype_name = str(dtype).removeprefix("torch.")
         return f"state_{slot}_{self.branch}_{batch}x{heads}x{seqlen_q}x{seqlen_k}x{head_dim}_{dtype_name}"
 
+    def _replicate_for_data_parallel(self):  # LazyModuleMixin refuses; nothing here is lazy
+        return nn.Module._replicate_for_data_parallel(self)
+
     def _needs_allocation(self, name: str, q: Tensor) -> bool:
         state, thr = self._buffers.get(name), self.threshold_per_head
         return (state is None or state.device != q.device or thr is None or thr.dtype != torch.float32
@@ -148,6 +151,8 @@ class AttentionSite(LazyModuleMixin, LiteAttention):
         left = kwargs.get("left")
         if left == GRAD:
             warn_grad_once()
+        if self._role is not None:
+            _ROLES[self._role].add(self)   # e.g. a deepcopy of an enabled model joins its role here
         for site in (*_role_members(self), self):
             if left is not None:
                 site._note(slot, left, q, k)
