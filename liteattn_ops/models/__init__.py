@@ -15,6 +15,7 @@ from .dit import DiTConfig, VideoDiT, sample
 from .videos import CLASS_NAMES, generate_videos
 
 __all__ = [
+    "CheckpointError",
     "CHECKPOINT",
     "CLASS_NAMES",
     "CONFIG",
