@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="demo DiT safetensors (default: the shipped one)")
     p.add_argument("--forced", default="0.75,0.5,0.25",
                    help="Wan preset: live fractions to time with fixed skip states")
+    p.add_argument("--sdpa-backend", default="auto", choices=("auto", "cudnn", "flash", "efficient", "math"),
+                   help="SDPA backend tried first for the calls that stay SDPA (the dense run, and cross-attention "
+                   "in both runs); auto: cuDNN first on CUDA, PyTorch's default on CPU")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up steps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -465,6 +468,22 @@ def sample_run(pipe, model, args, clock: StepClock, *, lite: bool, time_attentio
     return out, video
 
 
+def sdpa_priority(name: str, device: torch.device):
+    """Context that makes SDPA try `name` first (falling back to the others when unsupported)."""
+    if name == "auto" and device.type != "cuda":
+        return contextlib.nullcontext(), "default"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    first = "cudnn" if name == "auto" else name
+    backends = [order[first]] + [b for k, b in order.items() if k != first]
+    try:
+        return sdpa_kernel(backends, set_priority=True), f"{first} first"
+    except TypeError:  # older torch: no priority order
+        return sdpa_kernel(backends), "any"
+
+
 def _compile_backend():
     from .backend import backend as make_backend
 
@@ -479,6 +498,12 @@ def _compile_backend():
 
 
 def run_demo(args) -> tuple[dict, Optional[torch.Tensor], Optional[torch.Tensor], Optional[object]]:
+    ctx, args.sdpa_order = sdpa_priority(args.sdpa_backend, args.device)
+    with ctx:
+        return _run_demo(args)
+
+
+def _run_demo(args):
     import liteattn_ops
 
     pipe = WanPipeline(args) if args.preset == "wan2.1-1.3b-480p" else DemoDiTPipeline(args)
@@ -566,6 +591,7 @@ def run_demo(args) -> tuple[dict, Optional[torch.Tensor], Optional[torch.Tensor]
         "kernel": "CUDA (liteattn_ops._C)" if device.type == "cuda" else "CPU reference",
         "mode": mode,
         "mode_requested": args.mode_requested or "default",
+        "sdpa_backend": args.sdpa_order,
         "threshold": _num(args.threshold),
         "steps": args.steps,
         "warmup_steps": warm_steps,

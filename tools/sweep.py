@@ -77,6 +77,14 @@ def demo_namespace(args, threshold: float) -> argparse.Namespace:
 
 def run_sweep(args) -> dict:
     ns = demo_namespace(args, args.thresholds[0])
+    ctx, order = demo.sdpa_priority("auto", ns.device)
+    with ctx:
+        result = _run_sweep(args, ns)
+    result["sdpa_backend"] = order
+    return result
+
+
+def _run_sweep(args, ns) -> dict:
     pipe = demo.DemoDiTPipeline(ns)
     model, device, mode = pipe.model, ns.device, ns.mode
     if device.type == "cuda" and not liteattn_ops.is_available():
