@@ -125,19 +125,22 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
   float threshold = 0.f;
   if constexpr (Tr::kSkip) threshold = p.threshold[h];
 
-  // One tile's softmax step on S (in registers): mask, tile max, skip vote, running max
-  // and sum, probabilities in place. Returns the factor that rescales the old O.
-  // The last tile of a sequence whose length is not a multiple of BN needs a column mask;
-  // only that tile pays for it.
+  // One tile's softmax step on S (in registers): mask, tile max, running max and sum,
+  // probabilities in place, skip vote. Returns the factor that rescales the old O. Only
+  // the last tile of a sequence whose length is not a multiple of BN needs the mask.
   const int masked_tile = p.seqlen_k % kBN ? p.num_n_tiles - 1 : -1;
   auto softmax_step = [&](auto& tSrS, int n, float (&correction)[2]) {
     float tile_max[2];
-    if (n == masked_tile) {
-      softmax.template tile_max</*kMask=*/true>(tSrS, lane, p.seqlen_k - n * kBN, p.scale_log2, tile_max);
+    if constexpr (Tr::kMaskOnBranch) {
+      if (n == masked_tile) {
+        softmax.template tile_max</*kMask=*/true>(tSrS, lane, p.seqlen_k - n * kBN, p.scale_log2, tile_max);
+      } else {
+        softmax.template tile_max</*kMask=*/false>(tSrS, lane, kBN, p.scale_log2, tile_max);
+      }
     } else {
-      softmax.template tile_max</*kMask=*/false>(tSrS, lane, kBN, p.scale_log2, tile_max);
+      softmax.template tile_max</*kMask=*/true>(tSrS, lane, p.seqlen_k - n * kBN, p.scale_log2, tile_max);
     }
-    const float old_max[2] = {softmax.row_max[0], softmax.row_max[1]};
+    [[maybe_unused]] const float old_max[2] = {softmax.row_max[0], softmax.row_max[1]};
     softmax.update(tSrS, tile_max, p.scale_log2, correction);
     if constexpr (Tr::kSkip) {
       // Not negligible when some valid row's tile max beats its running max before this

@@ -28,12 +28,13 @@ struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
 
-  // Masks columns >= valid_cols (kMask only), returns the per-row tile max in log2 units.
+  // With kMask, masks columns >= valid_cols when valid_cols < BN (a partial last tile);
+  // returns the per-row tile max in log2 units.
   template <bool kMask, class Frag>
   __device__ __forceinline__ void tile_max(Frag& s, int lane, int valid_cols, float scale_log2,
                                            float (&tile_max_log2)[2]) {
     constexpr int kN = decltype(cute::size(s))::value;
-    if constexpr (kMask) {
+    if (kMask && valid_cols < 2 * kN) {  // BN = 2 * kN columns
 #pragma unroll
       for (int i = 0; i < kN; ++i)
         if (frag_col(i, lane) >= valid_cols) s(i) = -INFINITY;
