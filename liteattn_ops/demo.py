@@ -632,7 +632,7 @@ def forced_fraction_runs(pipe, lite_model, model, args, clock) -> list[dict]:
     import liteattn_ops
     from .enable import routed_sites
     from .state import pack_bits
-    from .tiling import num_tiles
+    from .tiling import num_tiles, tile_shape
 
     results = []
     thr = args.threshold
@@ -644,7 +644,8 @@ def forced_fraction_runs(pipe, lite_model, model, args, clock) -> list[dict]:
             for _, site in routed_sites(model):
                 for name, state in site.states().items():
                     b, h, mt, _ = state.shape
-                    nt = num_tiles(pipe.tokens, 128)
+                    _, _, (_, _, _, seqlen_k, head_dim, dtype) = site._slots[name]
+                    nt = num_tiles(seqlen_k, tile_shape(head_dim, dtype)[1])
                     keep = max(1, round(frac * nt))
                     rank = torch.rand(b, h, mt, nt, generator=g).argsort(-1).argsort(-1)
                     mask = rank < keep
