@@ -628,7 +628,7 @@ def _run_demo(args):
 
 def forced_fraction_runs(pipe, lite_model, model, args, clock) -> list[dict]:
     """Speed at fixed live fractions: every state set to a random mask with that fraction of live
-    tiles per query-tile row (diagonal tile always live), threshold -inf so nothing changes."""
+    tiles in every query-tile row (at least one), threshold -inf so nothing changes."""
     import liteattn_ops
     from .enable import routed_sites
     from .state import pack_bits
