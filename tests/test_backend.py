@@ -392,6 +392,7 @@ def test_mode_and_options_reach_inductor():
 
     from torch._inductor import list_mode_options
 
+    assert "liteattn" in torch._dynamo.list_backends()      # the entry point
     assert _inductor_config("reduce-overhead", None) == list_mode_options("reduce-overhead")
     assert _inductor_config("default", {"max-autotune": True}) == {"max_autotune": True}
     block = tiny_dit(depth=1).blocks[0]
@@ -460,6 +461,23 @@ def test_unprepared_model_is_left_alone_with_a_warning_or_dense_fallback():
         torch._dynamo.reset()
         with pytest.raises(Exception, match="enable"):
             torch.compile(model, backend=liteattn_ops.backend(fallback="error"), fullgraph=True)(x, ctx)
+
+
+def test_enable_and_disable_after_compiling_retrace():
+    model = tiny_dit()
+    cnt = CompileCounterWithBackend(quick())
+    cmodel = torch.compile(model, backend=cnt, fullgraph=True)
+    x, ctx = tiny_inputs()
+    graph_pass._not_a_site_warned = True     # (this test is not about the warning)
+    with torch.no_grad():
+        plain = cmodel(x, ctx)
+        liteattn_ops.enable(model, threshold=float("-inf"))   # Dynamo's guards see the new forwards
+        torch.testing.assert_close(cmodel(x, ctx), plain, rtol=1e-5, atol=1e-5)
+        assert cnt.frame_count == 2 and len(states_of(model)) == 2
+        liteattn_ops.disable(model)
+        torch.testing.assert_close(cmodel(x, ctx), plain)
+    assert cnt.frame_count == 2          # after disable, the first graph's guards hold again
+    assert counters["liteattn"]["rewritten"] == 2
 
 
 def test_cross_attention_dense_rule():
