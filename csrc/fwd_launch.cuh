@@ -68,9 +68,10 @@ void run_fwd(const FwdArgs& a) {
   p.num_must_skip = a.num_must_skip;
 
   auto kernel = fwd_kernel<Tr>;
-  static const cudaError_t attr_err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-  check_cuda(attr_err, "cudaFuncSetAttribute(max dynamic shared memory)");
+  // Per call, not once per process: the attribute is per device (a host-side call, allowed
+  // during CUDA-graph capture).
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
+             "cudaFuncSetAttribute(max dynamic shared memory)");
   const dim3 grid(p.num_m_tiles, a.heads, a.batch);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, static_cast<cudaStream_t>(a.stream)>>>(p);
   check_cuda(cudaGetLastError(), "forward kernel launch");
