@@ -128,18 +128,18 @@ def _check_cuda_device(index: int) -> None:
                            f"cuda:{index} is sm_{major}{minor}")
 
 
-def _tma_ready(t: Tensor) -> Tensor:
-    """TMA needs 16-byte aligned base addresses and strides; copy the rare tensor that is not."""
-    elem = t.element_size()
-    if t.data_ptr() % 16 or any((s * elem) % 16 for s in t.stride()[:3]):
-        return t.contiguous()
-    return t
+def _tma_ready(ext, t: Tensor) -> Tensor:
+    """The kernel loads q, k, v with TMA (16-byte aligned base, positive strides that are multiples
+    of 16 bytes); copy the rare view that is not loadable as it is (e.g. an expanded tensor)."""
+    if ext.tma_compatible(t.data_ptr(), t.stride()[:3], t.shape[:3]):
+        return t
+    return t.contiguous()
 
 
 def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
     ext = extension()
     _check_cuda_device(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
+    q, k, v = (_tma_ready(ext, t) for t in (q, k, v))
     batch, heads, seqlen_q, head_dim = q.shape
     out, lse = _empty_outputs(q)
 

@@ -185,3 +185,16 @@ def test_cuda_without_kernel_is_a_clear_error():
     q = torch.randn(1, 1, 10, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="without its CUDA kernel"):
         attention(q, q, q)
+
+
+@pytest.mark.cuda
+def test_cuda_views_tma_cannot_load_are_copied():
+    """An expanded (stride 0) k and a q slice starting 2 bytes off alignment still give the right
+    answer: the op copies what the kernel's TMA loads cannot read in place."""
+    q = torch.randn(2, 4, 301 * 64 + 1, device="cuda", dtype=torch.bfloat16)[..., 1:].view(2, 4, 301, 64)
+    k = torch.randn(1, 4, 300, 64, device="cuda", dtype=torch.bfloat16).expand(2, -1, -1, -1)
+    v = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    out, lse = attention(q, k, v)
+    ref_out, ref_lse = liteattn_ops.reference.attention_reference(q, k, v)
+    assert float((out.float() - ref_out.float()).norm() / ref_out.float().norm()) < 1e-2
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)
