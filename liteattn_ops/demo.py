@@ -433,6 +433,7 @@ def sample_run(pipe, model, args, clock: StepClock, *, lite: bool, time_attentio
     """Run the denoising loop once, timing every step; returns the records and the video."""
     records = []
     t_prev = [0.0]
+    stats_model = getattr(model, "_orig_mod", model)  # stats on the module, not the compiled wrapper
 
     def callback(i, t):
         clock.sync()
@@ -440,7 +441,7 @@ def sample_run(pipe, model, args, clock: StepClock, *, lite: bool, time_attentio
         rec = {"step": i, "t": t, "step_time_s": now - t_prev[0]}
         rec["attention_time_s"] = clock.take_attention() if time_attention else None
         if lite:
-            st = _self_attention_stats(model)
+            st = _self_attention_stats(stats_model)
             rec["live_fraction_per_layer"] = {n: s["live_fraction"] for n, s in st.items()}
             rec["live_fraction"] = (sum(rec["live_fraction_per_layer"].values()) / len(st)) if st else None
         records.append(rec)
