@@ -21,8 +21,9 @@ Presets:
 
 * ``demo-dit`` (default): the small video DiT trained in this project (``liteattn_ops.models``),
   whose attention is learned, local and temporally coherent, so skip fractions and quality are
-  real. Default 8 frames x 64x64 pixels = 2,048 tokens (a CPU finishes in about a minute with
-  the reference op); ``--resolution 128x128 --frames 16`` gives 16,384 tokens.
+  real. Default on CPU: 8 frames x 64x64 pixels = 2,048 tokens (about a minute with the
+  reference op); default on CUDA: 16 frames x 128x128 = 16,384 tokens, the largest size it
+  was trained at.
 * ``wan2.1-1.3b-480p``: diffusers' ``WanTransformer3DModel`` at the real Wan2.1-1.3B config
   (30 layers, 12 x 128 heads) and the 480p / 81-frame token count (32,760), RANDOMLY
   INITIALISED: for speed only. Random weights give near-uniform attention, so skipping is not
@@ -78,8 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=-8.0,
                    help="skip threshold in log2 units, <= 0 (-inf: never skip)")
     p.add_argument("--resolution", default=None,
-                   help="HxW in pixels (default 64x64; 480x832 for the Wan preset)")
-    p.add_argument("--frames", type=int, default=None, help="frames (default 8; 81 for the Wan preset)")
+                   help="HxW in pixels (default 64x64 on CPU, 128x128 on CUDA; 480x832 for the Wan preset)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames (default 8 on CPU, 16 on CUDA; 81 for the Wan preset)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compile", dest="mode", action="store_const", const="compile",
                       help='torch.compile(model, backend="liteattn") (default on CUDA)')
@@ -145,9 +147,10 @@ def validate(args: argparse.Namespace) -> None:
         raise DemoError(f"--threshold must be <= 0 (log2 units; -inf never skips), got {args.threshold}")
     if args.batch < 1:
         raise DemoError(f"--batch must be >= 1, got {args.batch}")
-    args.height, args.width = _parse_resolution(args.resolution or ("480x832" if wan else "64x64"))
+    gpu = args.device.type == "cuda"
+    args.height, args.width = _parse_resolution(args.resolution or ("480x832" if wan else "128x128" if gpu else "64x64"))
     if args.frames is None:
-        args.frames = 81 if wan else 8
+        args.frames = 81 if wan else 16 if gpu else 8
     if args.frames < 1:
         raise DemoError(f"--frames must be >= 1, got {args.frames}")
     if args.mode is None:
@@ -787,6 +790,10 @@ def summary(report: dict) -> str:
                  (f", {sp['attention']:.3f}x attention" if sp["attention"] else ""))
     lines.append(f"  live fraction  : {lite['final_live_fraction']:.3f} at the end, "
                  f"{lite['mean_computed_fraction']:.3f} computed on average over the steps")
+    layers = lite.get("final_per_layer") or {}
+    if layers and len(layers) <= 8:
+        lines.append("  per layer      : " + ", ".join(
+            f"{n.removesuffix('.liteattn')} {v:.2f}" for n, v in layers.items()))
     q = report.get("quality")
     if q:
         lines.append(f"  quality vs dense: PSNR {q['psnr_db'] if isinstance(q['psnr_db'], str) else format(q['psnr_db'], '.2f')} dB, "

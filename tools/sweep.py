@@ -2,7 +2,7 @@
 """Threshold sweep on the trained demo DiT: threshold -> live fraction, PSNR/SSIM vs dense, speedup.
 
     python tools/sweep.py                                   # CPU, 2,048 tokens (reference op)
-    python tools/sweep.py --device cuda --resolution 128x128 --frames 16 --out out/sweep
+    python tools/sweep.py --device cuda --out out/sweep        # 16,384 tokens, compiled
 
 One dense run (plain SDPA), then one LiteAttention run per threshold, all from the same noise
 with the same steps. The model is routed once with ``liteattn_ops.enable`` (and compiled once
@@ -44,8 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--thresholds", default="-inf,-14,-12,-10,-8,-6,-4,-2",
                    help="comma-separated thresholds in log2 units (<= 0; -inf never skips)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--resolution", default="64x64")
-    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--resolution", default=None, help="HxW (default 64x64 on CPU, 128x128 on CUDA)")
+    p.add_argument("--frames", type=int, default=None, help="frames (default 8 on CPU, 16 on CUDA)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compile", dest="mode", action="store_const", const="compile")
     mode.add_argument("--eager", dest="mode", action="store_const", const="eager")
@@ -68,9 +68,10 @@ def demo_namespace(args, threshold: float) -> argparse.Namespace:
     """The demo's settings for these sweep arguments (validated by the demo)."""
     ns = demo.parse_args([
         "--device", args.device, "--steps", str(args.steps), f"--threshold={threshold}",
-        "--resolution", args.resolution, "--frames", str(args.frames), "--seed", str(args.seed),
-        "--label", str(args.label), "--batch", str(args.batch), "--out", args.out,
-    ] + (["--" + args.mode] if args.mode else []) + (["--quiet"] if args.quiet else []))
+        "--seed", str(args.seed), "--label", str(args.label), "--batch", str(args.batch), "--out", args.out,
+    ] + (["--resolution", args.resolution] if args.resolution else [])
+      + (["--frames", str(args.frames)] if args.frames else [])
+      + (["--" + args.mode] if args.mode else []) + (["--quiet"] if args.quiet else []))
     demo.validate(ns)
     return ns
 
