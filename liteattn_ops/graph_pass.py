@@ -188,7 +188,7 @@ def _is_op(node: torch.fx.Node, op) -> bool:
 
 
 def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "sdpa",
-             name: str = "graph") -> PassReport:
+             name: str = "graph", warn_not_a_site: bool = True) -> PassReport:
     """Report every attention node of `gm`; rewrite SDPA nodes into `liteattn.attention` where the
     options ask for it; count everything in torch._dynamo.utils.counters["liteattn"].
 
@@ -232,8 +232,8 @@ def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "
                                        "state: call liteattn_ops.enable(model) before torch.compile")
                 dense = fallback == "dense"
                 reason = NOT_A_SITE
-                if not dense:
-                    _warn_not_a_site_once()
+                if not dense and warn_not_a_site:
+                    warn_not_a_site_once()
             if dense:
                 _replace_with_dense(graph, node)
                 report.rewritten.append((path, "liteattn.attention"))
@@ -272,7 +272,7 @@ def _replace_with_dense(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
 _not_a_site_warned = False
 
 
-def _warn_not_a_site_once() -> None:
+def warn_not_a_site_once() -> None:
     global _not_a_site_warned
     if not _not_a_site_warned:
         _not_a_site_warned = True

@@ -443,16 +443,61 @@ def test_ineligible_calls_are_left_with_reasons():
     assert "small_head[0]: left: head_dim 32 unsupported" in liteattn_ops.format_report(model)
 
 
-def test_unprepared_model_is_left_alone_with_a_warning_or_dense_fallback():
+def test_unprepared_model_is_enabled_at_its_first_compiled_call():
+    """torch.compile(model, backend="liteattn") with no enable(): the first call is plain SDPA (exact)
+    and enables the model; the next call retraces and skips with the model's own states, exactly as
+    an eager model enabled after its first step."""
+    model, ref = tiny_dit(), tiny_dit()
+    cnt = CompileCounterWithBackend(liteattn_ops.backend(threshold=-4.0, inductor=False))
+    cmodel = torch.compile(model, backend=cnt, fullgraph=True)
+    with torch.no_grad():
+        x, ctx = tiny_inputs(0)
+        torch.testing.assert_close(cmodel(x, ctx), ref(x, ctx), rtol=0, atol=1e-5)
+        assert [name for name, _ in routed_sites(model)] == ["blocks.0.attn", "blocks.0.cross",
+                                                             "blocks.1.attn", "blocks.1.cross"]
+        liteattn_ops.enable(ref, threshold=-4.0)
+        for step in range(1, 4):
+            x, ctx = tiny_inputs(step)
+            torch.testing.assert_close(cmodel(x, ctx), ref(x, ctx), rtol=0, atol=1e-5)
+            assert_same_states(states_of(model), states_of(ref))
+    assert cnt.frame_count == 2      # the plain graph once, then the routed one for every later call
+    assert any(s["live_fraction"] < 1 for s in liteattn_ops.stats(model).values() if s["live_fraction"] is not None)
+
+
+def test_unprepared_wan_regional_enables_every_block():
+    plain = wan_model()
+    model, ref = copy.deepcopy(plain), copy.deepcopy(plain)
+    cnt = CompileCounterWithBackend(liteattn_ops.backend(threshold=-2.0, inductor=False))
+    model.compile_repeated_blocks(backend=cnt, fullgraph=True)
+    with torch.no_grad():
+        args = wan_inputs(0)
+        torch.testing.assert_close(model(*args, return_dict=False)[0], ref(*args, return_dict=False)[0],
+                                   rtol=0, atol=1e-5)
+        assert {name for name, _ in routed_sites(model)} == {"blocks.0.attn1", "blocks.0.attn2",
+                                                             "blocks.1.attn1", "blocks.1.attn2"}
+        liteattn_ops.enable(ref, threshold=-2.0)
+        for step in range(1, 3):
+            args = wan_inputs(step)
+            torch.testing.assert_close(model(*args, return_dict=False)[0], ref(*args, return_dict=False)[0],
+                                       rtol=0, atol=1e-5)
+            assert_same_states(states_of(model), states_of(ref))
+    states = states_of(model)
+    assert len(states) == 2 and len({t.data_ptr() for t in states.values()}) == 2   # one per block
+    assert cnt.frame_count == 2
+
+
+def test_unprepared_model_with_other_fallbacks():
     model = tiny_dit()
     x, ctx = tiny_inputs()
     with torch.no_grad():
         expected = model(x, ctx)
         with pytest.warns(UserWarning, match="enable"):
             graph_pass._not_a_site_warned = False
-            out = torch.compile(model, backend=quick(), fullgraph=True)(x, ctx)
+            out = torch.compile(model, backend=liteattn_ops.backend(fallback="sdpa", inductor=False),
+                                fullgraph=True)(x, ctx)
         torch.testing.assert_close(out, expected)
         assert counters["liteattn"][f"left: {graph_pass.NOT_A_SITE}"] == 2
+        assert not list(routed_sites(model))
         torch._dynamo.reset()
         out = torch.compile(model, backend=liteattn_ops.backend(fallback="dense", cross="dense", inductor=False),
                             fullgraph=True)(x, ctx)
@@ -461,11 +506,15 @@ def test_unprepared_model_is_left_alone_with_a_warning_or_dense_fallback():
         torch._dynamo.reset()
         with pytest.raises(Exception, match="enable"):
             torch.compile(model, backend=liteattn_ops.backend(fallback="error"), fullgraph=True)(x, ctx)
+    with pytest.raises(ValueError, match="fallback must be"):
+        liteattn_ops.backend(fallback="maybe")
+    with pytest.raises(ValueError, match="threshold must be <= 0"):
+        liteattn_ops.backend(threshold=3.0)
 
 
 def test_enable_and_disable_after_compiling_retrace():
     model = tiny_dit()
-    cnt = CompileCounterWithBackend(quick())
+    cnt = CompileCounterWithBackend(liteattn_ops.backend(fallback="sdpa", inductor=False))
     cmodel = torch.compile(model, backend=cnt, fullgraph=True)
     x, ctx = tiny_inputs()
     graph_pass._not_a_site_warned = True     # (this test is not about the warning)
