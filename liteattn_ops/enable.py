@@ -197,6 +197,11 @@ class AttentionSite(LazyModuleMixin, LiteAttention):
             return torch.ops.liteattn.attention(q, k, v, scale)[0]
         name = self.state_name(q, k, slot)
         if self._needs_allocation(name, q):  # eager (under Dynamo, _infer_parameters did it)
+            if torch.compiler.is_exporting():
+                # A state created while torch.export traces would become a constant of the program.
+                raise RuntimeError(
+                    f"liteattn: torch.export reached an attention site with no skip state for {name}: run the "
+                    "model once on inputs of the export shapes first, or use liteattn_ops.export(model, args)")
             self._note(slot, None, q, k)
             self._allocate(q, k, slot)
         out, _ = torch.ops.liteattn.sparse_attention(

@@ -127,11 +127,14 @@ def test_wan_round_trip_in_fresh_process_without_diffusers(wan_and_program, call
 
 
 def test_wan_plain_torch_export_after_enable(calls):
-    """A model prepared with enable() and run once exports with plain torch.export.export."""
+    """A model prepared with enable() and run once exports with plain torch.export.export; before
+    that run, torch.export gets a clear error instead of baking a state into the program."""
     model = make_wan()
     liteattn_ops.enable(model, threshold=THRESHOLD)
     args, kwargs = calls[0]
     with torch.no_grad():
+        with pytest.raises(Exception, match="run the\s+model once"):
+            torch.export.export(model, args, kwargs)
         model(*args, **kwargs)
         program = torch.export.export(model, args, kwargs)
     assert sorted(program.run_decompositions().graph_signature.buffers_to_mutate.values()) == STATES
