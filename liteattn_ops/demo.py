@@ -155,14 +155,6 @@ def validate(args: argparse.Namespace) -> None:
         raise DemoError(f"--frames must be >= 1, got {args.frames}")
     if args.mode is None:
         args.mode = "compile" if args.device.type == "cuda" else "eager"
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise DemoError(f"--out {out} exists and is not a folder")
-    parent = out.resolve().parent
-    if not parent.exists():
-        raise DemoError(f"--out: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise DemoError(f"--out: cannot write into {parent}")
     if wan:
         if args.device.type != "cuda":
             raise DemoError("--preset wan2.1-1.3b-480p needs --device cuda (1.3 B parameters, 32,760 tokens)")
@@ -180,6 +172,18 @@ def validate(args: argparse.Namespace) -> None:
 
         if not 0 <= args.label < len(CLASS_NAMES):
             raise DemoError(f"--label must be in [0, {len(CLASS_NAMES)}), got {args.label}")
+    check_out(Path(args.out))
+
+
+def check_out(out: Path) -> None:
+    """--out must be a folder or not exist yet, under a writable existing ancestor (created at the end)."""
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} exists and is not a folder")
+    ancestor = out.resolve().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise DemoError(f"--out {out}: cannot create it under {ancestor}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -817,10 +821,14 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*liteattn_ops was installed without its CUDA kernel.*")
             report, fd, fl, _ = run_demo(args)
-        write_outputs(report, fd, fl, Path(args.out))
     except DemoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        write_outputs(report, fd, fl, Path(args.out))
+    except OSError as e:
+        print(f"error: could not write the outputs into {args.out}: {e}", file=sys.stderr)
+        return 1
     print(summary(report))
     return 0
 

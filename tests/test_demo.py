@@ -62,6 +62,13 @@ def test_threshold_minus_inf_reproduces_the_dense_video(tmp_path):
     assert report["quality"]["max_abs_diff"] < 1e-4
 
 
+def test_output_folder_parents_are_created_at_the_end(tmp_path):
+    out = tmp_path / "a" / "b" / "demo"
+    rc = demo.main(TINY + ["--steps", "1", "--out", str(out)])
+    assert rc == 0 and (out / "report.json").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["demo"]
+
+
 def test_rerun_replaces_the_output_folder(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
