@@ -578,6 +578,9 @@ def _run_demo(args):
     finally:
         liteattn_ops.disable(model)
 
+    if mode == "compile":
+        notes.append("compiled: attention calls sit inside fused graphs, so only whole-step times are reported; "
+                     "run with --eager for per-step attention times")
     # live fraction actually computed at step i = live after step i-1 (all tiles at step 0)
     prev = 1.0
     for rec in lite["per_step"]:
