@@ -89,35 +89,40 @@ def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_ski
         m0, m1 = row0 // block_m, num_tiles(row1, block_m)
         tile_of_row = torch.arange(row0, row1, device=device) // block_m      # (rows,)
 
-        scores = torch.matmul(qf[:, :, row0:row1], kf.transpose(-1, -2)) * scale   # natural units
-        vis_rows = visited[:, :, tile_of_row]                                     # (B, H, rows, Nt)
+        rows = row1 - row0
+        scores = torch.matmul(qf[:, :, row0:row1] * scale, kf.transpose(-1, -2))   # natural units
+        if pad_k:
+            scores = torch.nn.functional.pad(scores, (0, pad_k), value=-math.inf)
+        tiles = scores.view(batch, heads, rows, n_tiles, block_n)                    # a view, no copy
+        vis_rows = visited[:, :, tile_of_row]                                         # (B, H, rows, Nt)
 
-        # Per-row tile maxima in log2 units, unvisited tiles at -inf.
-        padded = torch.nn.functional.pad(scores * _LOG2E, (0, pad_k), value=-math.inf)
-        tile_max = padded.view(batch, heads, row1 - row0, n_tiles, block_n).amax(-1)
-        tile_max = tile_max.masked_fill(~vis_rows, -math.inf)
+        # Per-row tile maxima, unvisited tiles at -inf.
+        tile_max = tiles.amax(-1).masked_fill_(~vis_rows, -math.inf)                 # natural units
 
-        # Running max before each tile, in visit order.
+        # Running max (log2 units) before each tile, in visit order.
         order_rows = order[tile_of_row].expand(batch, heads, -1, -1)
-        in_order = torch.gather(tile_max, -1, order_rows)
+        in_order = torch.gather(tile_max, -1, order_rows) * _LOG2E
         running = torch.cummax(in_order, dim=-1).values
         before = torch.nn.functional.pad(running[..., :-1], (1, 0), value=-math.inf)
         row_negligible_ordered = (in_order - before) <= thr      # NaN (both -inf) -> False
         row_negligible = torch.empty_like(row_negligible_ordered).scatter_(-1, order_rows, row_negligible_ordered)
 
         # A tile is negligible when every valid row of its query tile says so.
-        n_rows_padded = (m1 - m0) * block_m
-        per_tile = torch.ones(batch, heads, n_rows_padded, n_tiles, dtype=torch.bool, device=device)
+        per_tile = torch.ones(batch, heads, (m1 - m0) * block_m, n_tiles, dtype=torch.bool, device=device)
         per_tile[:, :, row0 - m0 * block_m: row1 - m0 * block_m] = row_negligible
         negligible[:, :, m0:m1] |= per_tile.view(batch, heads, m1 - m0, block_m, n_tiles).all(3)
 
-        # Attention over the visited tiles.
-        col_visible = vis_rows.repeat_interleave(block_n, dim=-1)[..., :seqlen_k]
-        masked = scores.masked_fill(~col_visible, -math.inf)
-        chunk_lse = torch.logsumexp(masked, dim=-1)
-        probs = torch.exp(masked - chunk_lse.unsqueeze(-1)).nan_to_num(0.0)  # empty rows -> 0
-        out[:, :, row0:row1] = torch.matmul(probs, vf).to(q.dtype)
-        lse[:, :, row0:row1] = chunk_lse
+        # Softmax over the visited tiles, in place on the scores (unvisited tiles masked before the exp,
+        # so a huge score there cannot overflow).
+        row_max = tile_max.amax(-1)                                                   # (B, H, rows)
+        empty = torch.isneginf(row_max)
+        row_max = row_max.masked_fill(empty, 0.0)
+        tiles.masked_fill_(~vis_rows[..., None], -math.inf).sub_(row_max[..., None, None]).exp_()
+        row_sum = tiles.sum(dim=(-1, -2))
+        probs = scores[..., :seqlen_k] if pad_k else scores
+        chunk_out = torch.matmul(probs, vf) / row_sum.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        out[:, :, row0:row1] = chunk_out.masked_fill(empty[..., None], 0.0).to(q.dtype)   # empty rows -> 0
+        lse[:, :, row0:row1] = (row_max + torch.log(row_sum)).masked_fill(empty, -math.inf)
 
     negligible &= visited & ~do_tiles
     cleared = pack_bits(negligible | skip_tiles, fill=False)

@@ -139,3 +139,15 @@ def test_rows_without_visited_tiles_give_zero_and_minus_inf():
     out, lse, after = sparse_attention_reference(q, k, v, state, torch.tensor([-5.0]))
     assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
     assert torch.equal(after, state)
+
+
+def test_huge_scores_in_skipped_tiles_do_not_overflow():
+    """Keys of a must-skip tile score ~1000 nats above the rest: the output ignores them, no NaN."""
+    q = torch.ones(1, 1, 256, 64)
+    k = torch.randn(1, 1, 256, 64) * 0.01
+    k[:, :, 128:] = 150.0
+    v = torch.randn(1, 1, 256, 64)
+    state = new_state(1, 1, 256, 256, 64, torch.float32)
+    out, lse, _ = sparse_attention_reference(q, k, v, state, torch.tensor([-5.0]), must_skip=torch.tensor([[128, 256]]))
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q[..., :, :], k[:, :, :128], v[:, :, :128]))
