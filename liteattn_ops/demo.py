@@ -31,8 +31,8 @@ Presets:
   and the step time at forced live fractions (fixed skip states, threshold -inf).
 
 On the CPU the LiteAttention path is the exact reference implementation of the op, which
-computes every score to decide what to skip: it is an oracle, not a fast path, so CPU
-"speedups" are below 1 by design; the live fractions and the quality numbers are the real ones.
+computes every score to decide what to skip: it is an oracle, not a fast path, so CPU times
+do not measure LiteAttention's speed; the live fractions and the quality numbers are the real ones.
 """
 
 from __future__ import annotations
@@ -523,8 +523,8 @@ def _run_demo(args):
         notes.append(SPEED_ONLY_LABEL)
     if device.type == "cpu":
         notes.append("CPU: the LiteAttention op runs its exact reference implementation, which computes every "
-                     "score to decide what to skip; CPU speedups are < 1 by design. Live fractions and quality "
-                     "are real.")
+                     "score (it skips no work), so CPU times do not measure LiteAttention's speed; the live "
+                     "fractions and the quality numbers are the real ones.")
     elif not liteattn_ops.is_available():
         raise DemoError("--device cuda: liteattn_ops was installed without its CUDA kernel (liteattn_ops._C); "
                         "reinstall with nvcc on PATH, or use --device cpu")
