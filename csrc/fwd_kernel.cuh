@@ -86,6 +86,7 @@ __device__ __forceinline__ void producer_loop(typename Tr::Params const& p, type
   const int n0 = first_tile(m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles);
   for (TileCursor<Tr::kSkip> tile(ss.visit, n0, p.num_n_tiles); tile.valid(); tile.advance()) {
     ss.k_empty[write.stage].wait(write.phase ^ 1);
+    if constexpr (Tr::kSkip) st_shared(&ss.tile_n[write.stage], tile.n);  // released by the arrive below
     ss.k_full[write.stage].arrive_and_expect_tx(Tr::kKVStageBytes);
     copy(p.tma_k.with(reinterpret_cast<uint64_t&>(ss.k_full[write.stage])), tKg(_, tile.n), tKs(_, write.stage));
     ss.v_empty[write.stage].wait(write.phase ^ 1);
@@ -126,8 +127,11 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
   if constexpr (Tr::kSkip) threshold = p.threshold[h];
 
   // One tile's softmax step on S (in registers): mask, tile max, running max and sum,
-  // probabilities in place, skip vote. Returns the factor that rescales the old O. Only
-  // the last tile of a sequence whose length is not a multiple of BN needs the mask.
+  // probabilities in place. Returns the factor that rescales the old O and (skip path) this
+  // thread's verdict: true when one of its valid rows finds the tile not negligible, i.e.
+  // the row's tile max beats its running max before this tile by more than the threshold
+  // (always true on the first tile: -inf before). Only the last tile of a sequence whose
+  // length is not a multiple of BN needs the mask.
   const int masked_tile = p.seqlen_k % kBN ? p.num_n_tiles - 1 : -1;
   auto softmax_step = [&](auto& tSrS, int n, float (&correction)[2]) {
     float tile_max[2];
@@ -142,13 +146,17 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
     }
     [[maybe_unused]] const float old_max[2] = {softmax.row_max[0], softmax.row_max[1]};
     softmax.update(tSrS, tile_max, p.scale_log2, correction);
+    return Tr::kSkip && ((row_valid[0] & (tile_max[0] - old_max[0] > threshold)) |
+                         (row_valid[1] & (tile_max[1] - old_max[1] > threshold)));
+  };
+  // Skip path: the warp's vote on tile n goes into its own verdict words. Called after the
+  // wait for O += P V: the shared-memory asm is volatile, so were it issued before that wait
+  // it would pin the wait behind it, after most of the exponentials (NOTES.md v5); the dense
+  // loop waits before them and interleaves the O rescale with the exponentials.
+  auto record_verdict = [&](int n, bool keep) {
     if constexpr (Tr::kSkip) {
-      // Not negligible when some valid row's tile max beats its running max before this
-      // tile by more than the threshold (always true on the first tile: -inf before).
-      const bool keep = (row_valid[0] & (tile_max[0] - old_max[0] > threshold)) |
-                        (row_valid[1] & (tile_max[1] - old_max[1] > threshold));
-      const uint32_t warp_keeps = __any_sync(0xffffffffu, keep);
-      if (lane == 0 && warp_keeps) atomicOr(&ss.keep[n >> 5], 1u << (n & 31));
+      const bool warp_keeps = __any_sync(0xffffffffu, keep);
+      shared_or_if(&ss.warp_keep[thread / 32][n >> 5], 1u << (n & 31), warp_keeps & (lane == 0));
     }
   };
 
@@ -158,32 +166,32 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
   Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
   PipelineState k_read, v_read;
   ss.q_full.wait(0);
-  TileCursor<Tr::kSkip> tile(ss.visit, first_tile(m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
-                             p.num_n_tiles);
-  if (tile.valid()) {
-    int n = tile.n;
-    tile.advance();
+  ConsumerTiles<Tr::kSkip> tiles(ss.visit, first_tile(m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
+                                 p.num_n_tiles);
+  if (tiles.more()) {
     ss.k_full[k_read.stage].wait(k_read.phase);
+    int n = tiles.current(ss.tile_n, k_read.stage);
+    tiles.advance();
     warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
     release(ss.k_empty[k_read.stage], lane);
     k_read.advance(Tr::kStages);
     float correction[2];
-    softmax_step(tSrS, n, correction);
+    record_verdict(n, softmax_step(tSrS, n, correction));
     convert_fragment<Element>(tSrS, tOrP);
-    while (tile.valid()) {
-      n = tile.n;
+    while (tiles.more()) {
       ss.k_full[k_read.stage].wait(k_read.phase);
+      n = tiles.current(ss.tile_n, k_read.stage);
       warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
       ss.v_full[v_read.stage].wait(v_read.phase);
       warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
-      tile.advance();  // find the next tile while the tensor cores work
+      tiles.advance();  // dense: the next tile's arithmetic runs while the tensor cores work
       warpgroup_wait<1>();  // S(n) is ready; O += P V may still run
       warpgroup_fence_operand(tSrS);
       release(ss.k_empty[k_read.stage], lane);
       k_read.advance(Tr::kStages);
-      softmax_step(tSrS, n, correction);
+      const bool keep = softmax_step(tSrS, n, correction);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       warpgroup_fence_operand(tOrP);
@@ -191,6 +199,7 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
       v_read.advance(Tr::kStages);
       rescale_rows(tOrO, correction);
       convert_fragment<Element>(tSrS, tOrP);
+      record_verdict(n, keep);
     }
     ss.v_full[v_read.stage].wait(v_read.phase);
     warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
@@ -230,8 +239,11 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
   }
 
   if constexpr (Tr::kSkip) {
+    // Every consumer warp's verdicts are in ss.warp_keep (CUTLASS's bar.sync has no memory clobber).
     cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, static_cast<uint32_t>(NamedBarrier::kConsumersDone));
-    store_skip_state(p, b, h, m, ss.visit, ss.keep, thread, Tr::kConsumerThreads);
+    asm volatile("" ::: "memory");
+    store_skip_state<Tr::kConsumerThreads / 32>(p, b, h, m, ss.visit, ss.keep, ss.warp_keep, thread,
+                                                Tr::kConsumerThreads);
   }
 }
 
@@ -253,7 +265,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
     }
     cutlass::arch::fence_barrier_init();
   }
-  if constexpr (Tr::kSkip) load_skip_state<Tr::kBN>(p, b, h, m, ss.visit, ss.keep);
+  if constexpr (Tr::kSkip)
+    load_skip_state<Tr::kBN, Tr::kConsumerThreads / 32>(p, b, h, m, ss.visit, ss.keep, ss.warp_keep);
   __syncthreads();
 
   if (warpgroup == 0) {

@@ -92,10 +92,15 @@ struct FwdTraits {
     cutlass::arch::ClusterTransactionBarrier v_full[kStages];
     cutlass::arch::ClusterBarrier k_empty[kStages];
     cutlass::arch::ClusterBarrier v_empty[kStages];
-    // Skip state of this CTA's (b, h, m) row: tiles to visit, and tiles to keep
-    // (must-do tiles plus every visited tile some valid row found non-negligible).
+    // Skip state of this CTA's (b, h, m) row: tiles to visit, and must-do tiles to keep.
     uint32_t visit[kStateWords];
     uint32_t keep[kStateWords];
+    // Skip path: per consumer warp, the visited tiles some row of that warp found
+    // non-negligible (each warp writes only its own words: no atomics in the loop).
+    uint32_t warp_keep[kSkip ? kConsumerThreads / 32 : 1][kStateWords];
+    // Skip path: the KV tile index loaded into each K/V stage, written by the producer
+    // before it arms k_full[stage] (so the consumers do no search of their own).
+    int32_t tile_n[kStages];
   };
   static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= kThreads * (65536 / kThreads / 8 * 8),
                 "setmaxnreg budgets exceed the registers the CTA is launched with");

@@ -4,6 +4,10 @@
 #pragma once
 #include <cstdint>
 
+#include <cute/arch/util.hpp>
+
+#include "liteattn.h"
+
 namespace liteattn {
 
 // Bits [lo, hi) of a 32-bit word, 0 <= lo <= hi <= 32.
@@ -45,10 +49,36 @@ __device__ uint32_t range_bits(const int32_t* ranges, int num_ranges, int w, int
   return bits;
 }
 
-// Fills smem visit/keep words for this CTA's row; all threads of the CTA take part
-// (a __syncthreads must follow). visit = (live | do) & ~skip; keep starts as do.
-template <int kBN, class Params>
-__device__ void load_skip_state(const Params& p, int b, int h, int m, uint32_t* visit, uint32_t* keep) {
+// Shared-memory accesses that must stay where they are written relative to the mbarrier
+// and named-barrier operations around them (CUTLASS's barrier asm has no memory clobber,
+// so plain C++ loads and stores could be moved across it).
+__device__ __forceinline__ void st_shared(int32_t* ptr, int32_t value) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(cute::cast_smem_ptr_to_uint(ptr)), "r"(value) : "memory");
+}
+__device__ __forceinline__ int32_t ld_shared(const int32_t* ptr) {
+  int32_t value;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(value) : "r"(cute::cast_smem_ptr_to_uint(ptr)) : "memory");
+  return value;
+}
+
+// *ptr |= bits where pred holds, as a predicated load / or / store (no branch: a branch here
+// splits the softmax into basic blocks the compiler cannot schedule across). Not atomic:
+// each warp ORs into words no other warp writes. (A predicated red.shared.or is turned by
+// ptxas into a warp-aggregated atomic behind a branch, which is what this avoids.)
+__device__ __forceinline__ void shared_or_if(uint32_t* ptr, uint32_t bits, bool pred) {
+  asm volatile(
+      "{\n .reg .pred p;\n .reg .b32 t;\n setp.ne.b32 p, %2, 0;\n @p ld.shared.b32 t, [%0];\n"
+      " or.b32 t, t, %1;\n @p st.shared.b32 [%0], t;\n}\n" ::"r"(cute::cast_smem_ptr_to_uint(ptr)),
+      "r"(bits), "r"(int(pred))
+      : "memory");
+}
+
+// Fills smem visit/keep words for this CTA's row and zeroes the consumer warps' verdict
+// words; all threads of the CTA take part (a __syncthreads must follow).
+// visit = (live | do) & ~skip; keep starts as do.
+template <int kBN, int kWarps, class Params>
+__device__ void load_skip_state(const Params& p, int b, int h, int m, uint32_t* visit, uint32_t* keep,
+                                uint32_t (*warp_keep)[kMaxStateWords]) {
   const int64_t row = (int64_t(b) * p.heads + h) * p.num_m_tiles + m;
   const int32_t* state = p.state + row * p.num_state_words;
   for (int w = threadIdx.x; w < p.num_state_words; w += blockDim.x) {
@@ -60,31 +90,40 @@ __device__ void load_skip_state(const Params& p, int b, int h, int m, uint32_t* 
     visit[w] = (live | must_do) & ~must_skip & valid;
     keep[w] = must_do & valid;
   }
+  for (int i = threadIdx.x; i < kWarps * p.num_state_words; i += blockDim.x)
+    warp_keep[i / p.num_state_words][i % p.num_state_words] = 0u;
 }
 
 // new word = (old | do) & ~(negligible | skip) on the valid bits, the others unchanged.
-// Since visit = (old | do) & ~skip and negligible = visit & ~keep, that is visit & keep.
-template <class Params>
+// Since visit = (old | do) & ~skip and negligible = visit & ~(do | some warp kept it),
+// that is visit & keep.
+template <int kWarps, class Params>
 __device__ void store_skip_state(const Params& p, int b, int h, int m, const uint32_t* visit,
-                                 const uint32_t* keep, int thread, int num_threads) {
+                                 const uint32_t* keep, const uint32_t (*warp_keep)[kMaxStateWords], int thread,
+                                 int num_threads) {
   const int64_t row = (int64_t(b) * p.heads + h) * p.num_m_tiles + m;
   int32_t* state = p.state + row * p.num_state_words;
   for (int w = thread; w < p.num_state_words; w += num_threads) {
     const uint32_t valid = tile_bits(0, p.num_n_tiles, w);
     const uint32_t old = static_cast<uint32_t>(state[w]);
-    state[w] = static_cast<int32_t>((old & ~valid) | (visit[w] & keep[w]));
+    uint32_t kept = keep[w];
+#pragma unroll
+    for (int warp = 0; warp < kWarps; ++warp) kept |= warp_keep[warp][w];
+    state[w] = static_cast<int32_t>((old & ~valid) | (visit[w] & kept));
   }
 }
 
 // The fixed visit order of the contract: n0, n0+1, ..., Nt-1, 0, ..., n0-1, visited
-// tiles only, with n0 = min(Nt-1, floor(m*BM*S_k / (S_q*BN))). Producer and consumers
-// walk it independently and see the same sequence.
+// tiles only, with n0 = min(Nt-1, floor(m*BM*S_k / (S_q*BN))).
 //
-// Skip path: the cursor keeps the not-yet-visited bits of the current state word in a
-// register, so a step is a clear-lowest-bit and a find-first-set; shared memory is read
-// once per 32 tiles. It walks the words w0 = n0/32, w0+1, ..., W-1, 0, ..., w0: the first
-// visit of w0 takes its bits >= n0%32, the last one the bits below. Dense path: plain
-// arithmetic.
+// Skip path: only the producer walks the bitmask (TileCursor<true>); it writes each tile
+// index into the K stage it loads (SharedStorage::tile_n) before arming the stage's "full"
+// barrier, and the consumers read it there after their wait (ConsumerTiles<true>): they
+// do no search, only count down the number of visited tiles. The cursor keeps the
+// not-yet-visited bits of the current state word in a register, so a step is a
+// clear-lowest-bit and a find-first-set; shared memory is read once per 32 tiles. It walks
+// the words w0 = n0/32, w0+1, ..., W-1, 0, ..., w0: the first visit of w0 takes its bits
+// >= n0%32, the last one the bits below. Dense path: plain arithmetic on both sides.
 template <bool kSkip>
 struct TileCursor;
 
@@ -129,6 +168,34 @@ struct TileCursor<false> {
     if (n == num_tiles) { n = 0; wrapped = true; }
     if (wrapped && n == n0) n = -1;
   }
+};
+
+// The consumers' side of the visit order: how many tiles are left, and the next tile.
+// Skip path: the count is the popcount of the visit bitmask (the producer's cursor visits
+// each set bit once); the index comes from the stage's tile_n slot, read after the stage's
+// "full" wait and before its "empty" release. Dense path: the same arithmetic cursor as
+// the producer.
+template <bool kSkip>
+struct ConsumerTiles;
+
+template <>
+struct ConsumerTiles<true> {
+  int remaining = 0;
+  __device__ ConsumerTiles(const uint32_t* visit, int, int num_tiles) {
+    for (int w = 0; w < (num_tiles + 31) / 32; ++w) remaining += __popc(visit[w]);
+  }
+  __device__ __forceinline__ bool more() const { return remaining > 0; }
+  __device__ __forceinline__ int current(const int32_t* tile_n, int stage) const { return ld_shared(tile_n + stage); }
+  __device__ __forceinline__ void advance() { --remaining; }
+};
+
+template <>
+struct ConsumerTiles<false> {
+  TileCursor<false> cursor;
+  __device__ ConsumerTiles(const uint32_t*, int n0, int num_tiles) : cursor(nullptr, n0, num_tiles) {}
+  __device__ __forceinline__ bool more() const { return cursor.valid(); }
+  __device__ __forceinline__ int current(const int32_t*, int) const { return cursor.n; }
+  __device__ __forceinline__ void advance() { cursor.advance(); }
 };
 
 // n0 of the contract, in 64-bit arithmetic.

@@ -14,7 +14,7 @@ import torch
 
 import liteattn_ops  # noqa: F401  (registers torch.ops.liteattn)
 from liteattn_ops import reference
-from liteattn_ops.state import live_mask, new_state
+from liteattn_ops.state import live_mask, new_state, pack_bits
 from liteattn_ops.testing import local_qkv
 
 pytestmark = pytest.mark.cuda
@@ -164,6 +164,29 @@ def test_skip_decisions_over_calls(dtype, head_dim, layout):
     assert live[:, :3].mean() < 0.9, "structured inputs should let tiles be skipped"
     print(f"skip decisions: {disagreements} / {total} tiles disagree ({100 * disagreements / total:.4f} %)")
     assert disagreements <= 0.002 * total
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1000, 4100), (4096, 4096), (300, 129)])
+def test_forced_live_sets(head_dim, seqlen_q, seqlen_k):
+    """Random live sets per row, from none to all (thr = -inf keeps them): the output is the
+    reference's on that set, in the fixed visit order (the consumers get each tile index from
+    the producer through the K/V stages); rows with no live tile give O = 0, LSE = -inf; the
+    state is unchanged."""
+    batch, heads, dtype = 2, 3, torch.bfloat16
+    q, k, v = _qkv(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, "bshd", seed=seqlen_q + head_dim)
+    block_m, block_n = liteattn_ops.tile_shape(head_dim, dtype)
+    m_tiles, n_tiles = -(-seqlen_q // block_m), -(-seqlen_k // block_n)
+    gen = torch.Generator().manual_seed(seqlen_k)
+    fraction = torch.tensor([0.0, 1 / n_tiles, 0.25, 0.5, 0.75, 1.0])[torch.randint(0, 6, (batch, heads, m_tiles, 1),
+                                                                                   generator=gen)]
+    live = torch.rand(batch, heads, m_tiles, n_tiles, generator=gen) < fraction
+    live[..., 0, :] = False  # one row with nothing live in every head
+    state = pack_bits(live).to("cuda")
+    threshold = torch.full((heads,), -math.inf, device="cuda")
+    _, lse, kernel_state, ref_state = check_against_reference(q, k, v, state, threshold)
+    assert torch.equal(kernel_state, state) and torch.equal(ref_state, state)
+    assert torch.isneginf(lse[..., :block_m]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -79,6 +79,7 @@ def main(argv=None):
     parser.add_argument("--no-structured", action="store_true")
     parser.add_argument("--flex-shapes", nargs="*", default=None, help="S,H,D triples to run FlexAttention on (default: all)")
     parser.add_argument("--big-fractions", default="0.5", help="forced fractions for shapes of > 2e14 FLOP (slow)")
+    parser.add_argument("--big-kinds", default="balanced", help="forced-mask kinds for shapes of > 2e14 FLOP (slow)")
     parser.add_argument("--ceilings", action="store_true", help="also time a bf16 GEMM and a D2D copy")
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args(argv)
@@ -123,7 +124,7 @@ def main(argv=None):
         flop = 4 * heads * seqlen * seqlen * head_dim
         big = flop > 2e14
         shape_fractions = [float(f) for f in args.big_fractions.split(",") if f] if big else fractions
-        shape_kinds = ["balanced"] if big else kinds
+        shape_kinds = (args.big_kinds.split(",") if args.big_kinds else []) if big else kinds
         print(f"S={seqlen} H={heads} D={head_dim} (B=1, bf16)", flush=True)
         q, k, v = (torch.randn(1, seqlen, heads, head_dim, device=dev, dtype=dtype).transpose(1, 2) for _ in range(3))
         block_m, block_n = tile_shape(head_dim, dtype)
