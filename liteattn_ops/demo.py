@@ -767,17 +767,23 @@ def write_outputs(report: dict, frames_dense, frames_lite, out: Path) -> dict:
         write_plot(report, tmp / "plot.png")
         report["outputs"] = {k: str(v) for k, v in files.items()}
         (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return files
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`, replacing what was there, so a reader never sees a
+    half-written output folder."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def summary(report: dict) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -219,13 +218,7 @@ def write(result: dict, out: Path) -> None:
         (tmp / "sweep.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
         (tmp / "sweep.md").write_text(table(result) + "\n")
         plot(result, tmp / "sweep.png")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        demo.publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
