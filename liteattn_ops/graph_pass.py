@@ -117,16 +117,19 @@ def ineligible_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     return None
 
 
-_grad_warned = False
+_WARNED: set[str] = set()   # keys of the warnings already given (tests clear it)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=4)
 
 
 def warn_grad_once() -> None:
-    global _grad_warned
-    if not _grad_warned:
-        _grad_warned = True
-        warnings.warn("liteattn: grad mode is on and q/k/v require grad, so attention runs as plain "
-                      "scaled_dot_product_attention (LiteAttention is inference-only). Run under "
-                      "torch.no_grad() / torch.inference_mode() to skip tiles.", stacklevel=3)
+    _warn_once("grad", "liteattn: grad mode is on and q/k/v require grad, so attention runs as plain "
+                       "scaled_dot_product_attention (LiteAttention is inference-only). Run under "
+                       "torch.no_grad() / torch.inference_mode() to skip tiles.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,16 +272,10 @@ def _replace_with_dense(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     graph.erase_node(node)
 
 
-_not_a_site_warned = False
-
-
 def warn_not_a_site_once() -> None:
-    global _not_a_site_warned
-    if not _not_a_site_warned:
-        _not_a_site_warned = True
-        warnings.warn("liteattn backend: eligible self-attention reached the graph as plain SDPA because its "
-                      "module has no skip state; call liteattn_ops.enable(model) before torch.compile "
-                      "(see liteattn_ops.report(model))", stacklevel=3)
+    _warn_once("not a site", "liteattn backend: eligible self-attention reached the graph as plain SDPA because its "
+                             "module has no skip state; call liteattn_ops.enable(model) before torch.compile "
+                             "(see liteattn_ops.report(model))")
 
 
 def pass_uuid(**options) -> str:

@@ -492,7 +492,7 @@ def test_unprepared_model_with_other_fallbacks():
     with torch.no_grad():
         expected = model(x, ctx)
         with pytest.warns(UserWarning, match="enable"):
-            graph_pass._not_a_site_warned = False
+            graph_pass._WARNED.discard("not a site")
             out = torch.compile(model, backend=liteattn_ops.backend(fallback="sdpa", inductor=False),
                                 fullgraph=True)(x, ctx)
         torch.testing.assert_close(out, expected)
@@ -517,7 +517,7 @@ def test_enable_and_disable_after_compiling_retrace():
     cnt = CompileCounterWithBackend(liteattn_ops.backend(fallback="sdpa", inductor=False))
     cmodel = torch.compile(model, backend=cnt, fullgraph=True)
     x, ctx = tiny_inputs()
-    graph_pass._not_a_site_warned = True     # (this test is not about the warning)
+    graph_pass._WARNED.add("not a site")     # (this test is not about the warning)
     with torch.no_grad():
         plain = cmodel(x, ctx)
         liteattn_ops.enable(model, threshold=float("-inf"))   # Dynamo's guards see the new forwards
@@ -545,7 +545,7 @@ def test_grad_mode_leaves_sdpa_and_warns_once():
     model, plain = tiny_dit(), tiny_dit()
     liteattn_ops.enable(model)
     x, ctx = tiny_inputs()
-    graph_pass._grad_warned = False
+    graph_pass._WARNED.discard("grad")
     with pytest.warns(UserWarning, match="inference-only"):
         out = torch.compile(model, backend=quick(), fullgraph=True)(x, ctx)
     torch.testing.assert_close(out, plain(x, ctx))
