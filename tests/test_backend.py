@@ -695,3 +695,28 @@ def test_cuda_reduce_overhead_regional_tinydit():
     ref_fractions = [s["live_fraction"] for s in liteattn_ops.stats(ref).values() if s["live_fraction"] is not None]
     assert fractions == pytest.approx(ref_fractions, abs=0.05) and min(fractions) < 1.0
     assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_unprepared_model_with_inductor(mode):
+    """backend="liteattn" by name, no enable(): Inductor's compiled function enables the model at
+    its first call; later calls run the kernel on the model's own states (inside the CUDA graph
+    with reduce-overhead)."""
+    model = tiny_dit(depth=2).to("cuda", torch.bfloat16)
+    ref = copy.deepcopy(model)
+    cmodel = torch.compile(model, backend="liteattn", mode=mode, fullgraph=True)
+    with torch.no_grad():
+        for step in range(4):
+            x, ctx = (t.to("cuda", torch.bfloat16) for t in tiny_inputs(step))
+            out = cmodel(x, ctx).clone().float()
+            if step == 0:
+                assert len(list(routed_sites(model))) == 4
+                liteattn_ops.enable(ref, threshold=-10.0)
+            expected = ref(x, ctx).float()
+            assert (out - expected).abs().max() <= 0.03 * expected.abs().max()
+    torch.cuda.synchronize()
+    assert counters["liteattn"]["rewritten"] == 2
+    assert len(states_of(model)) == 2
+    if mode == "reduce-overhead":
+        assert counters["inductor"]["cudagraph_skips"] == 0
