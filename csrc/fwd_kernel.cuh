@@ -84,14 +84,14 @@ __device__ __forceinline__ void producer_loop(typename Tr::Params const& p, type
 
   PipelineState write;
   const int n0 = first_tile(m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles);
-  for (TileCursor<Tr::kSkip> tile(ss.visit, n0, p.num_n_tiles); tile.valid(); tile.advance()) {
+  for (TileOrder<Tr::kSkip> tiles(ss.visit, ss.order, n0, p.num_n_tiles); tiles.more(); tiles.advance()) {
+    const int n = tiles.current();
     ss.k_empty[write.stage].wait(write.phase ^ 1);
-    if constexpr (Tr::kSkip) st_shared(&ss.tile_n[write.stage], tile.n);  // released by the arrive below
     ss.k_full[write.stage].arrive_and_expect_tx(Tr::kKVStageBytes);
-    copy(p.tma_k.with(reinterpret_cast<uint64_t&>(ss.k_full[write.stage])), tKg(_, tile.n), tKs(_, write.stage));
+    copy(p.tma_k.with(reinterpret_cast<uint64_t&>(ss.k_full[write.stage])), tKg(_, n), tKs(_, write.stage));
     ss.v_empty[write.stage].wait(write.phase ^ 1);
     ss.v_full[write.stage].arrive_and_expect_tx(Tr::kKVStageBytes);
-    copy(p.tma_vt.with(reinterpret_cast<uint64_t&>(ss.v_full[write.stage])), tVg(_, tile.n), tVs(_, write.stage));
+    copy(p.tma_vt.with(reinterpret_cast<uint64_t&>(ss.v_full[write.stage])), tVg(_, n), tVs(_, write.stage));
     write.advance(Tr::kStages);
   }
 }
@@ -166,11 +166,11 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
   Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
   PipelineState k_read, v_read;
   ss.q_full.wait(0);
-  ConsumerTiles<Tr::kSkip> tiles(ss.visit, first_tile(m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
-                                 p.num_n_tiles);
+  TileOrder<Tr::kSkip> tiles(ss.visit, ss.order, first_tile(m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
+                             p.num_n_tiles);
   if (tiles.more()) {
     ss.k_full[k_read.stage].wait(k_read.phase);
-    int n = tiles.current(ss.tile_n, k_read.stage);
+    int n = tiles.current();
     tiles.advance();
     warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
     warpgroup_wait<0>();
@@ -182,7 +182,7 @@ __device__ __forceinline__ void consumer_loop(typename Tr::Params const& p, type
     convert_fragment<Element>(tSrS, tOrP);
     while (tiles.more()) {
       ss.k_full[k_read.stage].wait(k_read.phase);
-      n = tiles.current(ss.tile_n, k_read.stage);
+      n = tiles.current();
       warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
       ss.v_full[v_read.stage].wait(v_read.phase);
       warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
@@ -268,6 +268,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
   if constexpr (Tr::kSkip)
     load_skip_state<Tr::kBN, Tr::kConsumerThreads / 32>(p, b, h, m, ss.visit, ss.keep, ss.warp_keep);
   __syncthreads();
+  if constexpr (Tr::kSkip) {
+    build_visit_order(p, ss.visit, ss.order);
+    __syncthreads();
+  }
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();

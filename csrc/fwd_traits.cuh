@@ -98,9 +98,8 @@ struct FwdTraits {
     // Skip path: per consumer warp, the visited tiles some row of that warp found
     // non-negligible (each warp writes only its own words: no atomics in the loop).
     uint32_t warp_keep[kSkip ? kConsumerThreads / 32 : 1][kStateWords];
-    // Skip path: the KV tile index loaded into each K/V stage, written by the producer
-    // before it arms k_full[stage] (so the consumers do no search of their own).
-    int32_t tile_n[kStages];
+    // Skip path: the visited tiles in ascending order (skip_state.cuh, build_visit_order).
+    uint16_t order[kSkip ? kMaxStateWords * 32 : 1];
   };
   static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= kThreads * (65536 / kThreads / 8 * 8),
                 "setmaxnreg budgets exceed the registers the CTA is launched with");

@@ -49,18 +49,6 @@ __device__ uint32_t range_bits(const int32_t* ranges, int num_ranges, int w, int
   return bits;
 }
 
-// Shared-memory accesses that must stay where they are written relative to the mbarrier
-// and named-barrier operations around them (CUTLASS's barrier asm has no memory clobber,
-// so plain C++ loads and stores could be moved across it).
-__device__ __forceinline__ void st_shared(int32_t* ptr, int32_t value) {
-  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(cute::cast_smem_ptr_to_uint(ptr)), "r"(value) : "memory");
-}
-__device__ __forceinline__ int32_t ld_shared(const int32_t* ptr) {
-  int32_t value;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(value) : "r"(cute::cast_smem_ptr_to_uint(ptr)) : "memory");
-  return value;
-}
-
 // *ptr |= bits where pred holds, as a predicated load / or / store (no branch: a branch here
 // splits the softmax into basic blocks the compiler cannot schedule across). Not atomic:
 // each warp ORs into words no other warp writes. (A predicated red.shared.or is turned by
@@ -116,86 +104,60 @@ __device__ void store_skip_state(const Params& p, int b, int h, int m, const uin
 // The fixed visit order of the contract: n0, n0+1, ..., Nt-1, 0, ..., n0-1, visited
 // tiles only, with n0 = min(Nt-1, floor(m*BM*S_k / (S_q*BN))).
 //
-// Skip path: only the producer walks the bitmask (TileCursor<true>); it writes each tile
-// index into the K stage it loads (SharedStorage::tile_n) before arming the stage's "full"
-// barrier, and the consumers read it there after their wait (ConsumerTiles<true>): they
-// do no search, only count down the number of visited tiles. The cursor keeps the
-// not-yet-visited bits of the current state word in a register, so a step is a
-// clear-lowest-bit and a find-first-set; shared memory is read once per 32 tiles. It walks
-// the words w0 = n0/32, w0+1, ..., W-1, 0, ..., w0: the first visit of w0 takes its bits
-// >= n0%32, the last one the bits below. Dense path: plain arithmetic on both sides.
+// Skip path: all threads of the CTA write the visited tiles, ascending, into a list in
+// shared memory once (build_visit_order, between two __syncthreads); the order is that list
+// rotated to start at the first visited tile >= n0. Producer and consumers then walk it with
+// an index and a count (TileOrder<true>): one shared-memory load per tile, no search, and
+// nothing written during the loop (so no hand-off between the warps to synchronise).
+// Dense path: plain arithmetic.
+template <class Params>
+__device__ void build_visit_order(const Params& p, const uint32_t* visit, uint16_t* order) {
+  for (int w = threadIdx.x; w < p.num_state_words; w += blockDim.x) {
+    int pos = 0;
+    for (int v = 0; v < w; ++v) pos += __popc(visit[v]);
+    for (uint32_t bits = visit[w]; bits != 0u; bits &= bits - 1u) order[pos++] = uint16_t(32 * w + __ffs(bits) - 1);
+  }
+}
+
 template <bool kSkip>
-struct TileCursor;
+struct TileOrder;
 
 template <>
-struct TileCursor<true> {
-  int n = -1;  // current tile, -1 once the sequence is exhausted
-  const uint32_t* visit;
-  int num_words, word, words_done;
-  uint32_t bits, low_mask;  // low_mask: bits of w0 below n0, visited last
-
-  __device__ TileCursor(const uint32_t* visit_, int n0, int num_tiles)
-      : visit(visit_), num_words((num_tiles + 31) / 32), word(n0 >> 5), words_done(0) {
-    low_mask = (1u << (n0 & 31)) - 1u;
-    bits = visit[word] & ~low_mask;
-    find();
-  }
-  __device__ __forceinline__ bool valid() const { return n >= 0; }
-  __device__ __forceinline__ void advance() {
-    bits &= bits - 1u;
-    find();
-  }
-  __device__ __forceinline__ void find() {
-    while (bits == 0u) {
-      if (++words_done > num_words) { n = -1; return; }
-      word = word + 1 == num_words ? 0 : word + 1;
-      bits = visit[word];
-      if (words_done == num_words) bits &= low_mask;
+struct TileOrder<true> {
+  const uint16_t* order;
+  int count = 0, index = 0, remaining;
+  __device__ TileOrder(const uint32_t* visit, const uint16_t* order_, int n0, int num_tiles) : order(order_) {
+    for (int w = 0; w < (num_tiles + 31) / 32; ++w) {
+      const uint32_t bits = visit[w];
+      count += __popc(bits);
+      if (32 * w + 32 <= n0) index += __popc(bits);  // visited tiles below n0 come last
+      else if (32 * w < n0) index += __popc(bits & ((1u << (n0 & 31)) - 1u));
     }
-    n = (word << 5) + __ffs(bits) - 1;
+    if (index == count) index = 0;
+    remaining = count;
+  }
+  __device__ __forceinline__ bool more() const { return remaining > 0; }
+  __device__ __forceinline__ int current() const { return order[index]; }
+  __device__ __forceinline__ void advance() {
+    --remaining;
+    index = index + 1 == count ? 0 : index + 1;
   }
 };
 
 template <>
-struct TileCursor<false> {
+struct TileOrder<false> {
   int n;
   int n0, num_tiles;
   bool wrapped = false;
-  __device__ TileCursor(const uint32_t*, int n0_, int num_tiles_) : n(n0_), n0(n0_), num_tiles(num_tiles_) {}
-  __device__ __forceinline__ bool valid() const { return n >= 0; }
+  __device__ TileOrder(const uint32_t*, const uint16_t*, int n0_, int num_tiles_)
+      : n(n0_), n0(n0_), num_tiles(num_tiles_) {}
+  __device__ __forceinline__ bool more() const { return n >= 0; }
+  __device__ __forceinline__ int current() const { return n; }
   __device__ __forceinline__ void advance() {
     ++n;
     if (n == num_tiles) { n = 0; wrapped = true; }
-    if (wrapped && n == n0) n = -1;
+    if (wrapped && n == n0) n = -1;  // back at n0: done
   }
-};
-
-// The consumers' side of the visit order: how many tiles are left, and the next tile.
-// Skip path: the count is the popcount of the visit bitmask (the producer's cursor visits
-// each set bit once); the index comes from the stage's tile_n slot, read after the stage's
-// "full" wait and before its "empty" release. Dense path: the same arithmetic cursor as
-// the producer.
-template <bool kSkip>
-struct ConsumerTiles;
-
-template <>
-struct ConsumerTiles<true> {
-  int remaining = 0;
-  __device__ ConsumerTiles(const uint32_t* visit, int, int num_tiles) {
-    for (int w = 0; w < (num_tiles + 31) / 32; ++w) remaining += __popc(visit[w]);
-  }
-  __device__ __forceinline__ bool more() const { return remaining > 0; }
-  __device__ __forceinline__ int current(const int32_t* tile_n, int stage) const { return ld_shared(tile_n + stage); }
-  __device__ __forceinline__ void advance() { --remaining; }
-};
-
-template <>
-struct ConsumerTiles<false> {
-  TileCursor<false> cursor;
-  __device__ ConsumerTiles(const uint32_t*, int n0, int num_tiles) : cursor(nullptr, n0, num_tiles) {}
-  __device__ __forceinline__ bool more() const { return cursor.valid(); }
-  __device__ __forceinline__ int current(const int32_t*, int) const { return cursor.n; }
-  __device__ __forceinline__ void advance() { cursor.advance(); }
 };
 
 // n0 of the contract, in 64-bit arithmetic.
