@@ -685,6 +685,9 @@ def test_cuda_reduce_overhead_regional_tinydit():
         block.compile(backend="liteattn", mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
         for step in range(4):
+            # One model call = several CUDA-graph replays (one per block): tell the CUDA-graph
+            # trees where a call begins, so the outputs of the previous call may be reused.
+            torch.compiler.cudagraph_mark_step_begin()
             x, ctx = (t.to("cuda", torch.bfloat16) for t in tiny_inputs(step))
             out, expected = model(x, ctx).clone().float(), ref(x, ctx).float()
             # bf16: Inductor's fused kernels round differently from eager (on CPU the same check

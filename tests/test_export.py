@@ -57,7 +57,7 @@ class TinyDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, threshold) for _ in range(depth))
 
     def forward(self, x, t):
-        freqs = torch.exp(-math.log(1000.0) * torch.arange(32, dtype=x.dtype) / 32)
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(32, dtype=x.dtype, device=x.device) / 32)
         temb = self.time(torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1))
         for block in self.blocks:
             x = block(x, temb)
