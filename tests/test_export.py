@@ -323,7 +323,7 @@ def _fast_cpu_configs() -> dict:
     return configs
 
 
-def test_aoti_package_runs_op_and_keeps_state(program, inputs, eager, tmp_path, monkeypatch):
+def test_aoti_package_runs_op_and_keeps_state(program, inputs, eager, tmp_path, monkeypatch, aoti_loads):
     """The package calls the op through the dispatcher (the CPU reference runs), its skip states
     evolve exactly as the eager model's, reset() works in place, and bad inputs are refused."""
     liteattn_ops.reset_program(program)
@@ -379,7 +379,7 @@ def test_aoti_package_runs_op_and_keeps_state(program, inputs, eager, tmp_path, 
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.cuda
-def test_cuda_export_save_load_aoti(tmp_path):
+def test_cuda_export_save_load_aoti(tmp_path, aoti_loads):
     """export -> ep.module() -> .pt2 in a fresh process -> AOTInductor, bf16 on the GPU: every
     stage gives the eager model's outputs; the exported program's skip states follow eager's
     exactly, the AOTInductor package's are compared and printed (its fused kernels may round

@@ -162,7 +162,7 @@ def test_wan_dynamic_text_length_works(calls):
 
 
 @pytest.mark.slow
-def test_wan_aoti_package(wan_and_program, calls, eager, tmp_path):
+def test_wan_aoti_package(wan_and_program, calls, eager, tmp_path, aoti_loads):
     _, program = wan_and_program
     path = liteattn_ops.aoti_compile_and_package(program, package_path=tmp_path / "wan.pt2",
                                                  inductor_configs=_fast_cpu_configs())
