@@ -436,6 +436,23 @@ def _self_attention_stats(model) -> dict:
     return {name: s for name, s in stats(model).items() if s["live_fraction"] is not None}
 
 
+def _warm_up(pipe, run_model, eager_model, mode: str, steps: int, what: str, notes: list):
+    """Untimed warm-up steps (compilation happens here). If compiling fails, fall back to the eager
+    model and say so in the notes. Returns (mode, model to time)."""
+    if not steps:
+        return mode, run_model
+    try:
+        pipe.run(run_model, steps, lambda i, t: None)
+        return mode, run_model
+    except Exception as e:  # noqa: BLE001
+        if mode != "compile":
+            raise
+        notes.append(f"{what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); fell back to eager")
+        torch._dynamo.reset()
+        pipe.run(eager_model, steps, lambda i, t: None)   # (the caller resets the skip states after)
+        return "eager", eager_model
+
+
 def sample_run(pipe, model, args, clock: StepClock, *, lite: bool, time_attention: bool, desc: str) -> dict:
     """Run the denoising loop once, timing every step; returns the records and the video."""
     records = []
@@ -532,20 +549,8 @@ def _run_demo(args):
     warm_steps = 0 if args.no_warmup else (1 if device.type == "cpu" else 2)
 
     # ---------------- dense
-    dense_model = model
-    if mode == "compile":
-        dense_model = torch.compile(model)
-    if warm_steps:
-        try:
-            pipe.run(dense_model, warm_steps, lambda i, t: None)
-        except Exception as e:  # noqa: BLE001
-            if mode != "compile":
-                raise
-            notes.append(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                         "fell back to eager enable()")
-            mode, dense_model = "eager", model
-            torch._dynamo.reset()
-            pipe.run(dense_model, warm_steps, lambda i, t: None)
+    dense_model = torch.compile(model) if mode == "compile" else model
+    mode, dense_model = _warm_up(pipe, dense_model, model, mode, warm_steps, "torch.compile", notes)
     dense, dense_video = sample_run(pipe, dense_model, args, clock, lite=False,
                                     time_attention=mode == "eager", desc="dense SDPA")
 
@@ -555,18 +560,8 @@ def _run_demo(args):
     if mode == "compile":
         lite_model = torch.compile(model, backend=_compile_backend())
     try:
-        if warm_steps:
-            try:
-                pipe.run(lite_model, warm_steps, lambda i, t: None)
-            except Exception as e:  # noqa: BLE001
-                if mode != "compile":
-                    raise
-                notes.append(f"torch.compile(backend='liteattn') failed ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}); fell back to eager enable()")
-                mode, lite_model = "eager", model
-                torch._dynamo.reset()
-                liteattn_ops.reset(model)
-                pipe.run(lite_model, warm_steps, lambda i, t: None)
+        mode, lite_model = _warm_up(pipe, lite_model, model, mode, warm_steps,
+                                    "torch.compile(backend='liteattn')", notes)
         liteattn_ops.reset(model)
         lite, lite_video = sample_run(pipe, lite_model, args, clock, lite=True,
                                       time_attention=mode == "eager", desc=f"LiteAttention thr={args.threshold:g}")
