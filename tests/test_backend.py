@@ -97,6 +97,14 @@ def tiny_dit(seed=0, depth=2) -> TinyDiT:
     return model
 
 
+def enabled_pair(threshold=-4.0, depth=2, **enable_options):
+    """A TinyDiT and an identical eager reference, both routed with the same enable() options."""
+    model, ref = tiny_dit(depth=depth), tiny_dit(depth=depth)
+    for m in (model, ref):
+        liteattn_ops.enable(m, threshold=threshold, **enable_options)
+    return model, ref
+
+
 def tiny_inputs(step=0, batch=1, seq=SEQ, seed=0):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(seq // 128, DIM, generator=g).repeat_interleave(128, 0)
@@ -212,9 +220,7 @@ def run_steps(model, steps=3, **inputs):
 
 
 def test_compiled_equals_eager_step_for_step():
-    eager, compiled = tiny_dit(), tiny_dit()
-    liteattn_ops.enable(eager, threshold=-4.0)
-    liteattn_ops.enable(compiled, threshold=-4.0)
+    compiled, eager = enabled_pair(threshold=-4.0)
     cnt = CompileCounterWithBackend(quick())
     cmodel = torch.compile(compiled, backend=cnt, fullgraph=True)
     with torch.no_grad():
@@ -265,9 +271,7 @@ def test_two_instances_have_their_own_states():
 
 
 def test_regional_compile_each_block_keeps_its_state():
-    model, ref = tiny_dit(depth=3), tiny_dit(depth=3)
-    liteattn_ops.enable(model, threshold=-4.0)
-    liteattn_ops.enable(ref, threshold=-4.0)
+    model, ref = enabled_pair(threshold=-4.0, depth=3)
     cnt = CompileCounterWithBackend(quick())
     for block in model.blocks:
         block.compile(backend=cnt, fullgraph=True)
@@ -284,9 +288,7 @@ def test_regional_compile_each_block_keeps_its_state():
 
 @pytest.mark.parametrize("dynamic", [None, True], ids=["auto", "dynamic"])
 def test_resolution_change_gets_fresh_state_and_keeps_the_other(dynamic):
-    model, ref = tiny_dit(), tiny_dit()
-    liteattn_ops.enable(model, threshold=-4.0)
-    liteattn_ops.enable(ref, threshold=-4.0)
+    model, ref = enabled_pair(threshold=-4.0)
     # dynamic=True works too: the state's shape specialises the sequence length (one graph each)
     cmodel = torch.compile(model, backend=quick(), fullgraph=True, dynamic=dynamic)
     with torch.no_grad():
@@ -301,9 +303,7 @@ def test_resolution_change_gets_fresh_state_and_keeps_the_other(dynamic):
 
 
 def test_batch_two_has_a_state_row_per_sample():
-    model, ref = tiny_dit(), tiny_dit()
-    liteattn_ops.enable(model, threshold=-4.0)
-    liteattn_ops.enable(ref, threshold=-4.0)
+    model, ref = enabled_pair(threshold=-4.0)
     cmodel = torch.compile(model, backend=quick(), fullgraph=True)
     run_steps(cmodel, steps=2, batch=2)
     run_steps(ref, steps=2, batch=2)
@@ -313,9 +313,7 @@ def test_batch_two_has_a_state_row_per_sample():
 
 
 def test_cond_uncond_share_by_default_and_branch_separates():
-    model, ref = tiny_dit(), tiny_dit()
-    liteattn_ops.enable(model, threshold=-4.0)
-    liteattn_ops.enable(ref, threshold=-4.0)
+    model, ref = enabled_pair(threshold=-4.0)
     cnt = CompileCounterWithBackend(quick())
     cmodel = torch.compile(model, backend=cnt, fullgraph=True)
     with torch.no_grad():
@@ -344,9 +342,7 @@ def test_cond_uncond_share_by_default_and_branch_separates():
 # ------------------------------------------------------------------------------------------------
 
 def test_no_recompile_on_second_call_or_threshold_change():
-    model, ref = tiny_dit(), tiny_dit()
-    liteattn_ops.enable(model, threshold=-4.0)
-    liteattn_ops.enable(ref, threshold=-4.0)
+    model, ref = enabled_pair(threshold=-4.0)
     cnt = CompileCounterWithBackend(quick())
     cmodel = torch.compile(model, backend=cnt, fullgraph=True)
     x, ctx = tiny_inputs()
@@ -530,9 +526,7 @@ def test_enable_and_disable_after_compiling_retrace():
 
 
 def test_cross_attention_dense_rule():
-    model, ref = tiny_dit(), tiny_dit()
-    liteattn_ops.enable(model, threshold=-4.0, cross="dense")
-    liteattn_ops.enable(ref, threshold=-4.0, cross="dense")
+    model, ref = enabled_pair(threshold=-4.0, cross="dense")
     cmodel = torch.compile(model, backend=quick(), fullgraph=True)
     x, ctx = tiny_inputs()
     with torch.no_grad():
