@@ -112,6 +112,8 @@ def ineligible_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
         return f"device {query.device.type} unsupported"
     if any(t.stride(-1) != 1 for t in tensors):
         return "last dim not contiguous"
+    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+        return "scale is not a positive finite float"
     if not allow_cross and key.shape[2] != query.shape[2]:
         return CROSS
     return None

@@ -99,9 +99,11 @@ def _is_fake(t: Tensor) -> bool:
     return isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
 
 
-def check_inputs(q, k, v, state=None, threshold=None, must_do=None, must_skip=None) -> None:
+def check_inputs(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None) -> None:
     """All argument checks of the ops; raises TypeError/ValueError naming the argument."""
     _check_qkv(q, k, v)
+    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
+        raise ValueError(f"scale must be a positive finite float (default 1/sqrt(head_dim)), got {scale!r}")
     if state is not None:
         check_state(state, q, k)
         _check_threshold(threshold, q)
@@ -185,7 +187,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor, threshold: 
     Returns (out, lse). See the module docstring for layouts and liteattn_ops.reference for the
     exact semantics.
     """
-    check_inputs(q, k, v, state, threshold, must_do, must_skip)
+    check_inputs(q, k, v, state, threshold, must_do, must_skip, scale)
     if q.device.type == "cuda":
         return _launch(q, k, v, state, threshold, must_do, must_skip, scale)
     out, lse, new_state = reference.sparse_attention_reference(q, k, v, state, threshold, must_do, must_skip, scale)
@@ -195,14 +197,14 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor, threshold: 
 
 @sparse_attention.register_fake
 def _(q, k, v, state, threshold, must_do=None, must_skip=None, scale=None):
-    check_inputs(q, k, v, state, threshold, must_do, must_skip)
+    check_inputs(q, k, v, state, threshold, must_do, must_skip, scale)
     return _empty_outputs(q)
 
 
 @torch.library.custom_op("liteattn::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """Dense attention (no skip state) with the same kernel and output conventions: (out, lse)."""
-    check_inputs(q, k, v)
+    check_inputs(q, k, v, scale=scale)
     if q.device.type == "cuda":
         return _launch(q, k, v, None, None, None, None, scale)
     return reference.attention_reference(q, k, v, scale)
@@ -210,5 +212,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
 
 @attention.register_fake
 def _(q, k, v, scale=None):
-    check_inputs(q, k, v)
+    check_inputs(q, k, v, scale=scale)
     return _empty_outputs(q)

@@ -412,10 +412,11 @@ class Ineligible(nn.Module):
         self.causal = SelfAttention(is_causal=True)
         self.dropout = SelfAttention(dropout_p=0.5)
         self.small_head = SelfAttention(heads=4)        # head_dim 32
+        self.negative_scale = SelfAttention(scale=-0.1)
         self.ok = SelfAttention()
 
     def forward(self, x):
-        return self.ok(x) + self.masked(x) + self.causal(x) + self.small_head(x) + 0 * x
+        return self.ok(x) + self.masked(x) + self.causal(x) + self.small_head(x) + self.negative_scale(x) + 0 * x
 
 
 def test_ineligible_calls_are_left_with_reasons():
@@ -428,7 +429,8 @@ def test_ineligible_calls_are_left_with_reasons():
     report = liteattn_ops.report(model)
     left = {name: entry["calls"][0].get("left") for name, entry in report.items()}
     assert left == {"masked": "attention mask", "causal": "causal", "dropout": "dropout_p != 0",
-                    "small_head": "head_dim 32 unsupported (supported: 64, 128)", "ok": None}
+                    "small_head": "head_dim 32 unsupported (supported: 64, 128)",
+                    "negative_scale": "scale is not a positive finite float", "ok": None}
     assert report["ok"]["calls"][0]["op"] == "liteattn.sparse_attention"
     c = counters["liteattn"]
     assert c["rewritten"] == 1 and c["left: attention mask"] == 1 and c["left: causal"] == 1

@@ -168,6 +168,8 @@ def _call(**changes):
     (dict(must_skip=torch.tensor([[0, 201]])), ValueError, "must_skip ranges must satisfy"),
     (dict(must_skip=torch.tensor([0, 20])), ValueError, r"shape \(R, 2\)"),
     (dict(must_do=torch.tensor([[0.0, 2.0]])), TypeError, "must_do must be int32 or int64"),
+    (dict(scale=0.0), ValueError, "scale must be a positive finite float"),
+    (dict(scale=float("nan")), ValueError, "scale must be a positive finite float"),
 ])
 def test_bad_input(changes, error, match):
     with pytest.raises(error, match=match):
