@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ._extension import is_available
+from .ops import CPU_DTYPES, CUDA_DTYPES, valid_scale
 from .tiling import supported_head_dims
 
 log = logging.getLogger("liteattn_ops")
@@ -46,8 +47,6 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 # file-reading) helpers.
 _HEAD_DIMS = supported_head_dims()
 _KERNEL_BUILT = is_available()
-_CUDA_DTYPES = (torch.bfloat16, torch.float16)
-_CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Reasons (the report and the counters use these strings; tests match them).
 GRAD = "grad mode (inference only: the op has no autograd formula)"
@@ -101,18 +100,18 @@ def ineligible_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     if query.shape[-1] not in _HEAD_DIMS:
         return f"head_dim {query.shape[-1]} unsupported (supported: {', '.join(map(str, _HEAD_DIMS))})"
     if query.device.type == "cuda":
-        if query.dtype not in _CUDA_DTYPES:
+        if query.dtype not in CUDA_DTYPES:
             return f"dtype {query.dtype} unsupported on CUDA (bfloat16, float16)"
         if not _KERNEL_BUILT:
             return "CUDA kernel not built (liteattn_ops.is_available() is False)"
     elif query.device.type == "cpu":
-        if query.dtype not in _CPU_DTYPES:
+        if query.dtype not in CPU_DTYPES:
             return f"dtype {query.dtype} unsupported on CPU"
     else:
         return f"device {query.device.type} unsupported"
     if any(t.stride(-1) != 1 for t in tensors):
         return "last dim not contiguous"
-    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+    if not valid_scale(scale):
         return "scale is not a positive finite float"
     if not allow_cross and key.shape[2] != query.shape[2]:
         return CROSS

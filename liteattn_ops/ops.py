@@ -25,8 +25,13 @@ from ._extension import extension
 from .state import check_state
 from .tiling import tile_shape
 
-_CUDA_DTYPES = (torch.bfloat16, torch.float16)
-_CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # float32: the CPU reference only
+
+
+def valid_scale(scale) -> bool:
+    """None (1/sqrt(head_dim)) or a positive finite number: what the kernel accepts."""
+    return scale is None or (isinstance(scale, (int, float)) and 0 < scale < math.inf)
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +49,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must be on one device")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k, v must share a dtype")
-    allowed = _CUDA_DTYPES if q.device.type == "cuda" else _CPU_DTYPES
+    allowed = CUDA_DTYPES if q.device.type == "cuda" else CPU_DTYPES
     if q.dtype not in allowed:
         raise TypeError(f"q must have dtype in {[str(d) for d in allowed]} on {q.device.type}, got {q.dtype}")
     tile_shape(q.shape[-1], q.dtype)  # raises for an unsupported head_dim
@@ -102,7 +107,7 @@ def _is_fake(t: Tensor) -> bool:
 def check_inputs(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None) -> None:
     """All argument checks of the ops; raises TypeError/ValueError naming the argument."""
     _check_qkv(q, k, v)
-    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < math.inf):
+    if not valid_scale(scale):
         raise ValueError(f"scale must be a positive finite float (default 1/sqrt(head_dim)), got {scale!r}")
     if state is not None:
         check_state(state, q, k)
@@ -145,33 +150,23 @@ def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
     batch, heads, seqlen_q, head_dim = q.shape
     out, lse = _empty_outputs(q)
 
-    def ranges(r):
-        if r is None or r.shape[0] == 0:
-            return 0, 0
-        r = r.to(torch.int32).contiguous()
-        keep.append(r)
-        return r.data_ptr(), r.shape[0]
-
-    keep: list[Tensor] = []  # keeps converted range tensors alive until the launch is queued
-    do_ptr, n_do = ranges(must_do)
-    skip_ptr, n_skip = ranges(must_skip)
+    # The kernel reads int32 (R, 2) ranges; these locals keep any converted copy alive until the
+    # launch is queued (the caching allocator's stream order makes a later reuse safe).
+    ranges = [None if r is None or r.shape[0] == 0 else r.to(torch.int32).contiguous() for r in (must_do, must_skip)]
+    (do_ptr, n_do), (skip_ptr, n_skip) = ((0, 0) if r is None else (r.data_ptr(), r.shape[0]) for r in ranges)
     with torch.cuda.device(q.device):
         ext.forward(
             q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
             batch=batch, heads=heads, seqlen_q=seqlen_q, seqlen_k=k.shape[2], head_dim=head_dim,
             dtype=str(q.dtype).removeprefix("torch."),
             q_stride=q.stride()[:3], k_stride=k.stride()[:3], v_stride=v.stride()[:3], out_stride=out.stride()[:3],
-            scale=_default_scale(scale, head_dim),
+            scale=reference.resolve_scale(scale, head_dim),
             state=0 if state is None else state.data_ptr(),
             threshold=0 if threshold is None else threshold.data_ptr(),
             must_do=do_ptr, num_must_do=n_do, must_skip=skip_ptr, num_must_skip=n_skip,
             stream=torch.cuda.current_stream(q.device).cuda_stream,
         )
     return out, lse
-
-
-def _default_scale(scale: Optional[float], head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,11 @@ def range_tiles(ranges: torch.Tensor | None, seqlen_k: int, block_n: int, *, ins
     return hit.any(0)
 
 
+def resolve_scale(scale, head_dim: int) -> float:
+    """The softmax scale of a call: `scale`, or 1/sqrt(head_dim) when it is None (as SDPA)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
 def first_tile(block_m: int, block_n: int, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
     """n0 for every query tile m: where the visit order of that query tile starts."""
     m = torch.arange(num_tiles(seqlen_q, block_m), device=device, dtype=torch.int64)
@@ -64,7 +69,7 @@ def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_ski
     seqlen_k = k.shape[2]
     block_m, block_n = tile_shape(head_dim, q.dtype)
     m_tiles, n_tiles = num_tiles(seqlen_q, block_m), num_tiles(seqlen_k, block_n)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scale = resolve_scale(scale, head_dim)
     device = q.device
 
     do_tiles = range_tiles(must_do, seqlen_k, block_n, inside=False).to(device)
