@@ -36,17 +36,17 @@ import torch
 from torch import nn
 
 from . import graph_pass
-from .module import ThresholdLike
+from .module import ThresholdLike, _threshold_values
 
 log = logging.getLogger("liteattn_ops")
 
 
-def _inductor_config(mode: Optional[str], options: Optional[dict], dynamic=None) -> dict[str, Any]:
+def _inductor_config(mode: Optional[str], options: Optional[dict]) -> dict[str, Any]:
     config: dict[str, Any] = {}
     if mode and mode != "default":
         from torch._inductor import list_mode_options
 
-        config.update(list_mode_options(mode, dynamic))
+        config.update(list_mode_options(mode))
     if options:
         from torch._inductor import config as inductor_config
 
@@ -80,8 +80,6 @@ class LiteAttnBackend:
             raise ValueError(f"cross must be 'sdpa' or 'dense', got {cross!r}")
         if fallback not in ("enable", "sdpa", "dense", "error"):
             raise ValueError(f"fallback must be 'enable', 'sdpa', 'dense' or 'error', got {fallback!r}")
-        from .module import _threshold_values
-
         _threshold_values(threshold)  # validate now, not at the first call
         self.cross = cross
         self.fallback = fallback

@@ -371,8 +371,6 @@ def enable(model: nn.Module, threshold: ThresholdLike = -10.0, *, must_do: Range
             if SITE_ATTR in module._modules or hasattr(module, SITE_ATTR):
                 raise ValueError(f"{name or type(model).__name__} already has an attribute {SITE_ATTR!r}")
             site = AttentionSite(threshold, must_do=must_do, must_skip=must_skip, cross=cross)
-            device = next(module.parameters(), torch.empty(0)).device
-            site.to(device)
             module.add_module(SITE_ATTR, site)
             inner = module.__dict__.get("forward")
             if inner is not None:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from .module import LiteAttention, attention_sites
 from .state import live_fraction as _state_live_fraction
-from .state import reset_state, state_shape
+from .state import new_state, reset_state, state_shape
 from .tiling import tile_shape
 
 log = logging.getLogger("liteattn_ops")
@@ -384,7 +384,9 @@ class LiteAttentionPackage:
             device = torch.device(rec["device"])
             if device.type == "cuda":
                 device = torch.device("cuda", device_index if device_index >= 0 else torch.cuda.current_device())
-            self.states[rec["state"]] = torch.full(rec["state_shape"], -1, dtype=torch.int32, device=device)
+            (batch, heads, seqlen_q, head_dim), seqlen_k = rec["q_shape"], rec["k_shape"][2]
+            self.states[rec["state"]] = new_state(batch, heads, seqlen_q, seqlen_k, head_dim, getattr(torch, rec["dtype"]),
+                                                  device)
         compiled.load_constants(self.states, check_full_update=False, user_managed=True)
 
     def __call__(self, *args, **kwargs):

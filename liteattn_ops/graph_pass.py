@@ -52,7 +52,7 @@ _KERNEL_BUILT = is_available()
 GRAD = "grad mode (inference only: the op has no autograd formula)"
 CROSS = "cross-attention (S_q != S_k): no temporal skipping"
 NOT_TENSORS = "q/k/v are not tensors"
-NOT_A_SITE = "no LiteAttention site (call liteattn_ops.enable(model) before torch.compile)"
+NOT_A_SITE = "no LiteAttention site (liteattn_ops.enable(model) makes one; backend fallback='enable' does it at the first call)"
 
 
 def bind_sdpa(args: tuple, kwargs: dict) -> dict:

@@ -49,6 +49,14 @@ def _ranges_tensor(name: str, ranges: RangesLike) -> Optional[Tensor]:
     return t.to(torch.int32)
 
 
+def _state_key(q, k) -> Optional[tuple]:
+    """(B, H, S_q, S_k, D, dtype, device) of a call, or None when q/k are not 4-D tensors."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() == 4 and k.dim() == 4):
+        return None
+    batch, heads, seqlen_q, head_dim = q.shape
+    return (batch, heads, seqlen_q, k.shape[2], head_dim, q.dtype, q.device)
+
+
 class LiteAttention(nn.Module):
     """Drop-in for `F.scaled_dot_product_attention(q, k, v, scale=...)` that skips KV tiles found
     negligible in earlier calls. Owns the skip state of one attention call site.
@@ -91,7 +99,6 @@ class LiteAttention(nn.Module):
         """Replace the must-do / must-skip key ranges (takes effect at the next call)."""
         self._must_do = _ranges_tensor("must_do", must_do)
         self._must_skip = _ranges_tensor("must_skip", must_skip)
-        self._key = None if self.state is None else self._key
         self.must_do_ranges = None if self._must_do is None else self._must_do.to(self._device())
         self.must_skip_ranges = None if self._must_skip is None else self._must_skip.to(self._device())
 
@@ -108,11 +115,14 @@ class LiteAttention(nn.Module):
         return torch.tensor(values, dtype=torch.float32, device=device)
 
     # -- state ------------------------------------------------------------------------------
-    def _ensure_state(self, q: Tensor, k: Tensor) -> None:
-        batch, heads, seqlen_q, head_dim = q.shape
-        key = (batch, heads, seqlen_q, k.shape[2], head_dim, q.dtype, q.device)
-        if key == self._key:
+    def _ensure_state(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """A state sized for these inputs (inputs checked only when a new state is needed: the op
+        itself checks every call)."""
+        key = _state_key(q, k)
+        if key is not None and key == self._key:
             return
+        ops.check_inputs(q, k, v)  # clear errors before anything is allocated for these inputs
+        batch, heads, seqlen_q, seqlen_k, head_dim, dtype, device = key
         if torch.compiler.is_exporting():
             # A state created while torch.export traces would be a fake tensor left in the module.
             raise RuntimeError(
@@ -121,10 +131,10 @@ class LiteAttention(nn.Module):
                 "inputs of the export shapes before torch.export.export, or use liteattn_ops.export(model, args)")
         if self._key is not None:
             log.info("LiteAttention: input shape changed from %s to %s: new skip state", self._key[:5], key[:5])
-        self.state = new_state(batch, heads, seqlen_q, k.shape[2], head_dim, q.dtype, q.device)
-        self.threshold_per_head = self._threshold_tensor(heads, q.device)
-        self.must_do_ranges = None if self._must_do is None else self._must_do.to(q.device)
-        self.must_skip_ranges = None if self._must_skip is None else self._must_skip.to(q.device)
+        self.state = new_state(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, device)
+        self.threshold_per_head = self._threshold_tensor(heads, device)
+        self.must_do_ranges = None if self._must_do is None else self._must_do.to(device)
+        self.must_skip_ranges = None if self._must_skip is None else self._must_skip.to(device)
         self._key = key
         self.calls = 0
 
@@ -155,8 +165,7 @@ class LiteAttention(nn.Module):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise RuntimeError("LiteAttention is inference-only (the skip state is not differentiable): "
                                "run under torch.no_grad() / torch.inference_mode(), or liteattn_ops.disable(model)")
-        ops.check_inputs(q, k, v)
-        self._ensure_state(q, k)
+        self._ensure_state(q, k, v)
         out, lse = torch.ops.liteattn.sparse_attention(
             q, k, v, self.state, self.threshold_per_head, self.must_do_ranges, self.must_skip_ranges, scale)
         self.calls += 1
@@ -212,10 +221,11 @@ def stats(model: nn.Module) -> dict[str, dict]:
     the last reset, threshold. Sites not called yet report None."""
     report = {}
     for name, site in _sites_or_raise(model):
-        per_head = site.live_fraction(per_head=True)
+        mask = site.live_mask()
+        mask = None if mask is None else mask.float()
         report[name] = {
-            "live_fraction": None if per_head is None else float(site.live_fraction()),
-            "live_fraction_per_head": None if per_head is None else per_head.tolist(),
+            "live_fraction": None if mask is None else float(mask.mean()),
+            "live_fraction_per_head": None if mask is None else mask.mean(dim=(0, 2, 3)).tolist(),
             "calls": site.calls,
             "threshold": site.threshold,
         }
