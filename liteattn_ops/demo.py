@@ -638,7 +638,7 @@ def forced_fraction_runs(pipe, lite_model, model, args, clock) -> list[dict]:
     import liteattn_ops
     from .enable import routed_sites
     from .state import pack_bits
-    from .tiling import num_tiles, tile_shape
+    from .testing import forced_live
 
     results = []
     thr = args.threshold
@@ -649,12 +649,7 @@ def forced_fraction_runs(pipe, lite_model, model, args, clock) -> list[dict]:
         for frac in [1.0] + list(args.forced):
             for _, site in routed_sites(model):
                 for name, state in site.states().items():
-                    b, h, mt, _ = state.shape
-                    _, _, (_, _, _, seqlen_k, head_dim, dtype) = site._slots[name]
-                    nt = num_tiles(seqlen_k, tile_shape(head_dim, dtype)[1])
-                    keep = max(1, round(frac * nt))
-                    rank = torch.rand(b, h, mt, nt, generator=g).argsort(-1).argsort(-1)
-                    mask = rank < keep
+                    mask = forced_live(*site.live_mask(name).shape, frac, "balanced", g)
                     state.copy_(pack_bits(mask.to(state.device), fill=False))
             clock.sync()
             t0 = time.perf_counter()

@@ -38,3 +38,20 @@ def local_qkv(grid: tuple[int, int, int], batch: int = 1, heads: int = 2, head_d
     k = feats * math.sqrt(gain)
     v = torch.randn(batch, heads, coords.shape[0], head_dim, generator=generator)
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def forced_live(batch, heads, m_tiles, n_tiles, fraction, kind, gen):
+    """A forced live set, bool (B, H, Mt, Nt): row m keeps round(count_m) random tiles (at least 1).
+
+    kind "balanced": every row keeps fraction * Nt; "heavy-first" / "heavy-last": the counts fall /
+    rise linearly over the query tiles around the same mean."""
+    if kind == "balanced":
+        counts = torch.full((m_tiles,), fraction * n_tiles)
+    else:
+        spread = min(fraction, 1 - fraction) * n_tiles
+        ramp = torch.linspace(1.0, -1.0, m_tiles) if m_tiles > 1 else torch.zeros(1)
+        counts = fraction * n_tiles + spread * (ramp if kind == "heavy-first" else -ramp)
+    counts = counts.round().clamp(1, n_tiles).long()
+    scores = torch.rand(batch, heads, m_tiles, n_tiles, generator=gen)
+    rank = scores.argsort(-1).argsort(-1)
+    return rank < counts.view(1, 1, -1, 1)

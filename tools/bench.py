@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import liteattn_ops  # noqa: F401  (registers torch.ops.liteattn)
 from liteattn_ops.state import live_mask, new_state, pack_bits
-from liteattn_ops.testing import local_qkv
+from liteattn_ops.testing import forced_live, local_qkv
 from liteattn_ops.tiling import num_tiles, tile_shape
 
 DEFAULT_SHAPES = [(32760, 12, 128), (75600, 40, 128), (16384, 24, 128), (32760, 24, 64)]
@@ -54,20 +54,6 @@ def do_bench(fn, flop_hint: float) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[1]
-
-
-def forced_live(batch, heads, m_tiles, n_tiles, fraction, kind, gen):
-    """bool (B, H, Mt, Nt) with exactly round(count_m) random live tiles in row m."""
-    if kind == "balanced":
-        counts = torch.full((m_tiles,), fraction * n_tiles)
-    else:
-        spread = min(fraction, 1 - fraction) * n_tiles
-        ramp = torch.linspace(1.0, -1.0, m_tiles) if m_tiles > 1 else torch.zeros(1)
-        counts = fraction * n_tiles + spread * (ramp if kind == "heavy-first" else -ramp)
-    counts = counts.round().clamp(1, n_tiles).long()
-    scores = torch.rand(batch, heads, m_tiles, n_tiles, generator=gen)
-    rank = scores.argsort(-1).argsort(-1)
-    return rank < counts.view(1, 1, -1, 1)
 
 
 def main(argv=None):
