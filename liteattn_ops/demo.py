@@ -143,7 +143,7 @@ def validate(args: argparse.Namespace) -> None:
         args.steps = 10 if wan else 20
     if args.steps < 1:
         raise DemoError(f"--steps must be >= 1, got {args.steps}")
-    if math.isnan(args.threshold) or args.threshold > 0:
+    if not threshold_ok(args.threshold):
         raise DemoError(f"--threshold must be <= 0 (log2 units; -inf never skips), got {args.threshold}")
     if args.batch < 1:
         raise DemoError(f"--batch must be >= 1, got {args.batch}")
@@ -436,6 +436,25 @@ def _self_attention_stats(model) -> dict:
     return {name: s for name, s in stats(model).items() if s["live_fraction"] is not None}
 
 
+CPU_NOTE = ("CPU: the LiteAttention op runs its exact reference implementation, which computes every score "
+            "(it skips no work), so CPU times do not measure LiteAttention's speed; the live fractions and the "
+            "quality numbers are the real ones.")
+
+
+def threshold_ok(value: float) -> bool:
+    """The op's threshold rule (<= 0 in log2 units, or -inf), for command-line values."""
+    return not math.isnan(value) and value <= 0
+
+
+def computed_fractions(per_step: list) -> list:
+    """Fraction of tiles each step computed: the live fraction after the previous step (all at step 0)."""
+    out, prev = [], 1.0
+    for rec in per_step:
+        out.append(prev)
+        prev = rec["live_fraction"] if rec["live_fraction"] is not None else prev
+    return out
+
+
 def _warm_up(pipe, run_model, eager_model, mode: str, steps: int, what: str, notes: list):
     """Untimed warm-up steps (compilation happens here). If compiling fails, fall back to the eager
     model and say so in the notes. Returns (mode, model to time)."""
@@ -539,9 +558,7 @@ def _run_demo(args):
     if pipe.speed_only:
         notes.append(SPEED_ONLY_LABEL)
     if device.type == "cpu":
-        notes.append("CPU: the LiteAttention op runs its exact reference implementation, which computes every "
-                     "score (it skips no work), so CPU times do not measure LiteAttention's speed; the live "
-                     "fractions and the quality numbers are the real ones.")
+        notes.append(CPU_NOTE)
     elif not liteattn_ops.is_available():
         raise DemoError("--device cuda: liteattn_ops was installed without its CUDA kernel (liteattn_ops._C); "
                         "reinstall with nvcc on PATH, or use --device cpu")
@@ -576,11 +593,8 @@ def _run_demo(args):
     if mode == "compile":
         notes.append("compiled: attention calls sit inside fused graphs, so only whole-step times are reported; "
                      "run with --eager for per-step attention times")
-    # live fraction actually computed at step i = live after step i-1 (all tiles at step 0)
-    prev = 1.0
-    for rec in lite["per_step"]:
-        rec["computed_fraction"] = prev
-        prev = rec["live_fraction"] if rec["live_fraction"] is not None else prev
+    for rec, computed in zip(lite["per_step"], computed_fractions(lite["per_step"])):
+        rec["computed_fraction"] = computed
     lite["final_live_fraction"] = lite["per_step"][-1]["live_fraction"]
     lite["mean_computed_fraction"] = sum(r["computed_fraction"] for r in lite["per_step"]) / len(lite["per_step"])
     lite["final_per_layer"] = {n: s["live_fraction"] for n, s in final_stats.items()}

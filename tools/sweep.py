@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -58,7 +57,7 @@ def parse_args(argv=None):
         args.thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
     except ValueError:
         p.error(f"--thresholds must be comma-separated numbers, got {args.thresholds!r}")
-    if not args.thresholds or any(math.isnan(t) or t > 0 for t in args.thresholds):
+    if not args.thresholds or not all(demo.threshold_ok(t) for t in args.thresholds):
         p.error("--thresholds must be <= 0")
     return args
 
@@ -110,10 +109,7 @@ def _run_sweep(args, ns) -> dict:
             ns.threshold = thr
             lite, video = demo.sample_run(pipe, lite_model, ns, clock, lite=True,
                                           time_attention=mode == "eager", desc=f"thr={thr:g}")
-            prev, computed = 1.0, []
-            for rec in lite["per_step"]:
-                computed.append(prev)
-                prev = rec["live_fraction"]
+            computed = demo.computed_fractions(lite["per_step"])
             q = demo.video_quality(ref_frames, pipe.to_frames(video))
             rows.append({
                 "threshold": demo._num(thr),
@@ -132,9 +128,7 @@ def _run_sweep(args, ns) -> dict:
     finally:
         liteattn_ops.disable(model)
     if device.type == "cpu":
-        notes.append("CPU: the LiteAttention op runs its exact reference implementation, which computes every "
-                     "score (it skips no work), so CPU times do not measure LiteAttention's speed; the live "
-                     "fractions and the quality numbers are the real ones.")
+        notes.append(demo.CPU_NOTE)
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
