@@ -19,8 +19,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import liteattn_ops
-from liteattn_ops import graph_pass
-from liteattn_ops.enable import routed_sites
+from liteattn_ops.compile import graph_pass
+from liteattn_ops.core import eligibility
+from liteattn_ops.routing.router import routed_sites
 
 DIM, HEADS, SEQ, CTX = 128, 2, 512, 8     # head_dim 64, 4 query/key tiles of 128
 
@@ -384,7 +385,7 @@ def test_inductor_calls_the_op_in_place_on_the_state():
 
 
 def test_mode_and_options_reach_inductor():
-    from liteattn_ops.backend import _inductor_config
+    from liteattn_ops.compile.dynamo_backend import _inductor_config
 
     from torch._inductor import list_mode_options
 
@@ -490,7 +491,7 @@ def test_unprepared_model_with_other_fallbacks():
     with torch.no_grad():
         expected = model(x, ctx)
         with pytest.warns(UserWarning, match="enable"):
-            graph_pass._WARNED.discard("not a site")
+            eligibility._WARNED.discard("not a site")
             out = torch.compile(model, backend=liteattn_ops.backend(fallback="sdpa", inductor=False),
                                 fullgraph=True)(x, ctx)
         torch.testing.assert_close(out, expected)
@@ -515,7 +516,7 @@ def test_enable_and_disable_after_compiling_retrace():
     cnt = CompileCounterWithBackend(liteattn_ops.backend(fallback="sdpa", inductor=False))
     cmodel = torch.compile(model, backend=cnt, fullgraph=True)
     x, ctx = tiny_inputs()
-    graph_pass._WARNED.add("not a site")     # (this test is not about the warning)
+    eligibility._WARNED.add("not a site")     # (this test is not about the warning)
     with torch.no_grad():
         plain = cmodel(x, ctx)
         liteattn_ops.enable(model, threshold=float("-inf"))   # Dynamo's guards see the new forwards
@@ -541,7 +542,7 @@ def test_grad_mode_leaves_sdpa_and_warns_once():
     model, plain = tiny_dit(), tiny_dit()
     liteattn_ops.enable(model)
     x, ctx = tiny_inputs()
-    graph_pass._WARNED.discard("grad")
+    eligibility._WARNED.discard("grad")
     with pytest.warns(UserWarning, match="inference-only"):
         out = torch.compile(model, backend=quick(), fullgraph=True)(x, ctx)
     torch.testing.assert_close(out, plain(x, ctx))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from liteattn_ops import demo
+from liteattn_ops.demo import app as demo
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--steps", "3", "--resolution", "32x32", "--frames", "4", "--quiet", "--no-warmup"]
@@ -110,7 +110,7 @@ def test_wan_preset_needs_cuda(tmp_path, capsys):
 def test_checkpoint_that_does_not_match_the_config(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from liteattn_ops.models import CONFIG, DiTConfig, VideoDiT
+    from liteattn_ops.demo.models import CONFIG, DiTConfig, VideoDiT
 
     bad = tmp_path / "ckpt" / "bad.safetensors"
     bad.parent.mkdir()

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liteattn_ops.models import CHECKPOINT, CLASS_NAMES, DiTConfig, VideoDiT, generate_videos, load_demo_model, sample
-from liteattn_ops.models import CheckpointError
-from liteattn_ops.models.dit import rope_freqs_3d
+from liteattn_ops.demo.models import CHECKPOINT, CLASS_NAMES, DiTConfig, VideoDiT, generate_videos, load_demo_model, sample
+from liteattn_ops.demo.models import CheckpointError
+from liteattn_ops.demo.models.dit import rope_freqs_3d
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = DiTConfig(dim=64, num_heads=1, depth=2, mlp_ratio=2.0)
@@ -51,7 +51,7 @@ def test_rope_is_relative():
     """Rotated q.k depends only on the offset between positions (so any grid size works)."""
     cos, sin = rope_freqs_3d((4, 6, 6), 64)
     assert cos.shape == (4 * 6 * 6, 32)
-    from liteattn_ops.models.dit import apply_rope
+    from liteattn_ops.demo.models.dit import apply_rope
 
     q = torch.randn(64).expand(1, 1, 144, 64)
     k = torch.randn(64).expand(1, 1, 144, 64)

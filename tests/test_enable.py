@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import liteattn_ops
-from liteattn_ops import graph_pass
-from liteattn_ops.enable import AttentionSite, find_attention_modules, routed_sites
+from liteattn_ops.compile import graph_pass
+from liteattn_ops.core import eligibility
+from liteattn_ops.routing.router import AttentionSite, find_attention_modules, routed_sites
 
 
 class Attention(nn.Module):
@@ -178,7 +179,7 @@ def test_grad_mode_eager_warns_once_and_backpropagates():
     net = Net()
     liteattn_ops.enable(net)
     x = inputs()
-    graph_pass._WARNED.discard("grad")
+    eligibility._WARNED.discard("grad")
     with pytest.warns(UserWarning, match="inference-only"):
         out = net(x)
     out.sum().backward()

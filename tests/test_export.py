@@ -16,10 +16,9 @@ from torch import nn
 from torch.testing import FileCheck
 
 import liteattn_ops
-from liteattn_ops import export as _  # noqa: F401  (the function; the module is below)
-from liteattn_ops import reference, tiling
+from liteattn_ops.core import reference, tiling
 
-lx = sys.modules["liteattn_ops.export"]
+import liteattn_ops.deploy.program as lx
 
 DIM, HEADS, SEQ = 128, 2, 300        # head_dim 64; 128x128 tiles -> Mt = Nt = 3
 STEPS = 4

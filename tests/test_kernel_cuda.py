@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import liteattn_ops  # noqa: F401  (registers torch.ops.liteattn)
-from liteattn_ops import reference
-from liteattn_ops.state import live_mask, new_state, pack_bits
+from liteattn_ops.core import reference
+from liteattn_ops.core.state import live_mask, new_state, pack_bits
 from liteattn_ops.testing import local_qkv
 
 pytestmark = pytest.mark.cuda
@@ -25,7 +25,7 @@ TOL = 1e-2  # relative error vs the float32 reference (bf16 and fp16)
 
 
 def _ext():
-    from liteattn_ops._extension import extension
+    from liteattn_ops.core.extension import extension
 
     return extension()
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from expecttest import assert_expected_inline
 
 import liteattn_ops
-from liteattn_ops.state import live_mask, new_state, pack_bits
+from liteattn_ops.core.state import live_mask, new_state, pack_bits
 from liteattn_ops.testing import local_qkv
 
 sparse_attention = torch.ops.liteattn.sparse_attention
@@ -197,6 +197,6 @@ def test_cuda_views_tma_cannot_load_are_copied():
     k = torch.randn(1, 4, 300, 64, device="cuda", dtype=torch.bfloat16).expand(2, -1, -1, -1)
     v = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
     out, lse = attention(q, k, v)
-    ref_out, ref_lse = liteattn_ops.reference.attention_reference(q, k, v)
+    ref_out, ref_lse = liteattn_ops.core.reference.attention_reference(q, k, v)
     assert float((out.float() - ref_out.float()).norm() / ref_out.float().norm()) < 1e-2
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-3)

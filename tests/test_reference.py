@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import liteattn_ops
-from liteattn_ops.reference import first_tile, range_tiles, sparse_attention_reference
-from liteattn_ops.state import new_state, pack_bits, unpack_bits
+from liteattn_ops.core.reference import first_tile, range_tiles, sparse_attention_reference
+from liteattn_ops.core.state import new_state, pack_bits, unpack_bits
 from liteattn_ops.testing import local_qkv
 
 LOG2E = math.log2(math.e)

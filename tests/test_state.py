@@ -5,7 +5,7 @@ import torch
 from expecttest import assert_expected_inline
 
 import liteattn_ops
-from liteattn_ops.state import (live_fraction, live_mask, new_state, pack_bits, reset_state, state_shape,
+from liteattn_ops.core.state import (live_fraction, live_mask, new_state, pack_bits, reset_state, state_shape,
                                 unpack_bits)
 
 
@@ -83,12 +83,12 @@ def test_state_summary():
 def test_check_state_errors():
     q = torch.randn(1, 2, 200, 64)
     good = new_state(1, 2, 200, 200, 64, torch.float32)
-    liteattn_ops.state.check_state(good, q, q)
+    liteattn_ops.core.state.check_state(good, q, q)
     with pytest.raises(ValueError, match="does not match this call"):
-        liteattn_ops.state.check_state(new_state(1, 2, 200, 5000, 64, torch.float32), q, q)
+        liteattn_ops.core.state.check_state(new_state(1, 2, 200, 5000, 64, torch.float32), q, q)
     with pytest.raises(ValueError, match="does not match this call"):
-        liteattn_ops.state.check_state(new_state(1, 2, 200, 200, 64, torch.float32), q, torch.randn(1, 2, 4200, 64))
+        liteattn_ops.core.state.check_state(new_state(1, 2, 200, 200, 64, torch.float32), q, torch.randn(1, 2, 4200, 64))
     with pytest.raises(ValueError, match="contiguous"):
-        liteattn_ops.state.check_state(torch.full((1, 2, 2, 2), -1, dtype=torch.int32)[..., :1], q, q)
+        liteattn_ops.core.state.check_state(torch.full((1, 2, 2, 2), -1, dtype=torch.int32)[..., :1], q, q)
     with pytest.raises(TypeError, match="torch.Tensor"):
-        liteattn_ops.state.check_state([1, 2], q, q)
+        liteattn_ops.core.state.check_state([1, 2], q, q)

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import liteattn_ops  # noqa: F401  (registers torch.ops.liteattn)
-from liteattn_ops.state import live_mask, new_state, pack_bits
+from liteattn_ops.core.state import live_mask, new_state, pack_bits
 from liteattn_ops.testing import forced_live, local_qkv
-from liteattn_ops.tiling import num_tiles, tile_shape
+from liteattn_ops.core.tiling import num_tiles, tile_shape
 
 DEFAULT_SHAPES = [(32760, 12, 128), (75600, 40, 128), (16384, 24, 128), (32760, 24, 64)]
 GRIDS = {32760: (21, 30, 52), 16384: (16, 32, 32)}  # Wan-style (t, h, w) token grids

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import liteattn_ops  # noqa: E402
-from liteattn_ops import demo  # noqa: E402
+from liteattn_ops.demo import app as demo  # noqa: E402
 
 
 def parse_args(argv=None):

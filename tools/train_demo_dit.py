@@ -43,8 +43,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from liteattn_ops.models.dit import DiTConfig, VideoDiT, sample  # noqa: E402
-from liteattn_ops.models.videos import CLASS_NAMES, generate_videos  # noqa: E402
+from liteattn_ops.demo.models.dit import DiTConfig, VideoDiT, sample  # noqa: E402
+from liteattn_ops.demo.models.videos import CLASS_NAMES, generate_videos  # noqa: E402
 
 DEFAULT_RESOLUTIONS = "8x64x64:0.35,16x64x64:0.2,8x96x96:0.15,8x128x128:0.15,16x128x128:0.15"
 

@@ -52,10 +52,11 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .module import LiteAttention, attention_sites
-from .state import live_fraction as _state_live_fraction
-from .state import new_state, reset_state, state_shape
-from .tiling import tile_shape
+from ..nn.attention import LiteAttention
+from ..nn.model import attention_sites
+from ..core.state import live_fraction as _state_live_fraction
+from ..core.state import new_state, reset_state, state_shape
+from ..core.tiling import tile_shape
 
 log = logging.getLogger("liteattn_ops")
 
@@ -123,7 +124,7 @@ def _prepare(model: nn.Module, enable_options: dict) -> list[tuple[str, LiteAtte
     rewrite the compile backend relies on) when it has none or when enable options are given."""
     sites = list(attention_sites(model))
     if enable_options or not sites:
-        from .enable import AttentionSite, enable
+        from ..routing.router import AttentionSite, enable
 
         if sites and not any(isinstance(site, AttentionSite) for _, site in sites):
             raise ValueError(f"{sorted(enable_options)} are options of liteattn_ops.enable, but this model "
@@ -201,7 +202,7 @@ def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
     with _refuse_dynamic_shapes(sites), torch.no_grad():
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict, **options)
 
-    from .graph_pass import run_pass
+    from ..compile.graph_pass import run_pass
 
     report = run_pass(ep.graph_module, cross=cross, fallback="sdpa", name=f"export of {type(model).__name__}")
     records = _state_records(ep)
@@ -237,7 +238,7 @@ def _input_specs(ep: torch.export.ExportedProgram) -> list[dict]:
 
 
 def _package_version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
 

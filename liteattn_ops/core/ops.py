@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._extension import extension
+from .extension import extension
 from .state import check_state
 from .tiling import tile_shape
 

@@ -42,9 +42,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .graph_pass import GRAD, NOT_TENSORS, SDPA, bind_sdpa, ineligible_reason, warn_grad_once
-from .module import LiteAttention, RangesLike, ThresholdLike
-from .state import live_mask, new_state, reset_state
+from ..core.eligibility import GRAD, NOT_TENSORS, SDPA, bind_sdpa, ineligible_reason, warn_grad_once
+from ..nn.attention import LiteAttention, RangesLike, ThresholdLike
+from ..core.state import live_mask, new_state, reset_state
 
 log = logging.getLogger("liteattn_ops")
 

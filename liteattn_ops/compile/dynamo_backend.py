@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import graph_pass
-from .module import ThresholdLike, _threshold_values
+from ..nn.attention import ThresholdLike, _threshold_values
 
 log = logging.getLogger("liteattn_ops")
 
@@ -183,7 +183,7 @@ class _EnableOnCall:
             graph_pass.warn_not_a_site_once()
         elif module not in self.seen:
             self.seen.add(module)
-            from .enable import enable
+            from ..routing.router import enable
 
             names = enable(module, self.backend.threshold, cross=self.backend.cross)
             log.info("liteattn backend: enabled %d attention sites of %s on its first compiled call; "

@@ -431,7 +431,7 @@ def _progress(total: int, desc: str, quiet: bool):
 
 def _self_attention_stats(model) -> dict:
     """liteattn_ops.stats(model) restricted to self-attention sites that hold a state."""
-    from . import stats
+    from .. import stats
 
     return {name: s for name, s in stats(model).items() if s["live_fraction"] is not None}
 
@@ -529,7 +529,7 @@ def sdpa_priority(name: str, device: torch.device):
 
 
 def _compile_backend():
-    from .backend import backend as make_backend
+    from .. import backend as make_backend
 
     try:
         import torch._dynamo as dynamo
@@ -650,9 +650,9 @@ def forced_fraction_runs(pipe, lite_model, model, args, clock) -> list[dict]:
     """Speed at fixed live fractions: every state set to a random mask with that fraction of live
     tiles in every query-tile row (at least one), threshold -inf so nothing changes."""
     import liteattn_ops
-    from .enable import routed_sites
-    from .state import pack_bits
-    from .testing import forced_live
+    from ..routing.router import routed_sites
+    from ..core.state import pack_bits
+    from ..testing import forced_live
 
     results = []
     thr = args.threshold

@@ -15,7 +15,7 @@ _MISSING_MESSAGE = (
 @functools.cache
 def _load():
     try:
-        from . import _C
+        from .. import _C
     except ImportError as error:
         return None, f"{_MISSING_MESSAGE} (import error: {error})"
     return _C, None

@@ -1,0 +1,1 @@
+"""The export layer: torch.export programs, .pt2 files and AOTInductor packages with skip states."""

@@ -1,0 +1,1 @@
+"""The eager layer: the LiteAttention module and the helpers over every site of a model."""
