@@ -15,38 +15,10 @@ from ..core.state import live_mask, new_state, reset_state
 
 log = logging.getLogger("liteattn_ops")
 
-ThresholdLike = Union[float, Sequence[float], Tensor]
-RangesLike = Union[None, Sequence[Sequence[int]], Tensor]
-
-
-def _threshold_values(value: ThresholdLike) -> list[float]:
-    """Validate a threshold given as a float or per head; returns the list of values."""
-    if isinstance(value, Tensor):
-        values = value.detach().to("cpu", torch.float64).reshape(-1).tolist()
-    elif isinstance(value, (int, float)):
-        values = [float(value)]
-    else:
-        values = [float(x) for x in value]
-    if not values:
-        raise ValueError("threshold must be a float or a non-empty sequence of per-head floats")
-    for x in values:
-        if math.isnan(x) or x > 0:
-            raise ValueError(f"threshold must be <= 0 in log2 units (or -inf to never skip), got {x}")
-    return values
-
-
-def _ranges_tensor(name: str, ranges: RangesLike) -> Optional[Tensor]:
-    """Validate [start, end) key-token ranges given as pairs or an (R, 2) tensor; int32 on CPU."""
-    if ranges is None:
-        return None
-    t = ranges.detach().cpu() if isinstance(ranges, Tensor) else torch.tensor(list(ranges), dtype=torch.int64)
-    if t.numel() == 0:
-        return None
-    if t.dim() != 2 or t.shape[1] != 2 or t.is_floating_point():
-        raise ValueError(f"{name} must be a list of (start, end) integer pairs or an (R, 2) integer tensor, got {tuple(t.shape)}")
-    if bool(((t[:, 0] < 0) | (t[:, 1] <= t[:, 0])).any()):
-        raise ValueError(f"{name} ranges must satisfy 0 <= start < end, got {t.tolist()}")
-    return t.to(torch.int32)
+# Argument parsing lives in core/params.py; these names stay importable from here.
+from ..core.params import RangesLike, ThresholdLike  # noqa: E402
+from ..core.params import ranges_tensor as _ranges_tensor  # noqa: E402
+from ..core.params import threshold_values as _threshold_values  # noqa: E402
 
 
 def _state_key(q, k) -> Optional[tuple]:
