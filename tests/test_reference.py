@@ -10,64 +10,9 @@ import torch.nn.functional as F
 import liteattn_ops
 from liteattn_ops.core.reference import first_tile, range_tiles, sparse_attention_reference
 from liteattn_ops.core.state import new_state, pack_bits, unpack_bits
-from liteattn_ops.testing import local_qkv
+from liteattn_ops.testing import assert_lse_close, local_qkv
 
-LOG2E = math.log2(math.e)
-
-
-def literal_reference(q, k, v, state, threshold, must_do=None, must_skip=None, scale=None):
-    """The semantics, one (b, h, m) and one tile at a time, with an online softmax."""
-    batch, heads, seqlen_q, head_dim = q.shape
-    seqlen_k = k.shape[2]
-    bm, bn = liteattn_ops.tile_shape(head_dim, q.dtype)
-    mt, nt = math.ceil(seqlen_q / bm), math.ceil(seqlen_k / bn)
-    scale = 1 / math.sqrt(head_dim) if scale is None else scale
-    live = unpack_bits(state, nt)
-    do = range_tiles(must_do, seqlen_k, bn, inside=False)
-    skip = range_tiles(must_skip, seqlen_k, bn, inside=True) & ~do
-    out = torch.zeros(batch, heads, seqlen_q, head_dim)
-    lse = torch.full((batch, heads, seqlen_q), -math.inf)
-    new_live = live.clone()
-    for b in range(batch):
-        for h in range(heads):
-            for m in range(mt):
-                rows = slice(m * bm, min((m + 1) * bm, seqlen_q))
-                qm = q[b, h, rows].float()
-                row_max = torch.full((qm.shape[0],), -math.inf)       # log2 units
-                row_sum = torch.zeros(qm.shape[0])
-                acc = torch.zeros(qm.shape[0], head_dim)
-                n0 = min(nt - 1, (m * bm * seqlen_k) // (seqlen_q * bn))
-                for j in range(nt):
-                    n = (n0 + j) % nt
-                    visited = (bool(live[b, h, m, n]) or bool(do[n])) and not bool(skip[n])
-                    if not visited:
-                        new_live[b, h, m, n] = False
-                        continue
-                    cols = slice(n * bn, min((n + 1) * bn, seqlen_k))
-                    s = (qm @ k[b, h, cols].float().T) * scale * LOG2E
-                    tile_max = s.max(1).values
-                    negligible = bool(((tile_max - row_max) <= threshold[h]).all()) and not bool(do[n])
-                    new_max = torch.maximum(row_max, tile_max)
-                    correction = torch.exp2(row_max - new_max)
-                    p = torch.exp2(s - new_max[:, None])
-                    acc = acc * correction[:, None] + p @ v[b, h, cols].float()
-                    row_sum = row_sum * correction + p.sum(1)
-                    row_max = new_max
-                    new_live[b, h, m, n] = not negligible
-                nonempty = row_sum > 0
-                out[b, h, rows][nonempty] = acc[nonempty] / row_sum[nonempty, None]
-                lse[b, h, rows][nonempty] = (row_max[nonempty] + torch.log2(row_sum[nonempty])) / LOG2E
-    words = pack_bits(new_live, fill=False)
-    tail = ~pack_bits(torch.zeros(nt, dtype=torch.bool), fill=True)  # bits >= Nt keep their old value
-    new_state = (words & tail) | (state & ~tail)
-    return out, lse, new_state
-
-
-def random_state(batch, heads, seqlen_q, seqlen_k, head_dim, live_prob, generator):
-    state = new_state(batch, heads, seqlen_q, seqlen_k, head_dim, torch.float32)
-    nt = math.ceil(seqlen_k / liteattn_ops.tile_shape(head_dim, torch.float32)[1])
-    mask = torch.rand(*state.shape[:3], nt, generator=generator) < live_prob
-    return pack_bits(mask)
+from literal_reference import literal_reference, masked_attention, random_state
 
 
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 1), (7, 7), (127, 127), (128, 128), (129, 129),
@@ -85,9 +30,11 @@ def test_dense_equals_sdpa(seqlen_q, seqlen_k, head_dim):
     assert out.stride() == torch.empty(2, seqlen_q, 3, head_dim).transpose(1, 2).stride()
 
 
-@pytest.mark.parametrize("case", range(12))
-def test_matches_literal_semantics(case):
-    """Random states, thresholds per head, ranges and shapes: decisions, output and lse agree."""
+N_LITERAL_CASES = 12
+
+
+def literal_case(case):
+    """Inputs of one literal case: random states, thresholds per head, ranges and shapes."""
     g = torch.Generator().manual_seed(case)
     head_dim = (64, 128)[case % 2]
     seqlen_q = int(torch.randint(1, 1100, (1,), generator=g))
@@ -100,22 +47,29 @@ def test_matches_literal_semantics(case):
     threshold = torch.tensor([-1.0, -4.0]) if case % 4 else torch.tensor([-math.inf, -2.0])
     must_do = torch.tensor([[0, 3]]) if case % 5 == 1 else None
     must_skip = torch.tensor([[128, 256], [300, 310]]) if case % 3 == 2 and seqlen_k > 256 else None
-    got = sparse_attention_reference(q, k, v, state, threshold, must_do, must_skip)
-    want = literal_reference(q, k, v, state, threshold, must_do, must_skip)
-    removed_by_case[case] = int((unpack_bits(state, 64) & ~unpack_bits(got[2], 64)).sum())
+    return q, k, v, state, threshold, must_do, must_skip
+
+
+@pytest.mark.parametrize("case", range(N_LITERAL_CASES))
+def test_matches_literal_semantics(case):
+    """Decisions, output and lse of the vectorised reference agree with the literal loops."""
+    args = literal_case(case)
+    got = sparse_attention_reference(*args)
+    want = literal_reference(*args)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
     assert torch.equal(got[2], want[2])
 
 
-removed_by_case: dict[int, int] = {}
-
-
 def test_literal_cases_remove_tiles():
-    """The cases above are only a strong check if they do remove tiles."""
-    if len(removed_by_case) < 12:
-        pytest.skip("run with the whole file")
-    assert sum(removed_by_case.values()) > 50 and sum(v > 0 for v in removed_by_case.values()) >= 8
+    """The literal cases are only a strong check if they do remove tiles (computed here, on its
+    own, with the vectorised reference: no dependence on which other tests ran)."""
+    removed = []
+    for case in range(N_LITERAL_CASES):
+        q, k, v, state, threshold, must_do, must_skip = literal_case(case)
+        after = sparse_attention_reference(q, k, v, state, threshold, must_do, must_skip)[2]
+        removed.append(int((unpack_bits(state, 64) & ~unpack_bits(after, 64)).sum()))
+    assert sum(removed) > 50 and sum(r > 0 for r in removed) >= 8, removed
 
 
 def test_visit_order_starts_at_diagonal():
@@ -151,3 +105,60 @@ def test_huge_scores_in_skipped_tiles_do_not_overflow():
     out, lse, _ = sparse_attention_reference(q, k, v, state, torch.tensor([-5.0]), must_skip=torch.tensor([[128, 256]]))
     assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(lse).all())
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q[..., :, :], k[:, :, :128], v[:, :, :128]))
+
+
+def test_must_do_wins_over_must_skip():
+    """A tile inside a must-skip range that also overlaps a must-do range is visited and stays
+    live; the must-skip tile next to it is not visited. Oracle: masked float64 attention."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 384, 64, generator=g) for _ in range(3))
+    state = new_state(1, 2, 384, 384, 64, torch.float32)
+    must_do, must_skip = torch.tensor([[100, 101]]), torch.tensor([[0, 256]])   # tile 0: both; tile 1: skip
+    out, lse, after = sparse_attention_reference(q, k, v, state, torch.full((2,), -math.inf), must_do, must_skip)
+    visited = torch.tensor([True, False, True]).expand(1, 2, 3, 3)
+    assert torch.equal(unpack_bits(after, 3), visited)
+    want_out, want_lse = masked_attention(q, k, v, visited)
+    torch.testing.assert_close(out, want_out.float(), atol=1e-5, rtol=1e-4)
+    assert_lse_close(lse, want_lse, atol=1e-5)
+
+
+def test_non_finite_scores_never_make_a_tile_negligible():
+    """The rule for +-inf / NaN scores (README, Semantics 3): a tile where a valid row has a
+    non-finite running max or tile max is never negligible. q >= 0 and one +inf key put +inf into
+    every row's scores of that tile, so the running max is +inf for every tile visited after it:
+    none of those may be dropped (before the rule, l - r = -inf <= thr dropped them all)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 640, 64, generator=g) for _ in range(3))
+    q = q.abs()
+    k[:, :, 5] = math.inf                   # in tile 0
+    state = new_state(1, 2, 640, 640, 64, torch.float32)
+    threshold = torch.full((2,), -8.0)
+    _, _, after = sparse_attention_reference(q, k, v, state, threshold)
+    live = unpack_bits(after, 5)
+    n0 = first_tile(128, 128, 640, 640).tolist()
+    for m in range(5):
+        order = [(n0[m] + j) % 5 for j in range(5)]
+        assert bool(live[:, :, m, order[order.index(0):]].all()), f"query tile {m}: a tile after the +inf key was dropped"
+    assert torch.equal(after, literal_reference(q, k, v, state, threshold)[2])
+    # NaN scores: the same rule, in both implementations.
+    k2 = k.clone()
+    k2[:, :, 5] = 0.0
+    k2[:, 1, 400] = math.nan
+    state2 = new_state(1, 2, 640, 640, 64, torch.float32)
+    got = sparse_attention_reference(q, k2, v, state2, torch.full((2,), 0.0))[2]
+    assert torch.equal(got, literal_reference(q, k2, v, state2, torch.full((2,), 0.0))[2])
+    assert bool(unpack_bits(got, 5)[:, 1, :, 3].all()), "the tile with a NaN key was dropped"
+
+
+def test_lse_check_catches_one_missing_tile_of_32():
+    """The LSE comparison used by the op tests is tight enough to see one key tile of 32 missing."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, 128, 64, generator=g)
+    k, v = (torch.randn(1, 2, 32 * 128, 64, generator=g) for _ in range(2))
+    state = new_state(1, 2, 128, 32 * 128, 64, torch.float32)
+    thr = torch.full((2,), -math.inf)
+    _, full = sparse_attention_reference(q, k, v, state, thr)[:2]
+    _, missing = sparse_attention_reference(q, k, v, state, thr, must_skip=torch.tensor([[1280, 1408]]))[:2]
+    assert_lse_close(full, full.clone())
+    with pytest.raises(AssertionError, match="lse differs"):
+        assert_lse_close(missing, full)

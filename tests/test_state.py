@@ -92,3 +92,44 @@ def test_check_state_errors():
         liteattn_ops.core.state.check_state(torch.full((1, 2, 2, 2), -1, dtype=torch.int32)[..., :1], q, q)
     with pytest.raises(TypeError, match="torch.Tensor"):
         liteattn_ops.core.state.check_state([1, 2], q, q)
+
+
+def test_documented_bit_layout():
+    """Bit n % 32 of word n // 32 is tile n (README, The skip state): pinned to literal words, so
+    reversing the layout in both pack and unpack (which a round trip cannot see) fails here."""
+    def one_tile(n, nbits=64):
+        mask = torch.zeros(nbits, dtype=torch.bool)
+        mask[n] = True
+        return pack_bits(mask, fill=False).tolist()
+
+    assert one_tile(0) == [1, 0]
+    assert one_tile(1) == [2, 0]
+    assert one_tile(31) == [-2**31, 0]          # the sign bit of word 0
+    assert one_tile(32) == [0, 1]
+    assert one_tile(37) == [0, 1 << 5]
+    assert unpack_bits(torch.tensor([0b1011], dtype=torch.int32), 5).tolist() == [True, True, False, True, False]
+    assert unpack_bits(torch.tensor([0, -2**31], dtype=torch.int32), 64).nonzero().flatten().tolist() == [63]
+    # padding bits past N take the fill value
+    assert pack_bits(torch.ones(3, dtype=torch.bool), fill=False).tolist() == [0b111]
+    assert pack_bits(torch.zeros(3, dtype=torch.bool), fill=True).tolist() == [-8]
+
+
+def test_live_mask_checks_its_arguments_against_the_state():
+    s = new_state(1, 2, 256, 256, 64, torch.float32)                   # 2 key tiles: 1 word
+    assert live_mask(s, 256, 64, torch.float32).shape == (1, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"seqlen_k=100000 .* needs 25 words per row, but the state has 1"):
+        live_mask(s, 100000, 64, torch.float32)
+    with pytest.raises(ValueError, match="seqlen_k=0"):
+        live_mask(s, 0, 64, torch.float32)
+    with pytest.raises(ValueError, match="head_dim must be one of"):
+        live_mask(s, 256, 80, torch.float32)
+    with pytest.raises(TypeError, match="dtype must be"):
+        live_mask(s, 256, 64, "float32")
+    with pytest.raises(TypeError, match="seqlen_k must be an int"):
+        live_mask(s, 256.0, 64, torch.float32)
+    with pytest.raises(TypeError, match="int32"):
+        live_mask(s.long(), 256, 64, torch.float32)
+    with pytest.raises(TypeError, match="state must be an int32 tensor"):
+        live_mask([[-1]], 256, 64, torch.float32)
+    with pytest.raises(ValueError, match="needs 25 words"):
+        live_fraction(s, 100000, 64, torch.float32)

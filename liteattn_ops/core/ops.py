@@ -174,7 +174,7 @@ def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
 # --------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("liteattn::sparse_attention", mutates_args=("state",))
-def sparse_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor, threshold: Tensor,
+def _sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, state: Tensor, threshold: Tensor,
                      must_do: Optional[Tensor] = None, must_skip: Optional[Tensor] = None,
                      scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """Attention over the live KV tiles of `state`; drops the tiles found negligible from `state`.
@@ -190,14 +190,14 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor, threshold: 
     return out, lse
 
 
-@sparse_attention.register_fake
+@_sparse_attention_op.register_fake
 def _(q, k, v, state, threshold, must_do=None, must_skip=None, scale=None):
     check_inputs(q, k, v, state, threshold, must_do, must_skip, scale)
     return _empty_outputs(q)
 
 
 @torch.library.custom_op("liteattn::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """Dense attention (no skip state) with the same kernel and output conventions: (out, lse)."""
     check_inputs(q, k, v, scale=scale)
     if q.device.type == "cuda":
@@ -205,7 +205,51 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) ->
     return reference.attention_reference(q, k, v, scale)
 
 
-@attention.register_fake
+@_attention_op.register_fake
 def _(q, k, v, scale=None):
     check_inputs(q, k, v, scale=scale)
     return _empty_outputs(q)
+
+
+# --------------------------------------------------------------------------------------------
+# Python entry points with argument-type checks
+# --------------------------------------------------------------------------------------------
+# torch.ops.liteattn.* parses its schema in C++ before any of our code runs, so a float threshold
+# or a list of ranges there is PyTorch's RuntimeError ("Expected a value of type 'Tensor' for
+# argument 'threshold' ..."). These wrappers check the Python types first and raise TypeError
+# naming the argument and the fix; then they call the op (traceable by Dynamo, no graph break).
+
+def _check_argument_types(args: dict) -> None:
+    for name in ("q", "k", "v"):
+        if not isinstance(args[name], Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (B, H, S, D), got {type(args[name]).__name__}")
+    if "state" in args and not isinstance(args["state"], Tensor):
+        raise TypeError(f"state must be an int32 tensor from liteattn_ops.new_state(...), got "
+                        f"{type(args['state']).__name__}")
+    if "threshold" in args and not isinstance(args["threshold"], Tensor):
+        raise TypeError(f"threshold must be a float32 tensor of shape (heads,), got {type(args['threshold']).__name__} "
+                        f"{args['threshold']!r}; e.g. torch.full((heads,), -10.0, device=q.device)")
+    for name in ("must_do", "must_skip"):
+        if name in args and args[name] is not None and not isinstance(args[name], Tensor):
+            raise TypeError(f"{name} must be None or an int32/int64 tensor of shape (R, 2), got "
+                            f"{type(args[name]).__name__} {args[name]!r}; e.g. torch.tensor([[0, 512]], "
+                            "device=q.device) (liteattn_ops.core.params.ranges_tensor converts pairs)")
+    scale = args["scale"]
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__} {scale!r}")
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor, threshold: Tensor,
+                     must_do: Optional[Tensor] = None, must_skip: Optional[Tensor] = None,
+                     scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """torch.ops.liteattn.sparse_attention with Python type checks first (TypeError naming the
+    argument); see `_sparse_attention_op` and liteattn_ops.core.reference for the semantics."""
+    _check_argument_types(dict(q=q, k=k, v=v, state=state, threshold=threshold, must_do=must_do,
+                               must_skip=must_skip, scale=scale))
+    return torch.ops.liteattn.sparse_attention(q, k, v, state, threshold, must_do, must_skip, scale)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """torch.ops.liteattn.attention with Python type checks first (TypeError naming the argument)."""
+    _check_argument_types(dict(q=q, k=k, v=v, scale=scale))
+    return torch.ops.liteattn.attention(q, k, v, scale)

@@ -80,7 +80,7 @@ def threshold_values(value: ThresholdLike) -> list[float]:
     return values
 
 
-_RANGES_EXPECTED = "a list of [start, end) key-token (start, end) integer pairs or an (R, 2) integer tensor, or None"
+_RANGES_EXPECTED = "a list of (start, end) integer pairs ([start, end) key-token ranges) or an (R, 2) integer tensor, or None"
 
 
 def ranges_tensor(name: str, ranges: RangesLike) -> Optional[Tensor]:

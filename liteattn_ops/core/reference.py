@@ -7,9 +7,11 @@ for each (b, h, query tile m):
    skip_tiles lie entirely inside a must-skip key range (must-do wins).
 2. Visited tiles are taken in a fixed order: start at n0 = min(Nt-1, m*BM*S_k // (S_q*BN)) (the
    diagonal tile for self-attention), then n0+1, ..., Nt-1, 0, ..., n0-1.
-3. A visited tile is negligible when, for every valid query row i, its row max l_i minus the
-   running max r_i of the tiles visited before it is <= thr[h] (both in log2 units:
-   score * scale * log2(e)). The first visited tile (r_i = -inf) and must-do tiles never are.
+3. A visited tile is negligible when, for every valid query row i, its row max l_i and the
+   running max r_i of the tiles visited before it are both finite and l_i - r_i <= thr[h] (both
+   in log2 units: score * scale * log2(e)). A tile where any valid row has a non-finite r_i or l_i
+   (+-inf or NaN) is never negligible; so the first visited tile (r_i = -inf) never is, and
+   must-do tiles never are.
 4. The output and the log-sum-exp cover every visited tile. Rows with no visited tile give
    output 0 and lse -inf.
 5. New state words: (old | do_bits) & ~(negligible_bits | skip_bits); bits >= Nt unchanged.
@@ -109,7 +111,9 @@ def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_ski
         in_order = torch.gather(tile_max, -1, order_rows) * _LOG2E
         running = torch.cummax(in_order, dim=-1).values
         before = torch.nn.functional.pad(running[..., :-1], (1, 0), value=-math.inf)
-        row_negligible_ordered = (in_order - before) <= thr      # NaN (both -inf) -> False
+        # A row vouches for "negligible" only with a finite running max and tile max: an inf or NaN
+        # score (e.g. an inf key) must not make later tiles look negligible for good.
+        row_negligible_ordered = torch.isfinite(in_order) & torch.isfinite(before) & ((in_order - before) <= thr)
         row_negligible = torch.empty_like(row_negligible_ordered).scatter_(-1, order_rows, row_negligible_ordered)
 
         # A tile is negligible when every valid row of its query tile says so.

@@ -60,9 +60,29 @@ def pack_bits(mask: torch.Tensor, fill: bool = True) -> torch.Tensor:
 
 
 def live_mask(state: torch.Tensor, seqlen_k: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """Decoded state: bool (B, H, Mt, Nt), True where a KV tile is live."""
+    """Decoded state: bool (B, H, Mt, Nt), True where a KV tile is live.
+
+    (seqlen_k, head_dim, dtype) must be those the state was made for: Nt = ceil(seqlen_k / BN)
+    must need exactly the state's W = ceil(Nt / 32) words (shapes only: no device read)."""
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"state must be an int32 tensor from liteattn_ops.new_state(...), got {type(state).__name__}")
+    if state.dtype != torch.int32 or state.dim() == 0:
+        # (B, H, Mt, W), or a stack of such states (..., W): the words are the last dim.
+        raise TypeError(f"state must be an int32 (B, H, Mt, W) bitmask from liteattn_ops.new_state(...), got "
+                        f"dtype {state.dtype} and shape {tuple(state.shape)}")
+    if isinstance(seqlen_k, bool) or not isinstance(seqlen_k, (int, torch.SymInt)):
+        raise TypeError(f"seqlen_k must be an int (the key length the state was made for), got {type(seqlen_k).__name__}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (the dtype of q the state was made for), got {type(dtype).__name__}")
     _, block_n = tile_shape(head_dim, dtype)
-    return unpack_bits(state, num_tiles(seqlen_k, block_n))
+    n_tiles = num_tiles(seqlen_k, block_n)
+    words = num_tiles(n_tiles, _BITS)
+    torch._check_with(
+        ValueError, seqlen_k >= 1 and words == state.shape[-1],
+        lambda: f"seqlen_k={seqlen_k} with head_dim {head_dim} {dtype} ({n_tiles} key tiles of {block_n}) needs "
+                f"{words} words per row, but the state has {state.shape[-1]} (shape {tuple(state.shape)}): pass the "
+                "seqlen_k, head_dim and dtype the state was made for")
+    return unpack_bits(state, n_tiles)
 
 
 def live_fraction(state: torch.Tensor, seqlen_k: int, head_dim: int, dtype: torch.dtype,
