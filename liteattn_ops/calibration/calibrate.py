@@ -1,0 +1,353 @@
+"""calibrate(model, run): per-site, per-head (optionally per step range) thresholds that keep every
+site's per-call attention error within a budget, found in two generations.
+
+The algorithm (README "Calibration" has the why):
+
+Each pass calls `run(model)` once, with hooks on every attention site. At each call of a site the
+hook, before the op runs, analyses the call (`margins.analyse_call`, one pass over the scores):
+every visited tile's margin (the smallest threshold at which this call removes it) and, for every
+candidate threshold, the error the site's output would have on these inputs if the tiles with
+margin <= threshold were gone as well. It takes the largest candidate whose error, and that of
+every smaller candidate, stays within `safety * target_error` (for each head and batch element;
+with granularity "layer" for the site as a whole), and lowers the current threshold of the call's
+step range to it if it is lower (a running minimum: a threshold only ever goes down, so it is
+safe for every call seen so far). The site's threshold is set to that value before the op runs,
+so the op removes exactly what the table-so-far would remove: the calibration runs on the
+trajectory its own thresholds produce, with the skips accumulated from the earlier steps.
+
+Pass 1 starts from 0 (no constraint); pass 2 starts from pass 1's table and runs the same rule.
+Where pass 2 lowers nothing, it *is* a generation with the final table, and the errors it
+measures (dense attention of the same inputs against the op's output, per call) are the table's
+errors; where it lowers a threshold, the generation after that point used larger thresholds than
+the final table (it removed at least as much as the table would, tile for tile on its inputs).
+
+The hooks keep their own copy of each state (the live set before each call, updated as the op
+updates it: `margins.next_live`) and check after each call that the op's output equals the
+predicted one, so a calibration that lost track of a state fails loudly instead of silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..core.tiling import num_tiles, tile_shape
+from ..nn.attention import LiteAttention
+from ..nn.model import attention_sites
+from .margins import METRICS, analyse_call, next_live, relative_error, threshold_grid
+from .table import SiteEntry, ThresholdTable, _model_name, _plain_name
+
+log = logging.getLogger("liteattn_ops")
+
+SAFETY = 0.8          # predictions aim at 0.8 x the budget: room for the drift between steps
+GRID_STEP = 1.0 / 16  # candidate thresholds, log2 units
+TOLERANCE = 1.25      # stated guarantee: per-call error <= 1.25 x budget on a run like `run`
+
+
+class CalibrationError(RuntimeError):
+    """The calibration could not follow a site (its state changed outside the calibration)."""
+
+
+def _ranges(schedule) -> list[list[Optional[int]]]:
+    if schedule is None:
+        return [[0, None]]
+    if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence):
+        raise TypeError(f"schedule must be None or a sequence of step boundaries, e.g. [2, 10], got {schedule!r}")
+    bounds = list(schedule)
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds) or \
+            any(b <= a for a, b in zip([0] + bounds, bounds)):
+        raise ValueError(f"schedule must be increasing step boundaries > 0 (e.g. [2, 10] for steps [0, 2), "
+                         f"[2, 10), [10, end)), got {schedule!r}")
+    starts = [0] + bounds
+    return [[s, e] for s, e in zip(starts, bounds + [None])]
+
+
+def _roots(model) -> list[tuple[str, nn.Module]]:
+    """(prefix, module) of what holds the sites: the model, or a pipeline's nn.Module components."""
+    if isinstance(model, nn.Module):
+        return [("", model)]
+    components = getattr(model, "components", None)
+    if not isinstance(components, dict):
+        components = vars(model)
+    return [(f"{name}.", m) for name, m in components.items() if isinstance(m, nn.Module)]
+
+
+@dataclass
+class _Pending:
+    key: tuple
+    new_live: Tensor
+    out: Tensor
+    head_err: Tensor      # (H,) realized per-head error (max over the batch)
+    site_err: float
+    range_index: int
+
+
+@dataclass
+class _Site:
+    name: str
+    module: LiteAttention
+    root: list                           # [forward count] of the root module, shared
+    thresholds: list                     # per range: float64 (H,) tensor, or None before the first call
+    root_module: Optional[nn.Module] = None
+    heads: Optional[int] = None
+    shadows: dict = field(default_factory=dict)     # key -> bool live (B, H, Mt, Nt)
+    counts: dict = field(default_factory=dict)      # key -> calls since reset
+    pending: list = field(default_factory=list)
+    shapes: list = field(default_factory=list)
+    calls: list = field(default_factory=list)       # per range
+    error: list = field(default_factory=list)       # per range: max site error
+    error_per_head: list = field(default_factory=list)
+    lowered: bool = False
+    analysed_s: float = 0.0
+
+
+class _Calibrator:
+    def __init__(self, model, *, target_error, metric, granularity, ranges, safety, grid):
+        self.model, self.target, self.metric = model, target_error, metric
+        self.granularity, self.ranges, self.safety, self.grid = granularity, ranges, safety, grid
+        self.roots = _roots(model)
+        self.sites: dict[str, _Site] = {}
+        for prefix, root in self.roots:
+            counter = [0]
+            for name, module in attention_sites(root):
+                full = _plain_name(prefix + name) if prefix else _plain_name(name)
+                self.sites[full] = _Site(full, module, counter, [None] * len(ranges), root_module=root)
+        if not self.sites:
+            raise ValueError(f"{type(model).__name__} has no LiteAttention sites: prepare it with "
+                             "liteattn_ops.enable(model) (or build it from LiteAttention modules) before calibrating")
+
+    # -- one pass -------------------------------------------------------------------------------
+    def run_pass(self, run: Callable, start: Optional[dict]) -> float:
+        for site in self.sites.values():
+            site.shadows.clear(); site.counts.clear(); site.pending.clear()
+            site.calls = [0] * len(self.ranges)
+            site.error = [0.0] * len(self.ranges)
+            site.error_per_head = [None] * len(self.ranges)
+            site.lowered = False
+            site.analysed_s = 0.0
+            site.root[0] = 0
+            if start is not None:
+                site.thresholds = [None if t is None else t.clone() for t in start[site.name]]
+        handles = []
+        try:
+            seen_roots = set()
+            for site in self.sites.values():
+                root = site.root_module
+                if id(root) not in seen_roots:
+                    seen_roots.add(id(root))
+                    counter = site.root
+                    handles.append(root.register_forward_pre_hook(lambda m, a, c=counter: c.__setitem__(0, c[0] + 1)))
+                handles.append(site.module.register_forward_pre_hook(
+                    lambda m, a, kw, s=site: self._before(s, a, kw), with_kwargs=True))
+                handles.append(site.module.register_forward_hook(
+                    lambda m, a, kw, out, s=site: self._after(s, out), with_kwargs=True))
+            for _, root in self.roots:
+                from ..nn.model import reset
+
+                if any(True for _ in attention_sites(root)):
+                    reset(root)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                run(self.model)
+            return time.perf_counter() - t0
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _range_of(self, step: int) -> int:
+        for i, (s, e) in enumerate(self.ranges):
+            if s <= step and (e is None or step < e):
+                return i
+        return len(self.ranges) - 1
+
+    def _before(self, site: _Site, args, kwargs):
+        site.pending.append(None)
+        if kwargs.get("left") is not None or len(args) < 3:   # a call the site leaves to SDPA
+            return None
+        q, k, v = args[:3]
+        if not all(isinstance(t, Tensor) and t.dim() == 4 for t in (q, k, v)):
+            return None
+        if type(site.module).__name__ == "FlashLiteAttention":   # (B, S, H, D) layout
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if q.shape[2] != k.shape[2] or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+            return None   # cross-attention (routed sites run it dense) / grad mode (left to SDPA)
+        try:
+            tile_shape(q.shape[-1], q.dtype)
+        except (TypeError, ValueError):
+            return None
+        scale = kwargs.get("scale", args[3] if len(args) > 3 else None)
+        batch, heads = q.shape[0], q.shape[1]
+        if self.granularity == "head":
+            if site.heads is not None and site.heads != heads:
+                raise CalibrationError(f"site {site.name!r} is called with {site.heads} and {heads} heads: "
+                                       "calibrate it with granularity='layer'")
+        site.heads = heads if site.heads is None else site.heads
+        if int(site.module.calls) == 0:          # the site was reset (a new video): so are its states
+            site.shadows.clear(); site.counts.clear()
+        key = (int(kwargs.get("slot", 0)), getattr(site.module, "branch", None), tuple(q.shape), int(k.shape[2]),
+               q.dtype, q.device)
+        block_m, block_n = tile_shape(q.shape[-1], q.dtype)
+        live = site.shadows.get(key)
+        if live is None:
+            live = torch.ones(batch, heads, num_tiles(q.shape[2], block_m), num_tiles(k.shape[2], block_n),
+                              dtype=torch.bool, device=q.device)
+        shape = [*map(int, q.shape[:3]), int(k.shape[2]), int(q.shape[3]), str(q.dtype).removeprefix("torch.")]
+        if shape not in site.shapes:
+            site.shapes.append(shape)
+
+        t0 = time.perf_counter()
+        a = analyse_call(q, k, v, live, must_do=getattr(site.module, "must_do_ranges", None),
+                         must_skip=getattr(site.module, "must_skip_ranges", None), scale=scale,
+                         metric=self.metric, grid=self.grid)
+        rel = relative_error(a.err_num, a.err_ref, self.metric)                     # (B, H, G)
+        rel_site = relative_error(a.err_num.sum(1, keepdim=True), a.err_ref.sum(1, keepdim=True), self.metric)  # (B, 1, G)
+        rel_for = rel_site if self.granularity == "layer" else rel
+        envelope = torch.cummax(rel_for.amax(0), dim=-1).values                      # (H or 1, G)
+        allowed = (envelope <= self.safety * self.target).sum(-1) - 1                # last allowed index
+        grid = self.grid.to(allowed.device)
+        best = torch.where(allowed >= 0, grid[allowed.clamp_min(0)], -math.inf).double().cpu()
+        if self.granularity == "layer":
+            best = best.expand(heads).clone()
+
+        r = self._range_of(max(0, site.root[0] - 1))
+        warm = site.counts.get(key, 0) < int(getattr(site.module, "warmup_steps", 0) or 0)
+        current = site.thresholds[r]
+        if not warm:
+            new = best if current is None else torch.minimum(current, best)
+            if current is not None and bool((new < current).any()):
+                site.lowered = True
+            site.thresholds[r] = current = new
+        used = torch.full((heads,), -math.inf, dtype=torch.float64) if warm or current is None else current
+        values = used.tolist()
+        site.module.threshold = values[0] if self.granularity == "layer" else values
+        new_live = next_live(live, a, used.float())
+        site.analysed_s += time.perf_counter() - t0
+        site.pending[-1] = _Pending(key, new_live, a.out, rel[..., 0].amax(0).cpu(), float(rel_site[..., 0].max()), r)
+        return None
+
+    def _after(self, site: _Site, output):
+        pending = site.pending.pop() if site.pending else None
+        if pending is None or output is None:
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        if type(site.module).__name__ == "FlashLiteAttention":
+            out = out.transpose(1, 2)
+        expected = pending.out
+        scale = float(expected.abs().max()) or 1.0
+        tol = 1e-4 if out.dtype == torch.float32 else 3e-2
+        worst = float((out.float() - expected).abs().max()) / scale
+        if not worst <= tol:
+            raise CalibrationError(
+                f"site {site.name!r}: the op's output differs from the calibration's prediction by {worst:.3g} "
+                f"(relative; allowed {tol:g}), so the calibration lost track of this site's skip state; was a "
+                "threshold, a range or a state of the model changed inside run(model)?")
+        site.shadows[pending.key] = pending.new_live
+        site.counts[pending.key] = site.counts.get(pending.key, 0) + 1
+        r = pending.range_index
+        site.calls[r] += 1
+        site.error[r] = max(site.error[r], pending.site_err)
+        prev = site.error_per_head[r]
+        site.error_per_head[r] = pending.head_err if prev is None else torch.maximum(prev, pending.head_err)
+        return None
+
+    # -- the result -----------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return {name: [None if t is None else t.clone() for t in s.thresholds] for name, s in self.sites.items()}
+
+    def table(self, calibration: dict) -> ThresholdTable:
+        entries = {}
+        for name, s in self.sites.items():
+            if s.heads is None:
+                entries[name] = SiteEntry(heads=None, thresholds=None)
+                continue
+            thresholds = []
+            for t in s.thresholds:
+                values = [-math.inf] * s.heads if t is None else [float(x) for x in t]
+                thresholds.append(values[:1] if self.granularity == "layer" else values)
+            lives = [m.float() for m in s.shadows.values()]
+            per_head = torch.stack([m.mean((0, 2, 3)) for m in lives]).mean(0) if lives else None
+            entries[name] = SiteEntry(
+                heads=s.heads, thresholds=thresholds, shapes=s.shapes, calls=list(s.calls),
+                error=[round(e, 6) for e in s.error],
+                error_per_head=[None if e is None else [round(float(x), 6) for x in e] for e in s.error_per_head],
+                live_fraction=None if per_head is None else round(float(per_head.mean()), 6),
+                live_fraction_per_head=None if per_head is None else [round(float(x), 6) for x in per_head])
+        return ThresholdTable(sites=entries, model=_model_name(self.model if isinstance(self.model, nn.Module)
+                                                                else self.roots[0][1]),
+                              metric=self.metric, target_error=self.target, granularity=self.granularity,
+                              schedule=[list(r) for r in self.ranges], calibration=calibration)
+
+
+def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str = "l1", granularity: str = "head",
+              schedule: Optional[Sequence[int]] = None, passes: int = 2, safety: float = SAFETY) -> ThresholdTable:
+    """Thresholds for every LiteAttention site of `model` that keep each site's per-call error within
+    `target_error`, skipping as much as that allows. Returns a ThresholdTable (see table.py).
+
+    model: a module prepared with liteattn_ops.enable() (or built from LiteAttention modules), or a
+        pipeline whose nn.Module components hold the sites. Calibrate the eager model (hooks run in
+        eager mode); the table then applies to the compiled one too.
+    run: `run(model)` performs one representative generation (the user's denoising loop, or
+        `pipe(...)`); it is called `passes` times (default 2), with the states reset before each.
+    target_error: the budget: the relative error of a site's attention output against dense
+        attention on the same inputs, per call (and per head with granularity "head"), in `metric`:
+        "l1" (sum |O - O_dense| / sum |O_dense|), "rmse" (||O - O_dense|| / ||O_dense||) or "cosine"
+        (1 - cos(O, O_dense)). Measured per batch element.
+    granularity: "head" (one threshold per head) or "layer" (one per site).
+    schedule: None (one threshold for every step) or step boundaries, e.g. [2, 10]: steps [0, 2),
+        [2, 10) and [10, end) get their own thresholds. A step is one forward of `model` (of the
+        component that holds the site, for a pipeline).
+    passes: 1 or 2; the second pass starts from the first's table (and verifies it).
+    safety: the predictions aim at `safety * target_error` (room for drift between steps).
+
+    The model's thresholds are restored and its states reset afterwards; apply the result with
+    `liteattn_ops.set_threshold(model, table)`.
+    """
+    if isinstance(target_error, bool) or not isinstance(target_error, (int, float)) or \
+            not 0 < target_error < math.inf:
+        raise ValueError(f"target_error must be a positive number (relative error per call), got {target_error!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if granularity not in ("head", "layer"):
+        raise ValueError(f"granularity must be 'head' or 'layer', got {granularity!r}")
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 or 2, got {passes!r}")
+    if not 0 < safety <= 1:
+        raise ValueError(f"safety must be in (0, 1], got {safety!r}")
+    if not callable(run):
+        raise TypeError(f"run must be a callable run(model) that performs one generation, got {type(run).__name__}")
+    ranges = _ranges(schedule)
+    cal = _Calibrator(model, target_error=float(target_error), metric=metric, granularity=granularity,
+                      ranges=ranges, safety=safety, grid=threshold_grid(GRID_STEP))
+    saved = {name: s.module.threshold for name, s in cal.sites.items()}
+    walls, lowered = [], []
+    try:
+        start = None
+        for _ in range(passes):
+            walls.append(cal.run_pass(run, start))
+            lowered.append(sorted(name for name, s in cal.sites.items() if s.lowered))
+            start = cal.snapshot()
+        analysed = sum(s.analysed_s for s in cal.sites.values())
+    finally:
+        for name, s in cal.sites.items():
+            s.module.threshold = saved[name]
+        for _, root in cal.roots:
+            if any(True for _ in attention_sites(root)):
+                from ..nn.model import reset
+
+                reset(root)
+    calibration = {
+        "passes": passes, "wall_s": [round(w, 3) for w in walls], "analysis_s_last_pass": round(analysed, 3),
+        "steps": max(s.root[0] for s in cal.sites.values()), "safety": safety, "grid_step": GRID_STEP,
+        "tolerance": TOLERANCE,
+        "last_pass_is_the_table": passes == 2 and not lowered[-1],
+        "lowered_in_last_pass": lowered[-1] if passes == 2 else None,
+        "note": "error = largest per-call relative error of the site's output vs dense attention on the same "
+                "inputs, measured in the last pass",
+    }
+    return cal.table(calibration)
