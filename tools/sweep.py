@@ -2,7 +2,7 @@
 """Threshold sweep on the trained demo DiT: threshold -> live fraction, PSNR/SSIM vs dense, speedup.
 
     python tools/sweep.py                                   # CPU, 2,048 tokens (reference op)
-    python tools/sweep.py --device cuda --out out/sweep        # 16,384 tokens, compiled
+    python tools/sweep.py --device cuda --out out/sweep     # the demo's GPU default size, compiled
 
 One dense run (plain SDPA), then one LiteAttention run per threshold, all from the same noise
 with the same steps. The model is routed once with ``liteattn_ops.enable`` (and compiled once
@@ -13,27 +13,25 @@ into ``--out`` (a temporary folder moved into place at the end) and prints the t
 
 Columns: final live fraction (tiles live after the last step), computed fraction (mean over
 steps of the tiles each step visited), speedup = dense time / LiteAttention time over the timed
-steps (whole step; attention only where it can be timed, i.e. eager), PSNR/SSIM of the
-LiteAttention video against the dense one.
+steps (whole step; attention: over the demo's untimed torch.profiler pass, see
+liteattn_ops.demo.timing), PSNR/SSIM of the LiteAttention video against the dense one. It runs
+through the demo's public runner (liteattn_ops.demo.DemoRunner), timed exactly as the demo is.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import liteattn_ops  # noqa: E402
-from liteattn_ops.demo import app as demo  # noqa: E402
+from liteattn_ops.demo import DemoError, DemoRunner, parse_args as demo_parse_args, validate  # noqa: E402
+from liteattn_ops.demo.cli import threshold_ok  # noqa: E402
+from liteattn_ops.demo.outputs import publish_dir  # noqa: E402
+from liteattn_ops.demo.quality import json_number, video_quality  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,14 +40,17 @@ def parse_args(argv=None):
     p.add_argument("--thresholds", default="-inf,-14,-12,-10,-8,-6,-4,-2",
                    help="comma-separated thresholds in log2 units (<= 0; -inf never skips)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--resolution", default=None, help="HxW (default 64x64 on CPU, 128x128 on CUDA)")
-    p.add_argument("--frames", type=int, default=None, help="frames (default 8 on CPU, 16 on CUDA)")
+    p.add_argument("--resolution", default=None, help="HxW (default: the demo's, 64x64 on CPU, 128x128 on CUDA)")
+    p.add_argument("--frames", type=int, default=None, help="frames (default: the demo's, 8 on CPU, 32 on CUDA)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compile", dest="mode", action="store_const", const="compile")
     mode.add_argument("--eager", dest="mode", action="store_const", const="eager")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode of both runs (see the demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=0)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--no-profile", action="store_true", help="no attention-only times (faster)")
     p.add_argument("--out", default="out/sweep")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -57,89 +58,69 @@ def parse_args(argv=None):
         args.thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
     except ValueError:
         p.error(f"--thresholds must be comma-separated numbers, got {args.thresholds!r}")
-    if not args.thresholds or not all(demo.threshold_ok(t) for t in args.thresholds):
+    if not args.thresholds or not all(threshold_ok(t) for t in args.thresholds):
         p.error("--thresholds must be <= 0")
     return args
 
 
-def demo_namespace(args, threshold: float) -> argparse.Namespace:
-    """The demo's settings for these sweep arguments (validated by the demo)."""
-    ns = demo.parse_args([
-        "--device", args.device, "--steps", str(args.steps), f"--threshold={threshold}",
+def demo_namespace(args) -> argparse.Namespace:
+    """The demo's settings for these sweep arguments, validated by the demo (so --out is checked
+    before any work)."""
+    ns = demo_parse_args([
+        "--device", args.device, "--steps", str(args.steps), f"--threshold={args.thresholds[0]}",
         "--seed", str(args.seed), "--label", str(args.label), "--batch", str(args.batch), "--out", args.out,
+        "--compile-mode", args.compile_mode,
     ] + (["--resolution", args.resolution] if args.resolution else [])
       + (["--frames", str(args.frames)] if args.frames else [])
-      + (["--" + args.mode] if args.mode else []) + (["--quiet"] if args.quiet else []))
-    demo.validate(ns)
+      + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
+      + (["--" + args.mode] if args.mode else []) + (["--quiet"] if args.quiet else [])
+      + (["--no-profile"] if args.no_profile else []))
+    validate(ns)
     return ns
 
 
 def run_sweep(args) -> dict:
-    ns = demo_namespace(args, args.thresholds[0])
-    ctx, order = demo.sdpa_priority("auto", ns.device)
-    with ctx:
-        result = _run_sweep(args, ns)
-    result["sdpa_backend"] = order
-    return result
-
-
-def _run_sweep(args, ns) -> dict:
-    pipe = demo.DemoDiTPipeline(ns)
-    model, device, mode = pipe.model, ns.device, ns.mode
-    if device.type == "cuda" and not liteattn_ops.is_available():
-        raise demo.DemoError("--device cuda: liteattn_ops._C (the CUDA kernel) is not built")
-    clock = demo.StepClock(device)
-    notes = []
-    warm = 1 if device.type == "cpu" else 2
-
-    dense_model = torch.compile(model) if mode == "compile" else model
-    pipe.run(dense_model, warm, lambda i, t: None)
-    dense, dense_video = demo.sample_run(pipe, dense_model, ns, clock, lite=False,
-                                         time_attention=mode == "eager", desc="dense SDPA")
-    ref_frames = pipe.to_frames(dense_video)
-
-    liteattn_ops.enable(model, threshold=args.thresholds[0])
-    lite_model = torch.compile(model, backend=demo._compile_backend()) if mode == "compile" else model
+    """One dense run, then one LiteAttention run per threshold, through the demo's public runner
+    (routed and compiled once; set_threshold + reset between thresholds, no recompile)."""
+    ns = demo_namespace(args)
     rows = []
-    try:
-        pipe.run(lite_model, warm, lambda i, t: None)
+    with DemoRunner(ns) as runner:
+        dense = runner.dense()
+        ref_frames = runner.pipe.to_frames(dense.video)
         for thr in args.thresholds:
-            liteattn_ops.set_threshold(model, thr)
-            liteattn_ops.reset(model)
-            ns.threshold = thr
-            lite, video = demo.sample_run(pipe, lite_model, ns, clock, lite=True,
-                                          time_attention=mode == "eager", desc=f"thr={thr:g}")
-            computed = demo.computed_fractions(lite["per_step"])
-            q = demo.video_quality(ref_frames, pipe.to_frames(video))
+            lite = runner.lite(threshold=thr)
+            q = video_quality(ref_frames, runner.pipe.to_frames(lite.video))
+            computed = [r["computed_fraction"] for r in lite.per_step]
             rows.append({
-                "threshold": demo._num(thr),
-                "final_live_fraction": lite["per_step"][-1]["live_fraction"],
+                "threshold": json_number(thr),
+                "final_live_fraction": lite.per_step[-1]["live_fraction"],
                 "computed_fraction": sum(computed) / len(computed),
-                "live_fraction_per_step": [r["live_fraction"] for r in lite["per_step"]],
-                "final_per_layer": lite["per_step"][-1]["live_fraction_per_layer"],
-                "time_s": lite["total_time_s"],
-                "attention_time_s": lite["attention_time_s"],
-                "speedup": dense["total_time_s"] / lite["total_time_s"],
-                "attention_speedup": (dense["attention_time_s"] / lite["attention_time_s"])
-                if lite["attention_time_s"] else None,
+                "live_fraction_per_step": [r["live_fraction"] for r in lite.per_step],
+                "final_per_layer": lite.per_step[-1]["live_fraction_per_layer"],
+                "time_s": lite.total_time_s,
+                "attention_time_s": lite.attention_time_s,
+                "speedup": dense.total_time_s / lite.total_time_s,
+                "attention_speedup": (dense.attention_time_s / lite.attention_time_s)
+                if dense.attention_time_s and lite.attention_time_s else None,
                 "psnr_db": q["psnr_db"],
                 "ssim": q["ssim"],
             })
-    finally:
-        liteattn_ops.disable(model)
-    if device.type == "cpu":
-        notes.append(demo.CPU_NOTE)
+        report = runner.report(dense, lite)
     return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "mode": mode,
+        "device": report["device"],
+        "device_name": report["device_name"],
+        "torch": report["torch"],
+        "mode": report["mode"],
+        "compile_mode": report["compile_mode"],
+        "cuda_graphs": report["cuda_graphs"],
+        "sdpa_backend": report["sdpa_backend"],
         "steps": ns.steps,
-        "frames": ns.frames, "height": ns.height, "width": ns.width, "tokens": pipe.tokens,
+        "frames": ns.frames, "height": ns.height, "width": ns.width, "tokens": report["tokens"],
         "seed": ns.seed, "label": ns.label, "batch": ns.batch,
-        "dense": {"time_s": dense["total_time_s"], "attention_time_s": dense["attention_time_s"]},
+        "timing": report["timing"],
+        "dense": {"time_s": dense.total_time_s, "attention_time_s": dense.attention_time_s},
         "rows": rows,
-        "notes": notes,
+        "notes": report["notes"],
     }
 
 
@@ -206,13 +187,17 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write(result: dict, out: Path) -> None:
+    import json
+    import shutil
+    import tempfile
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / "sweep.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
         (tmp / "sweep.md").write_text(table(result) + "\n")
         plot(result, tmp / "sweep.png")
-        demo.publish_dir(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -223,7 +208,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         result = run_sweep(args)
-    except demo.DemoError as e:
+    except DemoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result["wall_time_s"] = time.perf_counter() - t0

@@ -1,5 +1,6 @@
+"""python -m liteattn_ops.demo: see liteattn_ops/demo/cli.py (and --help)."""
 import sys
 
-from .app import main
+from .cli import main
 
 sys.exit(main())

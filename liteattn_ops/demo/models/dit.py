@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DiTConfig", "VideoDiT", "rope_freqs_3d"]
+__all__ = ["DiTConfig", "VideoDiT", "flow_schedule", "rope_freqs_3d", "sample"]
 
 
 @dataclass
@@ -291,6 +291,17 @@ class VideoDiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def flow_schedule(steps: int, shift: float) -> list[float]:
+    """steps + 1 times from 1 (noise) to 0, warped towards high noise by ``shift`` (Wan's flow
+    schedule: t' = shift t / (1 + (shift - 1) t)); host floats."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a positive finite number, got {shift}")
+    ts = [1.0 - i / steps for i in range(steps + 1)]
+    return [shift * t / (1 + (shift - 1) * t) for t in ts]
+
+
 @torch.no_grad()
 def sample(
     model: VideoDiT,
@@ -300,21 +311,25 @@ def sample(
     shift: float = 3.0,
     guidance: float = 1.0,
     callback=None,
+    before_call=None,
 ) -> torch.Tensor:
     """Euler sampling of the rectified-flow ODE from t = 1 (noise) to t = 0.
 
     ``shift`` warps the schedule towards high noise as Wan's flow scheduler does.
-    ``callback(step, t)`` is called after every step (for timing / statistics).
+    ``callback(step, t)`` is called after every step (for timing / statistics);
+    ``before_call()`` before every model call (e.g. ``torch.compiler.cudagraph_mark_step_begin``).
     With ``guidance != 1`` classifier-free guidance runs the conditional and the
     null-class prediction in one batch.
     """
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=noise.device, dtype=torch.float64)
-    ts = shift * ts / (1 + (shift - 1) * ts)
+    # The schedule is host floats: reading it from a device tensor would synchronise every step.
+    ts = flow_schedule(steps, shift)
     x = noise.float()
     null = torch.full_like(y, model.cfg.num_classes)
     for i in range(steps):
-        t, t_next = float(ts[i]), float(ts[i + 1])
+        t, t_next = ts[i], ts[i + 1]
         tt = torch.full((x.shape[0],), t, device=x.device)
+        if before_call is not None:
+            before_call()
         if guidance != 1.0:
             v_both = model(torch.cat([x, x]).to(noise.dtype), torch.cat([tt, tt]), torch.cat([y, null])).float()
             v_c, v_u = v_both.chunk(2)
