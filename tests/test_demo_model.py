@@ -102,10 +102,17 @@ def test_training_script_writes_checkpoint_and_config(tmp_path):
     cmd = [sys.executable, str(REPO / "tools" / "train_demo_dit.py"), "--device", "cpu", "--steps", "12",
            "--warmup", "2", "--dim", "64", "--depth", "1", "--resolutions", "2x16x16,4x16x16",
            "--tokens-per-step", "256", "--out", str(out), "--sample-steps", "2", "--log-every", "5"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    cmd += ["--recipe", "sparse", "--locality-weight", "0.5", "--locality-radius", "0,1,1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "command: python tools/train_demo_dit.py" in proc.stdout and "time budget: 1200 s" in proc.stdout
     meta = json.loads((out / "demo_dit.json").read_text())
     assert meta["training"]["steps"] == 12 and meta["training"]["complete"]
+    loc = meta["training"]["locality"]
+    assert loc["weight"] == 0.5 and loc["radius"] == [0, 1, 1] and 0 < loc["final_far_mass"] < 1
+    sparsity = meta["sparsity"]
+    assert sparsity["size"] == [2, 16, 16] and len(sparsity["per_head"]) == 1
+    assert 0 < sparsity["live_fraction"] <= 1
     assert meta["training"]["final_loss"] > 0
     assert "train_demo_dit.py" in meta["training"]["command"]
     for name in ("demo_dit.safetensors", "demo_dit_loss.png", "demo_dit_samples.png"):
@@ -152,3 +159,44 @@ def test_checkpoint_that_does_not_match_its_config(tmp_path):
         load_demo_model(bad)
     with pytest.raises(CheckpointError, match="not found"):
         load_demo_model(tmp_path / "missing.safetensors")
+
+
+def test_locality_far_mass_is_the_attention_mass_outside_the_box():
+    from liteattn_ops.demo.models.dit import Locality
+
+    grid = (2, 4, 4)
+    s = 2 * 4 * 4
+    # uniform attention (q = 0): the far mass is the fraction of keys outside the box
+    q = torch.zeros(1, 2, s, 64)
+    k = torch.randn(1, 2, s, 64)
+    loc = Locality(radius=(0, 1, 1), queries=s)
+    torch.manual_seed(0)
+    got = float(loc.far_mass(q, k, grid))
+    torch.manual_seed(0)
+    idx = torch.randint(0, s, (s,))
+    pos = torch.stack(torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij"), -1).reshape(s, 3)
+    near = [int(((pos[i] - pos).abs() <= torch.tensor([0, 1, 1])).all(-1).sum()) for i in idx.tolist()]
+    assert got == pytest.approx(sum(1 - n / s for n in near) / s, abs=1e-6)
+    # attention that only looks at the query itself has no far mass
+    own = torch.nn.functional.one_hot(torch.arange(s), 64).float()[None, None].expand(1, 2, s, 64) * 30
+    assert float(loc.far_mass(own, own, grid)) < 1e-6
+
+
+def test_locality_term_is_off_in_eval_and_without_it():
+    from liteattn_ops.demo.models.dit import Locality
+
+    model = VideoDiT(TINY)
+    x = torch.randn(1, 3, 2, 16, 16)
+    t, y = torch.tensor([0.5]), torch.tensor([0])
+    model.train()
+    model(x, t, y)
+    assert model.locality_loss() is None
+    model.set_locality(Locality(radius=(0, 1, 1)))
+    model(x, t, y)
+    loss = model.locality_loss()
+    assert loss is not None and loss.requires_grad and 0 < float(loss) < 1
+    model.eval()
+    model.set_locality(Locality())
+    with torch.no_grad():
+        model(x, t, y)
+    assert model.locality_loss() is None

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train the demo's small video DiT with rectified flow on procedural videos.
 
-Writes into ``--out`` (default: ``liteattn_ops/models/``):
+Writes into ``--out`` (default: ``liteattn_ops/demo/models/``, the shipped checkpoint):
 
 * ``demo_dit.safetensors``: EMA weights in float16;
 * ``demo_dit.json``: model config, training command and settings, steps, final
@@ -15,14 +15,30 @@ Multi-resolution: each step draws one (frames, height, width) from
 runs at. Training stops at ``--steps`` or at ``--time-budget`` seconds, whichever
 comes first; the learning-rate schedule follows whichever is further along.
 
-CPU smoke test::
+Recipes (``--recipe``; explicit flags override a recipe's values):
+
+* ``v1``: the first shipped checkpoint (one H200, about 8 minutes): sizes up to 16x128x128
+  (16,384 tokens), no locality term::
+
+      python tools/train_demo_dit.py --device cuda --recipe v1
+
+* ``sparse``: a model whose attention is local the way trained video DiTs are, for the GPU demo
+  (one H200, 20 minutes of training plus about a minute of sampling and measuring): sizes up to
+  32x128x128 (32,768 tokens, the Wan2.1-1.3B 480p token count) and a locality term (the
+  attention mass that random queries give to keys outside a (2 frames, 6 rows, 6 columns) box,
+  weight 0.05; see ``liteattn_ops.demo.models.dit.Locality``). Small far mass is what lets
+  LiteAttention drop the far tiles (their scores sit many log2 units below the row maximum)::
+
+      python tools/train_demo_dit.py --device cuda --recipe sparse
+
+After training the script measures how sparse the model is (``--sparsity-threshold``, at the
+largest trained size on CUDA, the smallest on CPU): live fraction per layer and head after 20
+Euler steps with LiteAttention, written into the JSON and printed.
+
+CPU smoke test (seconds)::
 
     python tools/train_demo_dit.py --device cpu --steps 20 --dim 64 --depth 2 \
         --resolutions 4x32x32 --tokens-per-step 1024 --out /tmp/dit
-
-The shipped checkpoint (one H200, about 8 minutes)::
-
-    python tools/train_demo_dit.py --device cuda --time-budget 450
 """
 
 from __future__ import annotations
@@ -47,6 +63,11 @@ from liteattn_ops.demo.models.dit import DiTConfig, VideoDiT, sample  # noqa: E4
 from liteattn_ops.demo.models.videos import CLASS_NAMES, generate_videos  # noqa: E402
 
 DEFAULT_RESOLUTIONS = "8x64x64:0.35,16x64x64:0.2,8x96x96:0.15,8x128x128:0.15,16x128x128:0.15"
+RECIPES = {
+    "v1": {"resolutions": DEFAULT_RESOLUTIONS, "time_budget": 450.0, "locality_weight": 0.0},
+    "sparse": {"resolutions": "8x64x64:0.15,16x128x128:0.35,32x128x128:0.5", "time_budget": 1200.0,
+               "locality_weight": 0.05, "locality_radius": "2,6,6"},
+}
 
 
 def parse_resolutions(spec: str) -> list[tuple[tuple[int, int, int], float]]:
@@ -61,11 +82,19 @@ def parse_resolutions(spec: str) -> list[tuple[tuple[int, int, int], float]]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=str(REPO / "liteattn_ops" / "models"))
+    p.add_argument("--out", default=str(REPO / "liteattn_ops" / "demo" / "models"))
     p.add_argument("--name", default="demo_dit")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="v1", help="a set of defaults (see above)")
     p.add_argument("--steps", type=int, default=100_000, help="upper bound on optimizer steps")
-    p.add_argument("--time-budget", type=float, default=450.0, help="seconds of training (excl. setup/sampling)")
-    p.add_argument("--resolutions", default=DEFAULT_RESOLUTIONS, help="FxHxW[:weight],...")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds of training (excl. setup/sampling)")
+    p.add_argument("--resolutions", default=None, help="FxHxW[:weight],...")
+    p.add_argument("--locality-weight", type=float, default=None,
+                   help="weight of the locality term (0: off); see liteattn_ops.demo.models.dit.Locality")
+    p.add_argument("--locality-radius", default=None, help="T,H,W box of near keys in tokens (default 2,6,6)")
+    p.add_argument("--locality-queries", type=int, default=64, help="sampled queries per (batch, head)")
+    p.add_argument("--sparsity-threshold", type=float, default=-8.0,
+                   help="threshold of the sparsity measured after training (log2 units)")
+    p.add_argument("--no-sparsity", action="store_true", help="skip the sparsity measurement")
     p.add_argument("--tokens-per-step", type=int, default=65536)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
@@ -81,7 +110,49 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--no-samples", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.locality_radius is None:
+        args.locality_radius = "2,6,6"
+    try:
+        args.locality_radius = tuple(int(v) for v in str(args.locality_radius).split(","))
+        assert len(args.locality_radius) == 3 and min(args.locality_radius) >= 0
+    except (ValueError, AssertionError):
+        p.error(f"--locality-radius must be three integers >= 0 (T,H,W), got {args.locality_radius!r}")
+    if not args.locality_weight >= 0:
+        p.error(f"--locality-weight must be >= 0, got {args.locality_weight}")
+    if not args.time_budget > 0:
+        p.error(f"--time-budget must be > 0, got {args.time_budget}")
+    return args
+
+
+@torch.no_grad()
+def measure_sparsity(model: VideoDiT, device, size, threshold: float, steps: int = 20) -> dict:
+    """Live fraction per layer and head after `steps` Euler steps with LiteAttention at `threshold`
+    (one video per class), and the PSNR of the LiteAttention videos against the dense ones."""
+    import liteattn_ops
+
+    f, h, w = size
+    n = len(CLASS_NAMES)
+    noise = torch.randn(n, 3, f, h, w, generator=torch.Generator().manual_seed(4321)).to(device)
+    y = torch.arange(n, device=device)
+    model = copy.deepcopy(model).eval()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+        dense = sample(model, noise, y, steps=steps)
+        liteattn_ops.enable(model, threshold=threshold)
+        lite = sample(model, noise, y, steps=steps)
+    stats = {name: s for name, s in liteattn_ops.stats(model).items() if s["live_fraction"] is not None}
+    liteattn_ops.disable(model)
+    mse = float(((dense.clamp(-1, 1) - lite.clamp(-1, 1)) / 2).pow(2).mean())
+    return {
+        "size": list(size), "threshold": threshold, "steps": steps, "videos": n,
+        "live_fraction": sum(s["live_fraction"] for s in stats.values()) / max(1, len(stats)),
+        "per_layer": {k: s["live_fraction"] for k, s in stats.items()},
+        "per_head": {k: s["live_fraction_per_head"] for k, s in stats.items()},
+        "psnr_db_vs_dense": (10 * math.log10(1 / mse)) if mse > 0 else "inf",
+    }
 
 
 def lr_at(progress: float, step: int, args) -> float:
@@ -167,7 +238,14 @@ def main(argv=None):
     cfg = DiTConfig(dim=args.dim, depth=args.depth, num_heads=heads, mlp_ratio=args.mlp_ratio,
                     num_classes=len(CLASS_NAMES))
     model = VideoDiT(cfg).to(device)
+    locality = None
+    if args.locality_weight > 0:
+        from liteattn_ops.demo.models.dit import Locality
+
+        locality = Locality(radius=args.locality_radius, queries=args.locality_queries)
+        model.set_locality(locality)
     ema = copy.deepcopy(model).eval()
+    ema.set_locality(None)
     for p_ in ema.parameters():
         p_.requires_grad_(False)
     nparams = model.num_params()
@@ -186,12 +264,17 @@ def main(argv=None):
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO)] + (sys.argv[1:] if argv is None else list(argv)))
     print(f"model: {nparams / 1e6:.2f} M parameters, config {cfg.to_dict()}", flush=True)
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
-          f"resolutions: {resolutions}; command: {command}", flush=True)
+          f"resolutions: {resolutions}", flush=True)
+    print(f"command: {command}", flush=True)
+    print(f"time budget: {args.time_budget:.0f} s of training (or {args.steps} steps, whichever comes first), "
+          f"then samples and the sparsity measurement; recipe {args.recipe}, locality weight {args.locality_weight}"
+          f"{f', radius {args.locality_radius}' if locality else ''}", flush=True)
 
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     history: list[tuple[int, float]] = []
+    far_tail = None
     t_start = time.perf_counter()
     last_save = t_start
     step = 0
@@ -200,9 +283,13 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     pbar = tqdm(total=args.steps, desc="train", dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
 
+    far_history: list[float] = []
+
     def meta(final: bool):
+        nonlocal far_tail
         elapsed = time.perf_counter() - t_start
         tail = [l for _, l in history[-200:]]
+        far_tail = (sum(far_history[-20:]) / len(far_history[-20:])) if far_history else None
         return {
             "model_config": cfg.to_dict(),
             "num_params": nparams,
@@ -223,6 +310,12 @@ def main(argv=None):
                 "tokens_per_step": args.tokens_per_step,
                 "lr": args.lr, "warmup": args.warmup, "ema": args.ema, "seed": args.seed,
                 "class_dropout": args.class_dropout,
+                "recipe": args.recipe,
+                "time_budget_s": args.time_budget,
+                "locality": None if locality is None else {"weight": args.locality_weight,
+                                                           "radius": list(args.locality_radius),
+                                                           "queries": args.locality_queries,
+                                                           "final_far_mass": far_tail},
                 "weights": "EMA, stored as float16",
             },
         }
@@ -253,6 +346,10 @@ def main(argv=None):
         with autocast:
             v = model(xt, t, y)
         loss = F.mse_loss(v.float(), noise - x0)
+        flow_loss = loss
+        far = model.locality_loss() if locality is not None else None
+        if far is not None:
+            loss = loss + args.locality_weight * far
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -263,13 +360,16 @@ def main(argv=None):
                 pe.lerp_(pm, 1 - d)
         step += 1
         if step % 10 == 0 or step < 10:
-            lv = float(loss.detach())  # one sync every 10 steps
+            lv = float(flow_loss.detach())  # one sync every 10 steps
             history.append((step, lv))
+            if far is not None:
+                far_history.append(float(far.detach()))
             ema_loss = lv if ema_loss is None else 0.95 * ema_loss + 0.05 * lv
         pbar.update(1)
         if step % args.log_every == 0:
             pbar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{lr:.1e}", res=f"{f}x{h}x{w}")
-            print(f"step {step} t={time.perf_counter() - t_start:.0f}s loss {ema_loss:.4f} lr {lr:.2e}", flush=True)
+            print(f"step {step} t={time.perf_counter() - t_start:.0f}s loss {ema_loss:.4f} lr {lr:.2e}"
+                  + (f" far mass {far_history[-1]:.4f}" if far_history else ""), flush=True)
         if time.perf_counter() - last_save > args.save_every:
             save_checkpoint(ema, meta(False), out, args.name)
             last_save = time.perf_counter()
@@ -290,6 +390,19 @@ def main(argv=None):
         sizes = [sizes[0]] + ([sizes[-1]] if len(sizes) > 1 else [])
         save_samples(ema, out / f"{args.name}_samples.png", device, args.sample_steps, sizes)
         print(f"samples written in {time.perf_counter() - t0:.1f} s", flush=True)
+    if not args.no_sparsity:
+        t0 = time.perf_counter()
+        sizes = sorted({r for r, _ in resolutions}, key=lambda r: r[0] * r[1] * r[2])
+        size = sizes[-1] if device.type == "cuda" else sizes[0]
+        m["sparsity"] = measure_sparsity(ema, device, size, args.sparsity_threshold,
+                                         steps=20 if device.type == "cuda" else 3)
+        save_checkpoint(ema, m, out, args.name)
+        sp = m["sparsity"]
+        print(f"sparsity at {size} (threshold {sp['threshold']}, {sp['steps']} steps): live {sp['live_fraction']:.3f}, "
+              f"PSNR vs dense {sp['psnr_db_vs_dense'] if isinstance(sp['psnr_db_vs_dense'], str) else round(sp['psnr_db_vs_dense'], 2)} dB "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        for name, heads in sp["per_head"].items():
+            print(f"  {name}: " + " ".join(f"{x:.2f}" for x in heads), flush=True)
     print(f"wrote {out}", flush=True)
 
 

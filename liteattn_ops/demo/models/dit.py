@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DiTConfig", "VideoDiT", "flow_schedule", "rope_freqs_3d", "sample"]
+__all__ = ["DiTConfig", "Locality", "VideoDiT", "flow_schedule", "rope_freqs_3d", "sample"]
 
 
 @dataclass
@@ -136,14 +136,45 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    # Training only (tools/train_demo_dit.py --locality-weight): the attention mass that sampled
+    # queries give to keys outside a (t, h, w) box around them, stored in `locality_loss`.
+    locality: "Locality | None" = None
+    locality_loss: "torch.Tensor | None" = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], grid=None) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k = self.norm_q(q), self.norm_k(k)
         q, k, v = (t.view(b, s, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.locality is not None and self.training and grid is not None:
+            self.locality_loss = self.locality.far_mass(q, k, grid)
         o = F.scaled_dot_product_attention(q, k, v)
         return self.out(o.transpose(1, 2).reshape(b, s, -1))
+
+
+@dataclass
+class Locality:
+    """What "local" means for the locality term of training: keys farther than `radius` (frames,
+    token rows, token columns; Chebyshev per axis) from a query are far; `queries` random queries
+    per (batch, head) are scored against every key (float32), and `far_mass` is the mean softmax
+    mass they give to far keys. Small far mass means the far tiles' scores sit many log2 units
+    below the row maximum: exactly what lets LiteAttention drop them."""
+
+    radius: tuple[int, int, int] = (2, 6, 6)
+    queries: int = 64
+
+    def far_mass(self, q: torch.Tensor, k: torch.Tensor, grid) -> torch.Tensor:
+        b, h, s, d = q.shape
+        n = min(self.queries, s)
+        idx = torch.randint(0, s, (n,), device=q.device)
+        scores = (q[:, :, idx].float() @ k.float().transpose(-1, -2)) / math.sqrt(d)   # (B, H, n, S)
+        probs = scores.softmax(-1)
+        pos = torch.stack(torch.meshgrid(*(torch.arange(g, device=q.device) for g in grid), indexing="ij"),
+                          -1).reshape(s, 3)
+        radius = torch.tensor(self.radius, device=q.device)
+        far = ((pos[idx, None, :] - pos[None, :, :]).abs() > radius).any(-1)       # (n, S)
+        return (probs * far).sum(-1).mean()
 
 
 class CrossAttention(nn.Module):
@@ -182,11 +213,11 @@ class DiTBlock(nn.Module):
         # Wan: per-block learned offsets added to the shared time modulation.
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, t_mod, ctx, rope):
+    def forward(self, x, t_mod, ctx, rope, grid=None):
         # t_mod: (B, 6, dim) -> shift/scale/gate for attention and MLP
         sh1, sc1, g1, sh2, sc2, g2 = (self.modulation + t_mod).float().unbind(1)
         h = (self.norm1(x).float() * (1 + sc1[:, None]) + sh1[:, None]).type_as(x)
-        x = x + (self.self_attn(h, rope).float() * g1[:, None]).type_as(x)
+        x = x + (self.self_attn(h, rope, grid).float() * g1[:, None]).type_as(x)
         x = x + self.cross_attn(self.norm_cross(x), ctx)
         h = (self.norm2(x).float() * (1 + sc2[:, None]) + sh2[:, None]).type_as(x)
         x = x + (self.mlp(h).float() * g2[:, None]).type_as(x)
@@ -282,10 +313,21 @@ class VideoDiT(nn.Module):
         t_mod = self.time_proj(temb).unflatten(1, (6, self.cfg.dim))
         ctx = self.class_embed[y].to(h.dtype)
         for blk in self.blocks:
-            h = blk(h, t_mod, ctx, rope)
+            h = blk(h, t_mod, ctx, rope, grid if self.training else None)
         sh, sc = (self.head_modulation + temb[:, None]).float().unbind(1)
         h = (self.norm_out(h).float() * (1 + sc[:, None]) + sh[:, None]).type_as(h)
         return self.unpatchify(self.head(h), grid)
+
+    def set_locality(self, locality: "Locality | None") -> None:
+        """Turn the training-time locality term on (a Locality) or off (None)."""
+        for blk in self.blocks:
+            blk.self_attn.locality = locality
+            blk.self_attn.locality_loss = None
+
+    def locality_loss(self) -> torch.Tensor | None:
+        """Mean far mass over the blocks, from the last training forward (None when off)."""
+        losses = [blk.self_attn.locality_loss for blk in self.blocks if blk.self_attn.locality_loss is not None]
+        return torch.stack(losses).mean() if losses else None
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
