@@ -38,7 +38,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int batch, int heads, int seqlen_q,
          int seqlen_k, int head_dim, const std::string& dtype, Stride3 q_stride, Stride3 k_stride, Stride3 v_stride,
          Stride3 out_stride, float scale, uintptr_t state, uintptr_t threshold, uintptr_t must_do, int num_must_do,
-         uintptr_t must_skip, int num_must_skip, uintptr_t stream) {
+         uintptr_t must_skip, int num_must_skip, uintptr_t stream, uintptr_t schedule) {
         liteattn::FwdArgs a;
         a.q = as_ptr<const void>(q);
         a.k = as_ptr<const void>(k);
@@ -63,6 +63,7 @@ PYBIND11_MODULE(_C, m) {
         a.must_skip = as_ptr<const int32_t>(must_skip);
         a.num_must_skip = num_must_skip;
         a.stream = as_ptr<void>(stream);
+        a.schedule = as_ptr<int32_t>(schedule);
         py::gil_scoped_release release;
         liteattn::forward(a);
       },
@@ -70,9 +71,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"), py::arg("dtype"), py::arg("q_stride"),
       py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"), py::arg("scale"), py::arg("state"),
       py::arg("threshold"), py::arg("must_do"), py::arg("num_must_do"), py::arg("must_skip"),
-      py::arg("num_must_skip"), py::arg("stream"),
+      py::arg("num_must_skip"), py::arg("stream"), py::arg("schedule") = uintptr_t(0),
       "Forward attention. state == 0 runs the dense path; otherwise the skip state (B, H, Mt, W) int32 is read "
-      "and updated in place. Raises ValueError on bad arguments.");
+      "and updated in place. schedule (skip path, optional): B*H*Mt int32 of device scratch for the "
+      "heaviest-first query-tile order; 0 runs the query tiles in natural order. Raises ValueError on bad "
+      "arguments.");
 
   m.def(
       "tile_shape",

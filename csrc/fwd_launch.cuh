@@ -19,10 +19,10 @@ inline void check_cuda(cudaError_t err, const char* what) {
 // descriptor, which wants multiples of 16 bytes: give it a harmless valid one.
 inline int64_t tma_stride(int64_t stride, int size, int64_t fallback) { return size == 1 ? fallback : stride; }
 
-template <DType kDType, int kHeadDim, bool kSkip>
+template <DType kDType, int kHeadDim, bool kSkip, bool kPingPong>
 void run_fwd(const FwdArgs& a) {
   using namespace cute;
-  using Tr = FwdTraits<kDType, kHeadDim, kSkip>;
+  using Tr = FwdTraits<kDType, kHeadDim, kSkip, kPingPong>;
   using Element = typename Tr::Element;
   constexpr int64_t kD = kHeadDim;
 
@@ -66,6 +66,12 @@ void run_fwd(const FwdArgs& a) {
   p.num_must_do = a.num_must_do;
   p.must_skip = a.must_skip;
   p.num_must_skip = a.num_must_skip;
+  if (kSkip && a.schedule != nullptr && p.num_m_tiles <= kMaxScheduledMTiles) {
+    launch_lpt_schedule(a.state, a.batch * a.heads, p.num_m_tiles, p.num_state_words, p.num_n_tiles, a.schedule,
+                        a.stream);
+    check_cuda(cudaGetLastError(), "schedule kernel launch");
+    p.schedule = a.schedule;
+  }
 
   auto kernel = fwd_kernel<Tr>;
   // Per call, not once per process: the attribute is per device (a host-side call, allowed
@@ -79,5 +85,11 @@ void run_fwd(const FwdArgs& a) {
 
 }  // namespace liteattn
 
-#define LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP) \
-  template void liteattn::run_fwd<liteattn::DType::DTYPE, HEAD_DIM, SKIP>(const liteattn::FwdArgs&);
+// The generated instantiation files (CMakeLists.txt) use these: the default variant, and the
+// other ping-pong setting for A/B builds.
+#define LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, PING_PONG) \
+  template void liteattn::run_fwd<liteattn::DType::DTYPE, HEAD_DIM, SKIP, PING_PONG>(const liteattn::FwdArgs&);
+#define LITEATTN_INSTANTIATE_FWD_DEFAULT(DTYPE, HEAD_DIM, SKIP) \
+  LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, liteattn::ping_pong_default(HEAD_DIM))
+#define LITEATTN_INSTANTIATE_FWD_ALTERNATIVE(DTYPE, HEAD_DIM, SKIP) \
+  LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, !liteattn::ping_pong_default(HEAD_DIM))

@@ -1,5 +1,6 @@
-// Compile-time shape of one forward kernel instantiation: tile sizes, warp roles,
-// shared-memory layouts, the TMA copy types and the kernel parameters.
+// Compile-time shape of one forward kernel instantiation: tile sizes, warp roles, register
+// budgets, shared-memory layouts, the TMA copy types and the kernel parameters. Every stage
+// file (mainloop, softmax, skip_state, epilogue, tile_scheduler) takes its sizes from here.
 #pragma once
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
@@ -15,23 +16,27 @@ template <DType kDType> struct ElementOf;
 template <> struct ElementOf<DType::kBFloat16> { using type = cutlass::bfloat16_t; };
 template <> struct ElementOf<DType::kFloat16> { using type = cutlass::half_t; };
 
-template <DType kDType_, int kHeadDim_, bool kSkip_>
+// kPingPong: the consumer warpgroups take turns to issue their GEMMs (named barriers, see
+// named_barriers.cuh), so one warpgroup's softmax runs while another's GEMMs use the tensor cores.
+template <DType kDType_, int kHeadDim_, bool kSkip_, bool kPingPong_>
 struct FwdTraits {
   static constexpr DType kDType = kDType_;
   static constexpr int kD = kHeadDim_;
   static constexpr bool kSkip = kSkip_;
+  static constexpr bool kPingPong = kPingPong_;
   using Element = typename ElementOf<kDType>::type;
 
-  // Tile shape: the shared table (liteattn_ops/tile_shapes.json) decides.
+  // Tile shape: the shared table (liteattn_ops/core/tile_shapes.json) decides.
   static constexpr int kBM = tile_shape(kD, kDType).bm;
   static constexpr int kBN = tile_shape(kD, kDType).bn;
   static_assert(kBM > 0 && kBN > 0, "tile_shapes.json has no entry for this (head_dim, dtype)");
   static_assert(kD == 64 || kD == 128, "head dims 64 and 128");
-  // One producer warpgroup, then consumer warpgroups of 64 query rows each.
-  static_assert(kBM == 128, "the kernel splits BM = 128 rows over two consumer warpgroups");
+  // One producer warpgroup, then one consumer warpgroup per 64 query rows (2 or 3).
+  static_assert(kBM == 128 || kBM == 192, "BM must be 128 or 192 (two or three consumer warpgroups of 64 rows)");
   static_assert(kBN % 16 == 0 && kBN >= 64 && kBN <= 256, "BN must be a wgmma N (multiple of 16, <= 256)");
   static constexpr int kConsumerWarpgroups = kBM / 64;
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
+  static constexpr int kConsumerWarps = kConsumerThreads / 32;
   static constexpr int kThreads = 128 + kConsumerThreads;
   static constexpr int kStages = 2;
   // Where the column mask of a partial last tile goes (measured on the H200, NOTES.md v2/v3):
@@ -39,11 +44,15 @@ struct FwdTraits {
   // only for that tile; head dim 128 runs 3 % faster with the mask folded into every tile's
   // max, where the compiler then waits for the previous P V before the exponentials.
   static constexpr bool kMaskOnBranch = kD == 64;
-  // setmaxnreg budgets. They must add up to what the CTA got at launch (168 per thread
-  // for 384 threads under __launch_bounds__(384, 1)): 128 * 24 + 256 * 240 = 384 * 168,
-  // otherwise the consumers' setmaxnreg.inc waits forever for registers.
+  // setmaxnreg budgets. They must add up to at most what the CTA got at launch (65536 / kThreads
+  // per thread, rounded down to 8, under __launch_bounds__(kThreads, 1)), otherwise the consumers'
+  // setmaxnreg.inc waits forever for registers: 128 * 24 + 256 * 240 = 384 * 168 (two consumer
+  // warpgroups), 128 * 24 + 384 * 160 <= 512 * 128 (three).
+  static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
   static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;
+  static constexpr int kConsumerRegs = kConsumerWarpgroups == 2 ? 240 : 160;
+  static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= kThreads * kLaunchRegs,
+                "setmaxnreg budgets exceed the registers the CTA is launched with");
 
   // Shared-memory tiles. Q and K are K-major (head dim contiguous); V is stored
   // transposed, (D, BN) with D contiguous, the MN-major B operand of O += P V.
@@ -87,22 +96,22 @@ struct FwdTraits {
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutVt>, 1024> v;
+    // Pipeline barriers (mainloop.cuh): *_full complete when TMA has landed the bytes,
+    // *_empty when every consumer warp is done reading the stage.
     cutlass::arch::ClusterTransactionBarrier q_full;
     cutlass::arch::ClusterTransactionBarrier k_full[kStages];
     cutlass::arch::ClusterTransactionBarrier v_full[kStages];
     cutlass::arch::ClusterBarrier k_empty[kStages];
     cutlass::arch::ClusterBarrier v_empty[kStages];
-    // Skip state of this CTA's (b, h, m) row: tiles to visit, and must-do tiles to keep.
+    // Skip state of this CTA's (b, h, m) row (skip_state.cuh): tiles to visit, must-do tiles.
     uint32_t visit[kStateWords];
     uint32_t keep[kStateWords];
     // Skip path: per consumer warp, the visited tiles some row of that warp found
     // non-negligible (each warp writes only its own words: no atomics in the loop).
-    uint32_t warp_keep[kSkip ? kConsumerThreads / 32 : 1][kStateWords];
+    uint32_t warp_keep[kSkip ? kConsumerWarps : 1][kStateWords];
     // Skip path: the visited tiles in ascending order (skip_state.cuh, build_visit_order).
     uint16_t order[kSkip ? kMaxStateWords * 32 : 1];
   };
-  static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= kThreads * (65536 / kThreads / 8 * 8),
-                "setmaxnreg budgets exceed the registers the CTA is launched with");
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
 
@@ -123,6 +132,7 @@ struct FwdTraits {
     int num_must_do = 0;
     const int32_t* must_skip = nullptr;
     int num_must_skip = 0;
+    const int32_t* schedule = nullptr;  // tile_scheduler.cuh: (B, H, Mt) query-tile order, or null
   };
 };
 

@@ -1,6 +1,7 @@
-// The skip state of one (b, h, m) row: which KV tiles to visit, in which order, and the
-// write-back of the verdicts. Semantics: ../shared/DESIGN.md and the header of
-// liteattn_ops/reference.py; both sides must agree bit for bit.
+// Skip-state stage: the skip state of one (b, h, m) row. Read (which KV tiles to visit, in which
+// order), vote (each consumer warp's verdict per visited tile) and write-back. Semantics: the README
+// "Semantics" section and the header of liteattn_ops/core/reference.py; both sides must agree bit
+// for bit.
 #pragma once
 #include <cstdint>
 
@@ -61,6 +62,10 @@ __device__ __forceinline__ void shared_or_if(uint32_t* ptr, uint32_t bits, bool 
       : "memory");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Read
+// ---------------------------------------------------------------------------------------------
+
 // Fills smem visit/keep words for this CTA's row and zeroes the consumer warps' verdict
 // words; all threads of the CTA take part (a __syncthreads must follow).
 // visit = (live | do) & ~skip; keep starts as do.
@@ -80,25 +85,6 @@ __device__ void load_skip_state(const Params& p, int b, int h, int m, uint32_t* 
   }
   for (int i = threadIdx.x; i < kWarps * p.num_state_words; i += blockDim.x)
     warp_keep[i / p.num_state_words][i % p.num_state_words] = 0u;
-}
-
-// new word = (old | do) & ~(negligible | skip) on the valid bits, the others unchanged.
-// Since visit = (old | do) & ~skip and negligible = visit & ~(do | some warp kept it),
-// that is visit & keep.
-template <int kWarps, class Params>
-__device__ void store_skip_state(const Params& p, int b, int h, int m, const uint32_t* visit,
-                                 const uint32_t* keep, const uint32_t (*warp_keep)[kMaxStateWords], int thread,
-                                 int num_threads) {
-  const int64_t row = (int64_t(b) * p.heads + h) * p.num_m_tiles + m;
-  int32_t* state = p.state + row * p.num_state_words;
-  for (int w = thread; w < p.num_state_words; w += num_threads) {
-    const uint32_t valid = tile_bits(0, p.num_n_tiles, w);
-    const uint32_t old = static_cast<uint32_t>(state[w]);
-    uint32_t kept = keep[w];
-#pragma unroll
-    for (int warp = 0; warp < kWarps; ++warp) kept |= warp_keep[warp][w];
-    state[w] = static_cast<int32_t>((old & ~valid) | (visit[w] & kept));
-  }
 }
 
 // The fixed visit order of the contract: n0, n0+1, ..., Nt-1, 0, ..., n0-1, visited
@@ -164,6 +150,80 @@ struct TileOrder<false> {
 __device__ __forceinline__ int first_tile(int m, int bm, int bn, int seqlen_q, int seqlen_k, int num_tiles) {
   const int64_t start = (int64_t(m) * bm * seqlen_k) / (int64_t(seqlen_q) * bn);
   return start < num_tiles - 1 ? int(start) : num_tiles - 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vote
+// ---------------------------------------------------------------------------------------------
+
+// Not +-inf and not NaN (bit test: independent of fast-math flags).
+__device__ __forceinline__ bool is_finite(float x) { return (__float_as_uint(x) & 0x7fffffffu) < 0x7f800000u; }
+
+// A valid row finds the tile negligible only when its running max before the tile (r) and the
+// tile's row max (l) are both finite and l - r <= threshold (log2 units). A non-finite one (the
+// first visited tile: r = -inf; a +inf score; r = +inf after one) never is, so one +inf key cannot
+// make every later tile negligible. NaN: fmaxf drops NaN scores from the kernel's maxima, but a NaN
+// score makes this thread's row sum NaN from that tile on -- exactly the tiles where the
+// reference's l or r (torch.amax / cummax propagate NaN) is NaN -- so a non-finite row sum keeps
+// the tile too (the warp's vote ORs the lanes of a row).
+__device__ __forceinline__ bool row_keeps_tile(float tile_max, float running_max, float row_sum, float threshold) {
+  return !(is_finite(tile_max) & is_finite(running_max) & is_finite(row_sum) & (tile_max - running_max <= threshold));
+}
+
+// One consumer thread's vote on the tiles it visits (two rows per thread). Skip path only: the
+// dense path instantiates the empty specialisation.
+template <bool kSkip>
+struct TileVote {
+  float threshold;
+  bool row_valid[2];
+  uint32_t* warp_words;  // this warp's verdict words (SharedStorage::warp_keep[warp])
+  int lane;
+
+  // True when one of this thread's valid rows keeps the tile (row_sum: after the tile).
+  __device__ __forceinline__ bool keeps(const float (&tile_max)[2], const float (&old_max)[2],
+                                        const float (&row_sum)[2]) const {
+    return (row_valid[0] & row_keeps_tile(tile_max[0], old_max[0], row_sum[0], threshold)) |
+           (row_valid[1] & row_keeps_tile(tile_max[1], old_max[1], row_sum[1], threshold));
+  }
+  // The warp keeps tile n when any of its threads does; lane 0 ORs that into the warp's own
+  // word with a predicated ld/or/st (no branch, no atomic). Called after the wait for O += P V:
+  // the shared-memory asm is volatile, so were it issued before that wait it would pin the wait
+  // behind it, after most of the exponentials (NOTES.md v5).
+  __device__ __forceinline__ void record(int n, bool keep) const {
+    const bool warp_keeps = __any_sync(0xffffffffu, keep);
+    shared_or_if(&warp_words[n >> 5], 1u << (n & 31), warp_keeps & (lane == 0));
+  }
+};
+
+template <>
+struct TileVote<false> {
+  __device__ __forceinline__ bool keeps(const float (&)[2], const float (&)[2], const float (&)[2]) const {
+    return false;
+  }
+  __device__ __forceinline__ void record(int, bool) const {}
+};
+
+// ---------------------------------------------------------------------------------------------
+// Write-back
+// ---------------------------------------------------------------------------------------------
+
+// new word = (old | do) & ~(negligible | skip) on the valid bits, the others unchanged.
+// Since visit = (old | do) & ~skip and negligible = visit & ~(do | some warp kept it),
+// that is visit & keep.
+template <int kWarps, class Params>
+__device__ void store_skip_state(const Params& p, int b, int h, int m, const uint32_t* visit,
+                                 const uint32_t* keep, const uint32_t (*warp_keep)[kMaxStateWords], int thread,
+                                 int num_threads) {
+  const int64_t row = (int64_t(b) * p.heads + h) * p.num_m_tiles + m;
+  int32_t* state = p.state + row * p.num_state_words;
+  for (int w = thread; w < p.num_state_words; w += num_threads) {
+    const uint32_t valid = tile_bits(0, p.num_n_tiles, w);
+    const uint32_t old = static_cast<uint32_t>(state[w]);
+    uint32_t kept = keep[w];
+#pragma unroll
+    for (int warp = 0; warp < kWarps; ++warp) kept |= warp_keep[warp][w];
+    state[w] = static_cast<int32_t>((old & ~valid) | (visit[w] & kept));
+  }
 }
 
 }  // namespace liteattn

@@ -1,4 +1,5 @@
-// Online softmax over the wgmma accumulator of one consumer warpgroup (64 rows).
+// Softmax stage: the online softmax over the wgmma accumulator of one consumer warpgroup
+// (64 rows): tile row max, running max and sum, probabilities, O rescale.
 // Fragment layout of a 64xN fp32 wgmma accumulator (and of the 16-bit A operand built
 // from it): value i of a thread sits at row  warp*16 + lane/4 + 8*((i>>1)&1),
 // column (i>>2)*8 + 2*(lane%4) + (i&1). So each thread holds two rows, and a row's

@@ -42,9 +42,17 @@ def _qkv(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, layout="bhsd", seed=
     return make(seqlen_q), make(seqlen_k), make(seqlen_k)
 
 
-def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None):
-    """_C.forward with outputs poisoned with NaN. Returns (out, lse)."""
+SCHEDULE_POISON = -7
+
+
+def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None, schedule=True):
+    """_C.forward with outputs poisoned with NaN. Returns (out, lse). With a state and schedule=True
+    (the op's path) the kernel orders the query tiles itself in a poisoned scratch buffer; a tensor
+    passed as `schedule` is used as that buffer; schedule=False runs them in natural order."""
     batch, heads, seqlen_q, head_dim = q.shape
+    if state is not None and schedule is True:
+        schedule = torch.full(state.shape[:3], SCHEDULE_POISON, device=q.device, dtype=torch.int32)
+    schedule_ptr = schedule.data_ptr() if isinstance(schedule, torch.Tensor) and state is not None else 0
     out = torch.full((batch, seqlen_q, heads, head_dim), math.nan, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.full((batch, heads, seqlen_q), math.nan, device=q.device, dtype=torch.float32)
 
@@ -64,7 +72,7 @@ def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None
         state=0 if state is None else state.data_ptr(),
         threshold=0 if threshold is None else threshold.data_ptr(),
         must_do=do_ptr, num_must_do=n_do, must_skip=skip_ptr, num_must_skip=n_skip,
-        stream=torch.cuda.current_stream().cuda_stream,
+        stream=torch.cuda.current_stream().cuda_stream, schedule=schedule_ptr,
     )
     return out, lse
 
@@ -187,6 +195,65 @@ def test_forced_live_sets(head_dim, seqlen_q, seqlen_k):
     _, lse, kernel_state, ref_state = check_against_reference(q, k, v, state, threshold)
     assert torch.equal(kernel_state, state) and torch.equal(ref_state, state)
     assert torch.isneginf(lse[..., :block_m]).all()
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_schedule_heaviest_first_and_order_free(head_dim):
+    """The device schedule lists each head's query tiles by descending live count (ties: ascending
+    m), a permutation of 0..Mt-1; the query-tile order changes nothing in the outputs or the state
+    (bitwise), thresholds finite so that tiles really get dropped."""
+    batch, heads, seqlen, dtype = 2, 3, 3000, torch.bfloat16
+    block_m, block_n = liteattn_ops.tile_shape(head_dim, dtype)
+    m_tiles, n_tiles = -(-seqlen // block_m), -(-seqlen // block_n)
+    gen = torch.Generator().manual_seed(head_dim + 1)
+    live = torch.rand(batch, heads, m_tiles, n_tiles, generator=gen) < torch.rand(batch, heads, m_tiles, 1,
+                                                                                  generator=gen)
+    state = pack_bits(live).to("cuda")
+    q, k, v = (t.to("cuda", dtype) for t in local_qkv((6, 20, 25), batch, heads, head_dim, generator=gen))
+    threshold = torch.tensor([-3.0, -8.0, -math.inf], device="cuda")
+    schedule = torch.full((batch, heads, m_tiles), SCHEDULE_POISON, device="cuda", dtype=torch.int32)
+    state_lpt, state_natural = state.clone(), state.clone()
+    out_lpt, lse_lpt = run_kernel(q, k, v, state_lpt, threshold, schedule=schedule)
+    out_nat, lse_nat = run_kernel(q, k, v, state_natural, threshold, schedule=False)
+    torch.cuda.synchronize()
+    counts = live.sum(-1)
+    expected = torch.sort(-counts, dim=-1, stable=True).indices.to(torch.int32)
+    assert torch.equal(schedule.cpu(), expected)
+    assert torch.equal(out_lpt, out_nat) and torch.equal(lse_lpt, lse_nat)
+    assert torch.equal(state_lpt, state_natural)
+    assert not torch.equal(state_lpt, state), "finite thresholds should drop tiles here"
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("thr", [-8.0, 0.0])
+def test_infinite_key_drops_no_extra_tile(head_dim, thr):
+    """One key row of +inf with q >= 0 puts +inf into every query row's scores of that tile, and the
+    running max is +inf from then on: such a tile, and every tile visited after it, has a non-finite
+    l_i or r_i and is never negligible (issue 14, item 5). Random scores give no other negligible
+    tile at thr = -8; at thr = 0 the kernel must drop exactly what the reference drops."""
+    batch, heads, seqlen, dtype = 1, 2, 1000, torch.bfloat16
+    q, k, v = _qkv(batch, heads, seqlen, seqlen, head_dim, dtype, seed=head_dim)
+    q = q.abs()
+    k[:, :, 300] = math.inf
+    state = new_state(batch, heads, seqlen, seqlen, head_dim, dtype, "cuda")
+    threshold = torch.full((heads,), thr, device="cuda")
+    _, _, ref_state = reference.sparse_attention_reference(q, k, v, state, threshold)
+    kernel_state = state.clone()
+    run_kernel(q, k, v, kernel_state, threshold)
+    torch.cuda.synchronize()
+    kernel_live = live_mask(kernel_state, seqlen, head_dim, dtype)
+    ref_live = live_mask(ref_state, seqlen, head_dim, dtype)
+    assert torch.equal(kernel_live, ref_live), f"{(kernel_live != ref_live).sum().item()} tiles differ"
+    if thr == -8.0:
+        assert kernel_live.all(), "a tile was dropped after the +inf key"
+    # Every tile visited at or after the +inf key's tile stays live (visit order n0, n0+1, ..., wrap).
+    block_m, block_n = liteattn_ops.tile_shape(head_dim, dtype)
+    n_tiles, inf_tile = kernel_live.shape[-1], 300 // block_n
+    for m in range(kernel_live.shape[2]):
+        n0 = min(n_tiles - 1, m * block_m * seqlen // (seqlen * block_n))
+        order = [(n0 + i) % n_tiles for i in range(n_tiles)]
+        after = order[order.index(inf_tile):]
+        assert kernel_live[:, :, m, after].all(), f"query tile {m}: a tile after the +inf key was dropped"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,6 +1,7 @@
 """Benchmark of the liteattn kernel against its peers on one GPU (H200).
 
     python tools/bench.py [--shapes S,H,D ...] [--only ours,sdpa,flex] [--json bench.json] [--ceilings]
+                          [--variants default,nopp,...] [--graph-shapes S,H,D ...]
 
 For each (S, H, D) at B = 1, bf16, q/k/v in the (B, S, H, D) memory layout of a DiT:
   ours dense                 torch.ops.liteattn.attention
@@ -12,9 +13,14 @@ For each (S, H, D) at B = 1, bf16, q/k/v in the (B, S, H, D) memory layout of a 
   sdpa FLASH / CUDNN         F.scaled_dot_product_attention with one backend
   flex dense / flex forced   FlexAttention (compiled), dense and with the block mask of the
                              forced 50 % balanced state
-Forced masks use thr = -inf, so the same tiles are live at every timed call.
+Forced masks use thr = -inf, so the same tiles are live at every timed call. Shapes listed in
+--graph-shapes (default: the two small ones of issue 10) are timed as CUDA-graph replays of
+GRAPH_CALLS calls (per-call time = replay time / GRAPH_CALLS), ours and SDPA alike.
+--variants (A/B builds only, cmake -DLITEATTN_AB_VARIANTS=ON) times "ours" once per value of the
+environment variable LITEATTN_VARIANT (csrc/forward.cu): default, pp, nopp, nolpt, nopp-nolpt.
 TFLOP/s = 4 * B * H * S^2 * D / t (dense-equivalent for the sparse rows); times are the median of
-triton.testing.do_bench. Prints a table and writes the rows as JSON.
+triton.testing.do_bench. Prints every row, then a summary against the targets of issue 10, and
+writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 
 import torch
@@ -30,10 +37,16 @@ import torch.nn.functional as F
 
 import liteattn_ops  # noqa: F401  (registers torch.ops.liteattn)
 from liteattn_ops.core.state import live_mask, new_state, pack_bits
-from liteattn_ops.testing import forced_live, local_qkv
 from liteattn_ops.core.tiling import num_tiles, tile_shape
+from liteattn_ops.testing import forced_live, local_qkv
 
-DEFAULT_SHAPES = [(32760, 12, 128), (75600, 40, 128), (16384, 24, 128), (32760, 24, 64)]
+# The six shapes of issue 10, with its FA3 column (TFLOP/s, H200, 2026-12-01) for the ratios.
+DEFAULT_SHAPES = [(32760, 12, 128), (16384, 24, 128), (32760, 24, 64), (75600, 40, 128), (4096, 12, 128),
+                  (16384, 4, 64)]
+FA3_TFLOPS = {(32760, 12, 128): 658, (16384, 24, 128): 596, (32760, 24, 64): 471, (75600, 40, 128): 613,
+              (4096, 12, 128): 628, (16384, 4, 64): 463}
+GRAPH_SHAPES = [(4096, 12, 128), (16384, 4, 64)]
+GRAPH_CALLS = 20
 GRIDS = {32760: (21, 30, 52), 16384: (16, 32, 32)}  # Wan-style (t, h, w) token grids
 
 
@@ -43,7 +56,7 @@ def do_bench(fn, flop_hint: float) -> float:
     from triton.testing import do_bench as triton_bench
 
     if flop_hint <= 2e14:
-        return triton_bench(fn, warmup=25, rep=200, return_mode="median")
+        return triton_bench(fn, warmup=25, rep=150, return_mode="median")
     fn()
     times = []
     for _ in range(3):
@@ -56,9 +69,26 @@ def do_bench(fn, flop_hint: float) -> float:
     return sorted(times)[1]
 
 
+def graph_bench(fn, flop_hint: float) -> float:
+    """Per-call milliseconds of fn replayed from a CUDA graph of GRAPH_CALLS calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    return do_bench(graph.replay, flop_hint * GRAPH_CALLS) / GRAPH_CALLS
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="*", default=None, help="S,H,D triples (default: the four DiT shapes)")
+    parser.add_argument("--shapes", nargs="*", default=None, help="S,H,D triples (default: the six of issue 10)")
+    parser.add_argument("--graph-shapes", nargs="*", default=None,
+                        help="S,H,D triples timed as CUDA-graph replays (default: the two small ones)")
     parser.add_argument("--only", default="ours,sdpa,flex", help="comma list of ours, sdpa, flex")
     parser.add_argument("--fractions", default="0.75,0.5,0.25")
     parser.add_argument("--kinds", default="balanced,heavy-first,heavy-last")
@@ -66,23 +96,32 @@ def main(argv=None):
     parser.add_argument("--flex-shapes", nargs="*", default=None, help="S,H,D triples to run FlexAttention on (default: all)")
     parser.add_argument("--big-fractions", default="0.5", help="forced fractions for shapes of > 2e14 FLOP (slow)")
     parser.add_argument("--big-kinds", default="balanced", help="forced-mask kinds for shapes of > 2e14 FLOP (slow)")
+    parser.add_argument("--variants", default="default", help="comma list of LITEATTN_VARIANT values (A/B builds)")
     parser.add_argument("--ceilings", action="store_true", help="also time a bf16 GEMM and a D2D copy")
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args(argv)
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+
+    def triples(values):
+        return [tuple(int(x) for x in s.split(",")) for s in values]
+
+    shapes = triples(args.shapes) if args.shapes else DEFAULT_SHAPES
+    graph_shapes = set(triples(args.graph_shapes)) if args.graph_shapes is not None else set(GRAPH_SHAPES)
     only = set(args.only.split(","))
     fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else []
     kinds = args.kinds.split(",") if args.kinds else []
+    variants = args.variants.split(",")
     dev = "cuda"
     dtype = torch.bfloat16
     rows = []
     gen = torch.Generator().manual_seed(0)
 
-    def record(shape, name, ms, fraction=1.0):
+    def record(shape, name, ms, fraction=1.0, variant=None):
         seqlen, heads, head_dim = shape
         tflops = 4 * heads * seqlen * seqlen * head_dim / (ms * 1e-3) / 1e12
-        rows.append(dict(S=seqlen, H=heads, D=head_dim, name=name, ms=ms, live=fraction, tflops=tflops))
-        print(f"  {name:<28} {ms:9.3f} ms  live {fraction:5.3f}  {tflops:7.1f} TFLOP/s", flush=True)
+        rows.append(dict(S=seqlen, H=heads, D=head_dim, name=name, variant=variant, ms=ms, live=fraction,
+                         tflops=tflops))
+        label = name if variant is None else f"{name} [{variant}]"
+        print(f"  {label:<42} {ms:9.4f} ms  live {fraction:5.3f}  {tflops:7.1f} TFLOP/s", flush=True)
 
     if args.ceilings:
         a = torch.randn(8192, 8192, device=dev, dtype=dtype)
@@ -93,8 +132,8 @@ def main(argv=None):
         x = torch.empty(2 * 1024**3, device=dev, dtype=torch.uint8)
         y = torch.empty_like(x)
         ms = do_bench(lambda: y.copy_(x), 1e12)
-        print(f"D2D copy 2 GiB: {2 * x.numel() / ms / 1e6:.0f} GB/s (read + write)")
-        rows.append(dict(name="ceiling d2d copy 2GiB", ms=ms, gbps=2 * x.numel() / ms / 1e6))
+        print(f"D2D copy 2 GiB: {2 * x.numel() / ms / 1e9:.2f} TB/s (read + write)")
+        rows.append(dict(name="ceiling d2d copy 2GiB", ms=ms, tbps=2 * x.numel() / ms / 1e9))
         del a, b, x, y
 
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -104,30 +143,37 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
-    flex_shapes = [tuple(int(x) for x in s.split(",")) for s in args.flex_shapes] if args.flex_shapes is not None else shapes
+    flex_shapes = triples(args.flex_shapes) if args.flex_shapes is not None else shapes
     for shape in shapes:
         seqlen, heads, head_dim = shape
         flop = 4 * heads * seqlen * seqlen * head_dim
         big = flop > 2e14
+        timer = graph_bench if shape in graph_shapes else do_bench
         shape_fractions = [float(f) for f in args.big_fractions.split(",") if f] if big else fractions
         shape_kinds = (args.big_kinds.split(",") if args.big_kinds else []) if big else kinds
-        print(f"S={seqlen} H={heads} D={head_dim} (B=1, bf16)", flush=True)
+        print(f"S={seqlen} H={heads} D={head_dim} (B=1, bf16){' [CUDA-graph replay]' if timer is graph_bench else ''}",
+              flush=True)
         q, k, v = (torch.randn(1, seqlen, heads, head_dim, device=dev, dtype=dtype).transpose(1, 2) for _ in range(3))
         block_m, block_n = tile_shape(head_dim, dtype)
         m_tiles, n_tiles = num_tiles(seqlen, block_m), num_tiles(seqlen, block_n)
         no_thr = torch.full((heads,), -math.inf, device=dev)
         if "ours" in only:
-            record(shape, "ours dense", do_bench(lambda: torch.ops.liteattn.attention(q, k, v), flop))
-            state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
-            record(shape, "ours state f=1.00",
-                   do_bench(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop))
+            forced = []
             for fraction in shape_fractions:
                 for kind in shape_kinds:
                     live = forced_live(1, heads, m_tiles, n_tiles, fraction, kind, gen)
-                    state = pack_bits(live).to(dev)
-                    actual = live.float().mean().item()
-                    ms = do_bench(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop)
-                    record(shape, f"ours forced {kind} f={fraction:.2f}", ms, actual)
+                    forced.append((kind, fraction, pack_bits(live).to(dev), live.float().mean().item()))
+            for variant in variants:
+                os.environ["LITEATTN_VARIANT"] = variant
+                tag = None if variants == ["default"] else variant
+                record(shape, "ours dense", timer(lambda: torch.ops.liteattn.attention(q, k, v), flop), variant=tag)
+                state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
+                record(shape, "ours state f=1.00",
+                       timer(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop), variant=tag)
+                for kind, fraction, state, actual in forced:
+                    ms = timer(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop)
+                    record(shape, f"ours forced {kind} f={fraction:.2f}", ms, actual, variant=tag)
+            os.environ.pop("LITEATTN_VARIANT", None)
             if not args.no_structured and seqlen in GRIDS:
                 sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
                 state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
@@ -138,13 +184,14 @@ def main(argv=None):
                 fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
                 record(shape, "ours structured thr=-10", ms, fraction)
                 del sq, sk, sv
+            del forced
         if "sdpa" in only:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             for backend in ((SDPBackend.CUDNN_ATTENTION,) if big else (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION)):
                 try:
                     with sdpa_kernel(backend):
-                        ms = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), flop)
+                        ms = timer(lambda: F.scaled_dot_product_attention(q, k, v), flop)
                     record(shape, f"sdpa {backend.name}", ms)
                 except Exception as error:  # a backend can refuse a shape
                     print(f"  sdpa {backend.name}: unavailable ({error.__class__.__name__}: {error})"[:200])
@@ -167,10 +214,44 @@ def main(argv=None):
         write_json()  # after every shape, so an interrupted run keeps what it measured
 
     print(f"\n{meta['date']}  {meta['gpu']}  torch {meta['torch']}")
-    print(f"{'S':>6} {'H':>3} {'D':>4}  {'kernel':<30} {'ms':>9} {'live':>6} {'TFLOP/s':>8}")
+    print(f"{'S':>6} {'H':>3} {'D':>4}  {'kernel':<42} {'ms':>9} {'live':>6} {'TFLOP/s':>8}")
     for r in rows:
         if "S" in r:
-            print(f"{r['S']:>6} {r['H']:>3} {r['D']:>4}  {r['name']:<30} {r['ms']:9.3f} {r['live']:6.3f} {r['tflops']:8.1f}")
+            label = r["name"] if r.get("variant") is None else f"{r['name']} [{r['variant']}]"
+            print(f"{r['S']:>6} {r['H']:>3} {r['D']:>4}  {label:<42} {r['ms']:9.4f} {r['live']:6.3f} {r['tflops']:8.1f}")
+    print_summary(rows)
+
+
+def print_summary(rows):
+    """Per shape and variant: dense TFLOP/s, its ratio to cuDNN (same run) and to the issue's FA3
+    column, and each sparse time over the dense time with the target f + 0.01 (f = 1: <= 1.01)."""
+    print("\nsummary (t / t_dense; target: f = 1 <= 1.01, forced <= f + 0.01; dense >= 1.05 x FA3)")
+    shapes = sorted({(r["S"], r["H"], r["D"]) for r in rows if "S" in r}, key=lambda s: -s[0] * s[0] * s[1] * s[2])
+    for shape in shapes:
+        mine = [r for r in rows if (r.get("S"), r.get("H"), r.get("D")) == shape]
+        cudnn = next((r for r in mine if r["name"] == "sdpa CUDNN_ATTENTION"), None)
+        fa3 = FA3_TFLOPS.get(shape)
+        for variant in dict.fromkeys(r.get("variant") for r in mine if r["name"] == "ours dense"):
+            ours = {r["name"]: r for r in mine if r.get("variant") == variant and r["name"].startswith("ours")}
+            dense = ours.get("ours dense")
+            if dense is None:
+                continue
+            parts = [f"{shape[0]}x{shape[1]}x{shape[2]}" + (f" [{variant}]" if variant else ""),
+                     f"dense {dense['tflops']:.0f}"]
+            if cudnn:
+                parts.append(f"/cuDNN {dense['tflops'] / cudnn['tflops']:.3f} (cuDNN {cudnn['tflops']:.0f})")
+            if fa3:
+                verdict = "ok" if dense["tflops"] >= 1.05 * fa3 else "MISS"
+                parts.append(f"/FA3 {dense['tflops'] / fa3:.3f} {verdict}")
+            for name, r in ours.items():
+                if name == "ours dense" or "structured" in name:
+                    continue
+                ratio = r["ms"] / dense["ms"]
+                target = 1.01 if "f=1.00" in name else r["live"] + 0.01
+                short = name.replace("ours ", "").replace("forced ", "").replace("balanced", "bal") \
+                    .replace("heavy-first", "hf").replace("heavy-last", "hl")
+                parts.append(f"{short} {ratio:.3f}{'' if ratio <= target else '!'}")
+            print("  " + " | ".join(parts))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,8 @@ def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
     # launch is queued (the caching allocator's stream order makes a later reuse safe).
     ranges = [None if r is None or r.shape[0] == 0 else r.to(torch.int32).contiguous() for r in (must_do, must_skip)]
     (do_ptr, n_do), (skip_ptr, n_skip) = ((0, 0) if r is None else (r.data_ptr(), r.shape[0]) for r in ranges)
+    # Skip path: device scratch in which the kernel orders each head's query tiles heaviest first.
+    schedule = None if state is None else torch.empty(state.shape[:3], dtype=torch.int32, device=q.device)
     with torch.cuda.device(q.device):
         ext.forward(
             q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
@@ -165,6 +167,7 @@ def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
             threshold=0 if threshold is None else threshold.data_ptr(),
             must_do=do_ptr, num_must_do=n_do, must_skip=skip_ptr, num_must_skip=n_skip,
             stream=torch.cuda.current_stream(q.device).cuda_stream,
+            schedule=0 if schedule is None else schedule.data_ptr(),
         )
     return out, lse
 

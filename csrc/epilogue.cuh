@@ -1,0 +1,47 @@
+// Epilogue stage: O / row sum from the accumulator registers into (B, S, H, D) memory (4-byte
+// stores), LSE in natural-log units. Rows past S_q are not written; a row with no visited tile
+// gets O = 0 and LSE = -inf.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_conversion.h>
+
+#include "softmax.cuh"
+#include "tile_scheduler.cuh"
+
+namespace liteattn {
+
+template <class Tr, class TensorO>
+__device__ __forceinline__ void store_output(typename Tr::Params const& p, QueryTile tile, int row0,
+                                             const bool (&row_valid)[2], int lane, OnlineSoftmax const& softmax,
+                                             TensorO const& tOrO) {
+  using Element = typename Tr::Element;
+  float inv_sum[2], lse[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(softmax.row_sum[r]);
+    inv_sum[r] = sum > 0.f ? 1.f / sum : 0.f;
+    lse[r] = sum > 0.f ? (softmax.row_max[r] + log2f(sum)) * p.ln2 : -INFINITY;
+  }
+  Element* out = p.out + tile.b * p.out_stride_b + tile.h * p.out_stride_h;
+  cutlass::NumericArrayConverter<Element, float, 2> convert_pair;
+  constexpr int kO = decltype(cute::size(tOrO))::value;
+#pragma unroll
+  for (int i = 0; i < kO; i += 2) {
+    const int r = frag_row_half(i);
+    if (!row_valid[r]) continue;
+    const int row = row0 + 8 * r;
+    cutlass::Array<float, 2> pair;
+    pair[0] = tOrO(i) * inv_sum[r];
+    pair[1] = tOrO(i + 1) * inv_sum[r];
+    *reinterpret_cast<cutlass::Array<Element, 2>*>(out + row * p.out_stride_s + frag_col(i, lane)) =
+        convert_pair(pair);
+  }
+  if (lane % 4 == 0) {
+    float* lse_row = p.lse + (int64_t(tile.b) * p.heads + tile.h) * p.seqlen_q;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (row_valid[r]) lse_row[row0 + 8 * r] = lse[r];
+  }
+}
+
+}  // namespace liteattn

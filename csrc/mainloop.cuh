@@ -1,0 +1,202 @@
+// Mainloop stage: the producer's TMA loads (Q once, K/V tiles through a kStages-deep ring of
+// shared-memory buffers) and the consumer warpgroups' GEMMs over the visited tiles, with the
+// softmax (softmax.cuh) and the skip vote (skip_state.cuh) in between.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_conversion.h>
+
+#include "fwd_traits.cuh"
+#include "named_barriers.cuh"
+#include "skip_state.cuh"
+#include "softmax.cuh"
+#include "tile_scheduler.cuh"
+
+namespace liteattn {
+
+// Position in a kStages-deep ring of buffers: stage index and mbarrier phase parity.
+struct PipelineState {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance(int stages) {
+    if (++stage == stages) { stage = 0; phase ^= 1; }
+  }
+};
+
+// A consumer warp is done with a buffer: one arrival per warp on its "empty" barrier.
+__device__ __forceinline__ void release(cutlass::arch::ClusterBarrier& empty, int lane) {
+  __syncwarp();
+  if (lane == 0) empty.arrive();
+}
+
+// C (+)= A * B on one warpgroup: fence, issue every k block, commit. The caller waits.
+template <bool kZeroInit, bool kRegisterA, class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, TA& a, TB const& b, TC& c) {
+  using namespace cute;
+  if constexpr (kRegisterA) warpgroup_fence_operand(a);
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTLASS_PRAGMA_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(c);
+  if constexpr (kRegisterA) warpgroup_fence_operand(a);
+}
+
+// Float fragment -> 16-bit fragment with the same value order (packed conversions).
+template <class Element, class Src, class Dst>
+__device__ __forceinline__ void convert_fragment(Src const& src, Dst& dst) {
+  constexpr int kN = decltype(cute::size(src))::value;
+  static_assert(kN == decltype(cute::size(dst))::value);
+  cutlass::NumericArrayConverter<Element, float, kN> convert;
+  *reinterpret_cast<cutlass::Array<Element, kN>*>(dst.data()) =
+      convert(*reinterpret_cast<cutlass::Array<float, kN> const*>(src.data()));
+}
+
+// Producer (one thread): Q of query tile m, then K and V^T of each visited tile, in the order of
+// the contract, into the ring.
+template <class Tr>
+__device__ __forceinline__ void producer_load(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
+                                              QueryTile tile) {
+  using namespace cute;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD;
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutVt{});
+  Tensor mQ = p.tma_q.get_tma_tensor(make_shape(p.seqlen_q, int32_t(kD), p.heads, p.batch));
+  Tensor mK = p.tma_k.get_tma_tensor(make_shape(p.seqlen_k, int32_t(kD), p.heads, p.batch));
+  Tensor mVt = p.tma_vt.get_tma_tensor(make_shape(int32_t(kD), p.seqlen_k, p.heads, p.batch));
+  Tensor gQ = local_tile(mQ(_, _, tile.h, tile.b), Shape<Int<kBM>, Int<kD>>{}, make_coord(tile.m, 0));  // (BM, D)
+  Tensor gK = local_tile(mK(_, _, tile.h, tile.b), Shape<Int<kBN>, Int<kD>>{}, make_coord(_, 0));       // (BN, D, Nt)
+  Tensor gVt = local_tile(mVt(_, _, tile.h, tile.b), Shape<Int<kD>, Int<kBN>>{}, make_coord(0, _));     // (D, BN, Nt)
+  auto [tQg, tQs] = tma_partition(p.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+  auto [tKg, tKs] = tma_partition(p.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+  auto [tVg, tVs] = tma_partition(p.tma_vt, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
+
+  ss.q_full.arrive_and_expect_tx(Tr::kQBytes);
+  copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full)), tQg, tQs);
+
+  PipelineState write;
+  const int n0 = first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles);
+  for (TileOrder<Tr::kSkip> tiles(ss.visit, ss.order, n0, p.num_n_tiles); tiles.more(); tiles.advance()) {
+    const int n = tiles.current();
+    ss.k_empty[write.stage].wait(write.phase ^ 1);
+    ss.k_full[write.stage].arrive_and_expect_tx(Tr::kKVStageBytes);
+    copy(p.tma_k.with(reinterpret_cast<uint64_t&>(ss.k_full[write.stage])), tKg(_, n), tKs(_, write.stage));
+    ss.v_empty[write.stage].wait(write.phase ^ 1);
+    ss.v_full[write.stage].arrive_and_expect_tx(Tr::kKVStageBytes);
+    copy(p.tma_vt.with(reinterpret_cast<uint64_t&>(ss.v_full[write.stage])), tVg(_, n), tVs(_, write.stage));
+    write.advance(Tr::kStages);
+  }
+}
+
+// Consumer warpgroup (64 query rows): for each visited tile n, S = Q K(n)^T, the softmax step and
+// the vote, O += P(n) V(n). Software-pipelined inside the warpgroup: S(n) and O += P(n-1) V(n-1)
+// are issued back to back and the warpgroup waits only for S(n) before its softmax, so that softmax
+// runs while the tensor cores still work on P(n-1) V(n-1). With Tr::kPingPong the warpgroups also
+// take turns to issue (MmaTurn): one warpgroup's softmax overlaps another's GEMMs.
+// On return tOrO holds the unnormalised O of the visited tiles and `softmax` its row max / sum.
+template <class Tr, class TensorO>
+__device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
+                                                  QueryTile tile, int warpgroup, int t, OnlineSoftmax& softmax,
+                                                  TileVote<Tr::kSkip> const& vote, TensorO& tOrO) {
+  using namespace cute;
+  using Element = typename Tr::Element;
+  using Turn = MmaTurn<Tr::kConsumerWarpgroups, Tr::kPingPong>;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD;
+  const int lane = t % 32;
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutVt{});
+  Tensor sQw = local_tile(sQ, Shape<_64, Int<kD>>{}, make_coord(warpgroup, 0));  // this warpgroup's rows
+
+  typename Tr::TiledMmaQK mma_qk;
+  typename Tr::TiledMmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(t);
+  auto thr_pv = mma_pv.get_thread_slice(t);
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQw);   // smem descriptors
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);    // (MMA, N, K, stage)
+  Tensor tOrVt = thr_pv.partition_fragment_B(sVt);  // (MMA, N, K, stage)
+
+  // One tile's softmax step on S (in registers): mask, tile max, running max and sum,
+  // probabilities in place. Returns this thread's vote (skip path) and the factor that rescales
+  // the old O. Only the last tile of a sequence whose length is not a multiple of BN needs the mask.
+  const int masked_tile = p.seqlen_k % kBN ? p.num_n_tiles - 1 : -1;
+  auto softmax_step = [&](auto& tSrS, int n, float (&correction)[2]) {
+    float tile_max[2];
+    if constexpr (Tr::kMaskOnBranch) {
+      if (n == masked_tile) {
+        softmax.template tile_max</*kMask=*/true>(tSrS, lane, p.seqlen_k - n * kBN, p.scale_log2, tile_max);
+      } else {
+        softmax.template tile_max</*kMask=*/false>(tSrS, lane, kBN, p.scale_log2, tile_max);
+      }
+    } else {
+      softmax.template tile_max</*kMask=*/true>(tSrS, lane, p.seqlen_k - n * kBN, p.scale_log2, tile_max);
+    }
+    const float old_max[2] = {softmax.row_max[0], softmax.row_max[1]};
+    softmax.update(tSrS, tile_max, p.scale_log2, correction);
+    return vote.keeps(tile_max, old_max, softmax.row_sum);
+  };
+
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBN>>{});
+  Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
+  PipelineState k_read, v_read;
+  ss.q_full.wait(0);
+  TileOrder<Tr::kSkip> tiles(ss.visit, ss.order, first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
+                             p.num_n_tiles);
+  if (!tiles.more()) return;
+
+  // First tile: S only.
+  ss.k_full[k_read.stage].wait(k_read.phase);
+  int n = tiles.current();
+  tiles.advance();
+  Turn::wait(warpgroup);
+  warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
+  Turn::pass(warpgroup);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tSrS);
+  release(ss.k_empty[k_read.stage], lane);
+  k_read.advance(Tr::kStages);
+  float correction[2];
+  vote.record(n, softmax_step(tSrS, n, correction));
+  convert_fragment<Element>(tSrS, tOrP);
+
+  // Steady state: S(n) and O += P(n-1) V(n-1).
+  while (tiles.more()) {
+    ss.k_full[k_read.stage].wait(k_read.phase);
+    n = tiles.current();
+    Turn::wait(warpgroup);
+    warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
+    ss.v_full[v_read.stage].wait(v_read.phase);
+    warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
+    Turn::pass(warpgroup);
+    tiles.advance();  // the next tile's arithmetic runs while the tensor cores work
+    warpgroup_wait<1>();  // S(n) is ready; O += P V may still run
+    warpgroup_fence_operand(tSrS);
+    release(ss.k_empty[k_read.stage], lane);
+    k_read.advance(Tr::kStages);
+    const bool keep = softmax_step(tSrS, n, correction);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    warpgroup_fence_operand(tOrP);
+    release(ss.v_empty[v_read.stage], lane);
+    v_read.advance(Tr::kStages);
+    rescale_rows(tOrO, correction);
+    convert_fragment<Element>(tSrS, tOrP);
+    vote.record(n, keep);
+  }
+
+  // Last tile: O += P V only.
+  ss.v_full[v_read.stage].wait(v_read.phase);
+  warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tOrO);
+  release(ss.v_empty[v_read.stage], lane);
+}
+
+}  // namespace liteattn

@@ -1,0 +1,184 @@
+"""compute-sanitizer over the liteattn kernel: one command, a pass/fail table.
+
+    python tools/sanitize.py [--tools memcheck,racecheck,initcheck,synccheck] [--parallel] [--log-dir DIR]
+
+Runs this file again under each tool (`compute-sanitizer --tool T ... python tools/sanitize.py
+--worker`); the worker launches small cases of the dense and the skip path that between them cover:
+head dims 64 and 128, bf16 and fp16, S not a multiple of the tile, cross-attention (S_q != S_k),
+batch > 1, more KV tiles than pipeline stages (ring wrap-around), must-do / must-skip ranges, a
+second call that reads the state the first one wrote, forced live sets with an empty row, and the
+device-side query-tile schedule (the op path) as well as natural order (direct _C calls). Each case
+also checks its output against the float32 reference. Needs a Hopper GPU and the built extension.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+TOOL_FLAGS = {
+    "memcheck": ["--leak-check", "no"],
+    "racecheck": ["--racecheck-report", "all"],
+    "initcheck": [],
+    "synccheck": [],
+}
+
+
+def worker() -> int:
+    import torch
+
+    import liteattn_ops  # noqa: F401  (registers torch.ops.liteattn)
+    from liteattn_ops.core import reference
+    from liteattn_ops.core.extension import extension
+    from liteattn_ops.core.state import new_state, pack_bits
+
+    ext = extension()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    failures = []
+
+    def qkv(batch, heads, seqlen_q, seqlen_k, head_dim, dtype):
+        def make(s):
+            return torch.randn(batch, s, heads, head_dim, device="cuda", dtype=dtype, generator=gen).transpose(1, 2)
+        return make(seqlen_q), make(seqlen_k), make(seqlen_k)
+
+    def check(name, out, ref):
+        out, ref = out.float(), ref.float()
+        ok = not torch.isnan(out).any().item()
+        err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if ok else math.nan
+        ok = ok and err <= 1e-2
+        print(f"case {name}: rel err {err:.2e} {'ok' if ok else 'FAIL'}", flush=True)
+        if not ok:
+            failures.append(name)
+
+    def direct(q, k, v, state=None, threshold=None):
+        """_C.forward with no schedule (natural query-tile order), NaN-poisoned outputs."""
+        batch, heads, seqlen_q, head_dim = q.shape
+        out = torch.full((batch, seqlen_q, heads, head_dim), math.nan, device="cuda", dtype=q.dtype).transpose(1, 2)
+        lse = torch.full((batch, heads, seqlen_q), math.nan, device="cuda")
+        ext.forward(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
+                    batch=batch, heads=heads, seqlen_q=seqlen_q, seqlen_k=k.shape[2], head_dim=head_dim,
+                    dtype=str(q.dtype).removeprefix("torch."), q_stride=q.stride()[:3], k_stride=k.stride()[:3],
+                    v_stride=v.stride()[:3], out_stride=out.stride()[:3], scale=1 / math.sqrt(head_dim),
+                    state=0 if state is None else state.data_ptr(),
+                    threshold=0 if threshold is None else threshold.data_ptr(),
+                    must_do=0, num_must_do=0, must_skip=0, num_must_skip=0,
+                    stream=torch.cuda.current_stream().cuda_stream)
+        return out, lse
+
+    # Dense path: cross-attention, partial tiles, batch 2, both head dims and dtypes.
+    for head_dim, dtype, sq, sk in [(64, torch.bfloat16, 129, 300), (128, torch.float16, 7, 129),
+                                    (128, torch.bfloat16, 256, 700)]:
+        q, k, v = qkv(2, 2, sq, sk, head_dim, dtype)
+        out, _ = direct(q, k, v)
+        ref, _ = reference.attention_reference(q, k, v)
+        check(f"dense d{head_dim} {str(dtype)[6:]} {sq}x{sk}", out, ref)
+
+    # Skip path through the op (device schedule), 3 calls on one state, with must-do/must-skip
+    # ranges on the 2nd and 3rd call.
+    for head_dim, dtype, sq, sk in [(128, torch.bfloat16, 256, 700), (64, torch.float16, 300, 1000),
+                                    (64, torch.bfloat16, 1000, 129)]:
+        q, k, v = qkv(2, 2, sq, sk, head_dim, dtype)
+        state = new_state(2, 2, sq, sk, head_dim, dtype, "cuda")
+        threshold = torch.tensor([-2.0, -math.inf], device="cuda")
+        must_do = torch.tensor([[0, 10], [400, 401]], device="cuda", dtype=torch.int32)
+        must_skip = torch.tensor([[128, 384], [650, 99999]], device="cuda", dtype=torch.int32)
+        for call in range(3):
+            ranges = (None, None) if call == 0 else (must_do, must_skip)
+            ref, _, ref_state = reference.sparse_attention_reference(q, k, v, state, threshold, *ranges)
+            out, _ = torch.ops.liteattn.sparse_attention(q, k, v, state, threshold, *ranges)
+            check(f"skip d{head_dim} {str(dtype)[6:]} {sq}x{sk} call {call}", out, ref)
+            if not torch.equal(state, ref_state):
+                print(f"case skip d{head_dim} call {call}: state differs from the reference (rounding?)")
+
+    # Skip path in natural order: forced live set with an empty row, thr = -inf.
+    for head_dim in (64, 128):
+        q, k, v = qkv(1, 2, 700, 900, head_dim, torch.bfloat16)
+        block_m, block_n = liteattn_ops.tile_shape(head_dim, torch.bfloat16)
+        m_tiles, n_tiles = -(-700 // block_m), -(-900 // block_n)
+        live = torch.rand(1, 2, m_tiles, n_tiles, generator=torch.Generator().manual_seed(head_dim)) < 0.5
+        live[:, :, 1] = False
+        state = pack_bits(live).to("cuda")
+        threshold = torch.full((2,), -math.inf, device="cuda")
+        ref, _, _ = reference.sparse_attention_reference(q, k, v, state, threshold)
+        out, _ = direct(q, k, v, state, threshold)
+        check(f"forced d{head_dim} natural order", out, ref)
+
+    torch.cuda.synchronize()
+    print(f"worker done: {len(failures)} failing cases", flush=True)
+    return 1 if failures else 0
+
+
+def parse(tool: str, text: str) -> tuple[str, bool]:
+    """(summary, passed) from compute-sanitizer's output. racecheck ends with "RACECHECK SUMMARY:
+    N hazards displayed (E errors, W warnings)", the other tools with "ERROR SUMMARY: N errors"."""
+    worker_ok = "worker done: 0 failing cases" in text
+    race = re.findall(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", text)
+    errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    if tool == "racecheck" and race:
+        hazards, n_errors, warnings = (int(x) for x in race[-1])
+        summary = f"{hazards} hazards ({n_errors} errors, {warnings} warnings)"
+        clean = hazards == 0 and n_errors == 0
+    elif errors:
+        summary = f"{errors[-1]} errors"
+        clean = int(errors[-1]) == 0
+    else:
+        summary, clean = "no summary line (see log)", False
+    if not worker_ok:
+        summary += ", worker failed (see log)"
+    return summary, clean and worker_ok
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--parallel", action="store_true", help="run the tools at the same time")
+    parser.add_argument("--log-dir", default=None, help="write each tool's full output here")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per tool")
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker()
+
+    sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    tools = args.tools.split(",")
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+    jobs = {}
+    for tool in tools:
+        cmd = [sanitizer, "--tool", tool, *TOOL_FLAGS[tool], "--print-limit", "20",
+               sys.executable, os.path.abspath(__file__), "--worker"]
+        log = open(os.path.join(args.log_dir, f"sanitize_{tool}.log"), "w+") if args.log_dir else \
+            tempfile.TemporaryFile("w+")
+        jobs[tool] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), log, time.time())
+        if not args.parallel:
+            finish(jobs[tool][0], args.timeout)
+    results = []
+    for tool, (proc, log, start) in jobs.items():
+        finish(proc, max(1.0, args.timeout - (time.time() - start)))
+        log.seek(0)
+        summary, passed = parse(tool, log.read())
+        results.append((tool, summary, passed, time.time() - start))
+    print(f"\n{'tool':<10} {'result':<6} {'seconds':>8}  summary")
+    for tool, summary, passed, seconds in results:
+        print(f"{tool:<10} {'PASS' if passed else 'FAIL':<6} {seconds:8.1f}  {summary}")
+    return 0 if all(passed for _, _, passed, _ in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
