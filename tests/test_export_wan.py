@@ -118,7 +118,8 @@ def test_wan_round_trip_in_fresh_process_without_diffusers(wan_and_program, call
     _, program = wan_and_program
     liteattn_ops.reset_program(program)
     report, outs, states, _ = run_in_fresh_process(program, calls, tmp_path)
-    assert report["modules_before"] == []         # the program needs liteattn_ops, not diffusers
+    assert report["modules_before"] == []
+    assert report["modules_after"] == [], report  # loading and running needs liteattn_ops, not diffusers
     expected_outs, expected_states = eager
     for i in range(len(calls)):
         assert_same(outs[i], expected_outs[i])

@@ -101,7 +101,10 @@ def _refuse_dynamic_shapes(sites: list[tuple[str, LiteAttention]]):
         k = call_args[1] if len(call_args) > 1 else call_kwargs["k"]
         dims = [(f"q.shape[{i}]", s) for i, s in enumerate(q.shape)] + \
                [(f"k.shape[{i}]", s) for i, s in enumerate(k.shape)]
-        dynamic = [f"{where} = {s}" for where, s in dims if not is_concrete_int(s)]
+        # Under strict export Dynamo traces this hook: there a static dim is a plain int (and
+        # is_concrete_int may not be traced); under non-strict export a static dim may be a SymInt.
+        concrete = (lambda s: isinstance(s, int)) if torch.compiler.is_dynamo_compiling() else is_concrete_int
+        dynamic = [f"{where} = {s}" for where, s in dims if not concrete(s)]
         if dynamic:
             raise ValueError(
                 f"liteattn_ops.export: attention site '{name}' gets dynamic dimensions ({', '.join(dynamic)}). "
@@ -183,7 +186,8 @@ def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
        states (all live) and the record described in the module docstring.
 
     Thresholds and must-do/must-skip ranges are taken as they are now (they are buffers of the
-    program). Inference only.
+    program); `thresholds=table` (a liteattn_ops.calibration.ThresholdTable) sets them from a
+    calibrated table first. Inference only.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -191,8 +195,13 @@ def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
         raise TypeError(f"args must be a tuple of example inputs, got {type(args).__name__}")
     kwargs = dict(kwargs or {})
     enable_options = {key: options.pop(key) for key in _ENABLE_OPTIONS if key in options}
+    thresholds = options.pop("thresholds", None)   # a calibration ThresholdTable (or any set_threshold value)
     cross = enable_options.get("cross", "sdpa")
     sites = _prepare(model, enable_options)
+    if thresholds is not None:
+        from ..nn.model import set_threshold
+
+        set_threshold(model, thresholds)   # checked against the sites; fixed in the program from here on
 
     with torch.no_grad():
         model(*args, **kwargs)
@@ -214,7 +223,7 @@ def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
     for rec in records:
         for store in (ep.constants, ep.state_dict):
             if rec["state"] in store:
-                store[rec["state"]] = store[rec["state"]].clone()
+                store[rec["state"]] = reset_state(store[rec["state"]].clone())   # fresh: every tile live
     ep.graph_module.meta.setdefault("custom", {})[METADATA_KEY] = {
         "format_version": FORMAT_VERSION, "liteattn_ops_version": _package_version(), "states": records,
         "inputs": _input_specs(ep), "attention": {"rewritten": report.rewritten, "left": report.left},
@@ -290,8 +299,11 @@ def check_program(program) -> dict:
 
 
 def load(f, **kwargs) -> torch.export.ExportedProgram:
-    """torch.export.load(f, **kwargs), then check_program. Raises ProgramMismatchError for a program
-    exported by an incompatible liteattn_ops (see check_program)."""
+    """torch.export.load(f, **kwargs), then check_program; the loaded program's skip states are
+    fresh (every tile live), whatever they were when the file was saved: a program saved after it
+    ran would otherwise start its first video with the last one's skip decisions. Raises
+    ProgramMismatchError for a program exported by an incompatible liteattn_ops (see
+    check_program)."""
     ep = torch.export.load(f, **kwargs)
     meta = check_program(ep)
     states = exported_states(ep)
@@ -301,6 +313,12 @@ def load(f, **kwargs) -> torch.export.ExportedProgram:
             raise ProgramMismatchError(f"skip state '{rec['state']}': the program's buffer "
                                        f"{None if state is None else tuple(state.shape)} does not match its record "
                                        f"{rec['state_shape']}")
+    evolved = [name for name, state in states.items() if not bool((state == -1).all())]
+    if evolved:
+        log.info("liteattn_ops.load: %d skip states were saved after the program ran; reset to fresh (all live): %s",
+                 len(evolved), evolved)
+    for state in states.values():
+        reset_state(state)
     return ep
 
 
