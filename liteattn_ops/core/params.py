@@ -99,7 +99,7 @@ def ranges_tensor(name: str, ranges: RangesLike) -> Optional[Tensor]:
         rows = []
         for i, pair in enumerate(ranges):
             as_tensor = None if isinstance(pair, (str, bytes)) else _as_tensor(pair, name, _RANGES_EXPECTED)
-            if as_tensor is not None:
+            if as_tensor is not None and as_tensor.dim() > 0:
                 pair = as_tensor.reshape(-1).tolist() if as_tensor.dim() <= 1 else [as_tensor.tolist()]
             elif isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)):
                 pair = list(pair)
