@@ -399,3 +399,43 @@ def test_bad_arguments():
         calibrate(model, make_run(), schedule=[3, 2])
     with pytest.raises(ValueError, match="no LiteAttention sites"):
         calibrate(nn.Linear(2, 2), make_run())
+
+
+# ------------------------------------------------------------------------------------------------
+# the error-aware prototype criterion (simulated; the op implements only the max test)
+# ------------------------------------------------------------------------------------------------
+
+def test_mass_criterion_matches_its_definition_literally():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = local_qkv((2, 16, 16), batch=1, heads=2, head_dim=HEAD_DIM, sharpness=12.0, generator=g)
+    n_tiles = q.shape[2] // 128
+    live = torch.rand(1, 2, n_tiles, n_tiles, generator=g) < 0.9
+    a = analyse_call(q, k, v, live, criterion="mass")
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(HEAD_DIM)
+    for h in range(2):
+        for m in range(n_tiles):
+            rows = scores[0, h, m * 128:(m + 1) * 128]
+            vis = a.visited[0, h, m]
+            p = torch.exp(rows - rows.max(-1, keepdim=True).values).view(128, n_tiles, 128).sum(-1) * vis
+            mass = p / p.sum(-1, keepdim=True)                           # (rows, Nt), over visited tiles
+            worst = mass.max(0).values
+            removable = [n for n in range(n_tiles) if vis[n] and not (a.margin[0, h, m, n].isinf())]
+            total = 0.0
+            for n in sorted(removable, key=lambda n: float(worst[n])):
+                total += float(worst[n])
+                assert float(a.margin[0, h, m, n]) == pytest.approx(math.log2(total), abs=1e-4)
+            # the max test's first visited tile is never removed by this criterion either
+            assert not vis.any() or len(removable) < int(vis.sum())
+
+
+def test_mass_criterion_calibration_is_simulated_and_cannot_be_applied():
+    model = LocalModel(depth=1)
+    run = make_run(steps=3)
+    table = calibrate(model, run, target_error=0.03, criterion="mass")
+    assert table.calibration["criterion"] == "mass"
+    entry = table.sites["blocks.0.attn"]
+    assert max(entry.error) <= TOLERANCE * 0.03 and entry.live_fraction < 1.0
+    with pytest.raises(ThresholdTableError, match="'mass' criterion"):
+        liteattn_ops.set_threshold(model, table)
+    with pytest.raises(ValueError, match="criterion"):
+        calibrate(model, run, criterion="sum")

@@ -108,8 +108,8 @@ class _Site:
 
 
 class _Calibrator:
-    def __init__(self, model, *, target_error, metric, granularity, ranges, safety, grid):
-        self.model, self.target, self.metric = model, target_error, metric
+    def __init__(self, model, *, target_error, metric, granularity, ranges, safety, grid, criterion="max"):
+        self.model, self.target, self.metric, self.criterion = model, target_error, metric, criterion
         self.granularity, self.ranges, self.safety, self.grid = granularity, ranges, safety, grid
         self.roots = _roots(model)
         self.sites: dict[str, _Site] = {}
@@ -204,7 +204,7 @@ class _Calibrator:
         t0 = time.perf_counter()
         a = analyse_call(q, k, v, live, must_do=getattr(site.module, "must_do_ranges", None),
                          must_skip=getattr(site.module, "must_skip_ranges", None), scale=scale,
-                         metric=self.metric, grid=self.grid)
+                         metric=self.metric, grid=self.grid, criterion=self.criterion)
         rel = relative_error(a.err_num, a.err_ref, self.metric)                     # (B, H, G)
         rel_site = relative_error(a.err_num.sum(1, keepdim=True), a.err_ref.sum(1, keepdim=True), self.metric)  # (B, 1, G)
         rel_for = rel_site if self.granularity == "layer" else rel
@@ -225,6 +225,8 @@ class _Calibrator:
             site.thresholds[r] = current = new
         used = torch.full((heads,), -math.inf, dtype=torch.float64) if warm or current is None else current
         values = used.tolist()
+        if self.criterion == "mass":   # simulated: the op removes nothing, the hook supplies the output
+            values = [-math.inf] * heads
         site.module.threshold = values[0] if self.granularity == "layer" else values
         new_live = next_live(live, a, used.float())
         site.analysed_s += time.perf_counter() - t0
@@ -239,6 +241,14 @@ class _Calibrator:
         if type(site.module).__name__ == "FlashLiteAttention":
             out = out.transpose(1, 2)
         expected = pending.out
+        replaced = None
+        if self.criterion == "mass":   # the prototype criterion's output replaces the op's
+            replaced = expected.to(out.dtype)
+            if type(site.module).__name__ == "FlashLiteAttention":
+                replaced = replaced.transpose(1, 2)
+            if isinstance(output, tuple):
+                replaced = (replaced, *output[1:])
+            out = expected
         scale = float(expected.abs().max()) or 1.0
         tol = 1e-4 if out.dtype == torch.float32 else 3e-2
         worst = float((out.float() - expected).abs().max()) / scale
@@ -254,7 +264,7 @@ class _Calibrator:
         site.error[r] = max(site.error[r], pending.site_err)
         prev = site.error_per_head[r]
         site.error_per_head[r] = pending.head_err if prev is None else torch.maximum(prev, pending.head_err)
-        return None
+        return replaced
 
     # -- the result -----------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -285,7 +295,8 @@ class _Calibrator:
 
 
 def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str = "l1", granularity: str = "head",
-              schedule: Optional[Sequence[int]] = None, passes: int = 2, safety: float = SAFETY) -> ThresholdTable:
+              schedule: Optional[Sequence[int]] = None, passes: int = 2, safety: float = SAFETY,
+              criterion: str = "max") -> ThresholdTable:
     """Thresholds for every LiteAttention site of `model` that keep each site's per-call error within
     `target_error`, skipping as much as that allows. Returns a ThresholdTable (see table.py).
 
@@ -304,6 +315,10 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
         component that holds the site, for a pipeline).
     passes: 1 or 2; the second pass starts from the first's table (and verifies it).
     safety: the predictions aim at `safety * target_error` (room for drift between steps).
+    criterion: "max" (the op's test). "mass" calibrates the error-aware prototype criterion
+        (margins.analyse_call) instead, *simulated*: the op runs with threshold -inf and the hook
+        replaces its output by the prototype's; such a table is for comparison and cannot be
+        applied (the op, the reference and the kernel implement only the max test).
 
     The model's thresholds are restored and its states reset afterwards; apply the result with
     `liteattn_ops.set_threshold(model, table)`.
@@ -315,6 +330,8 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if granularity not in ("head", "layer"):
         raise ValueError(f"granularity must be 'head' or 'layer', got {granularity!r}")
+    if criterion not in ("max", "mass"):
+        raise ValueError(f"criterion must be 'max' (the op's test) or 'mass' (the simulated prototype), got {criterion!r}")
     if passes not in (1, 2):
         raise ValueError(f"passes must be 1 or 2, got {passes!r}")
     if not 0 < safety <= 1:
@@ -323,7 +340,7 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
         raise TypeError(f"run must be a callable run(model) that performs one generation, got {type(run).__name__}")
     ranges = _ranges(schedule)
     cal = _Calibrator(model, target_error=float(target_error), metric=metric, granularity=granularity,
-                      ranges=ranges, safety=safety, grid=threshold_grid(GRID_STEP))
+                      ranges=ranges, safety=safety, grid=threshold_grid(GRID_STEP), criterion=criterion)
     saved = {name: s.module.threshold for name, s in cal.sites.items()}
     walls, lowered = [], []
     try:
@@ -342,7 +359,7 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
 
                 reset(root)
     calibration = {
-        "passes": passes, "wall_s": [round(w, 3) for w in walls], "analysis_s_last_pass": round(analysed, 3),
+        "criterion": criterion, "passes": passes, "wall_s": [round(w, 3) for w in walls], "analysis_s_last_pass": round(analysed, 3),
         "steps": max(s.root[0] for s in cal.sites.values()), "safety": safety, "grid_step": GRID_STEP,
         "tolerance": TOLERANCE,
         "last_pass_is_the_table": passes == 2 and not lowered[-1],

@@ -38,6 +38,7 @@ from ..core.tiling import num_tiles, tile_shape
 
 _LOG2E = math.log2(math.e)
 METRICS = ("l1", "rmse", "cosine")
+CRITERIA = ("max", "mass")
 
 # Elements of the largest per-chunk tensor (rows x Nt x D per batch-head); ~64 MB in float32.
 CHUNK_ELEMENTS = 1 << 24
@@ -89,9 +90,17 @@ def relative_error(num: Tensor, ref: Tensor, metric: str) -> Tensor:
 
 def analyse_call(q: Tensor, k: Tensor, v: Tensor, live: Tensor, *, must_do: Optional[Tensor] = None,
                  must_skip: Optional[Tensor] = None, scale: Optional[float] = None, metric: str = "l1",
-                 grid: Optional[Tensor] = None, chunk_elements: int = CHUNK_ELEMENTS) -> CallAnalysis:
+                 grid: Optional[Tensor] = None, chunk_elements: int = CHUNK_ELEMENTS,
+                 criterion: str = "max") -> CallAnalysis:
     """Analyse one call of the stateful op on q, k, v (B, H, S, D) with live set `live` (bool
-    (B, H, Mt, Nt), the state before the call). See the module docstring."""
+    (B, H, Mt, Nt), the state before the call). See the module docstring.
+
+    criterion "max" is the op's rule. "mass" is the error-aware prototype (not in the op): the
+    tiles removed at `thr` are, per query tile, the longest prefix of the removable tiles sorted by
+    their worst-row softmax mass w_n = max_i Z_in / Z_i (Z_i: the row's sum over the visited tiles)
+    whose masses add up to <= 2^thr; `margin` is then the smallest thr that removes the tile."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     batch, heads, seqlen_q, head_dim = q.shape
@@ -103,6 +112,8 @@ def analyse_call(q: Tensor, k: Tensor, v: Tensor, live: Tensor, *, must_do: Opti
     scale = resolve_scale(scale, head_dim)
     device = q.device
     grid = threshold_grid(device=device) if grid is None else grid.to(device=device, dtype=torch.float32)
+    if grid.dim() != 1 or bool((grid > 0).any()) or bool((grid[1:] < grid[:-1]).any()):
+        raise ValueError("grid must be a 1-D ascending tensor of candidate thresholds <= 0")
     n_grid = grid.shape[0]
 
     do_tiles = range_tiles(must_do, seqlen_k, block_n, inside=False).to(device)
@@ -121,7 +132,7 @@ def analyse_call(q: Tensor, k: Tensor, v: Tensor, live: Tensor, *, must_do: Opti
     err_num = torch.zeros((batch, heads, 2, n_grid) if cos else (batch, heads, n_grid), device=device)
     err_ref = torch.zeros(batch, heads, device=device)
 
-    # Whole query tiles per chunk; the largest tensor is (B, H, rows, Nt + 1, D).
+    # Whole query tiles per chunk; the largest tensor is (B, H, rows, Nt, D).
     per_row = batch * heads * max(seqlen_k + n_tiles, (n_tiles + 1) * head_dim)
     tiles_per_chunk = max(1, chunk_elements // max(1, per_row * block_m))
     for m0 in range(0, m_tiles, tiles_per_chunk):
@@ -153,7 +164,6 @@ def analyse_call(q: Tensor, k: Tensor, v: Tensor, live: Tensor, *, must_do: Opti
         chunk_margin = padded.view(batch, heads, mc, block_m, n_tiles).amax(3)
         removable = visited[:, :, m0:m1] & ~do_tiles
         chunk_margin = chunk_margin.masked_fill(~removable, math.inf)
-        margin[:, :, m0:m1] = chunk_margin
 
         # Per-tile partial outputs with the dense row max (unvisited tiles are in the dense output).
         row_max = tile_max.amax(-1, keepdim=True)                                     # (B, H, rows, 1)
@@ -162,39 +172,44 @@ def analyse_call(q: Tensor, k: Tensor, v: Tensor, live: Tensor, *, must_do: Opti
         part = torch.matmul(probs.permute(0, 1, 3, 2, 4), vt).permute(0, 1, 3, 2, 4)  # (B, H, rows, Nt, D)
         del probs, scores, tiles
         dense = part.sum(3) / z.sum(3, keepdim=True)                                  # (B, H, rows, D)
+        if criterion == "mass":
+            # (the max test's never-removed tiles, e.g. the first visited one, stay so here)
+            chunk_margin = _mass_cost(z, vis_rows, torch.isfinite(chunk_margin), local, mc)
+        margin[:, :, m0:m1] = chunk_margin
 
-        # Visited tiles sorted by margin (removable first, smallest first); suffix sums give the
-        # output after removing the first k of them, k = 0 .. Nt.
-        sorted_margin, idx = chunk_margin.sort(-1)                                    # (B, H, mc, Nt)
+        # Visited tiles sorted by margin, largest first (the never-removed +inf ones lead): the output
+        # after removing the k smallest-margin tiles is a prefix sum over the first Nt - k of them.
+        # No allowed threshold exceeds 0, so only k <= k_max (the most margins <= 0 of any query
+        # tile of the chunk) is ever looked up.
+        desc_margin, idx = chunk_margin.sort(-1, descending=True)                     # (B, H, mc, Nt)
+        sorted_margin = desc_margin.flip(-1)                                          # ascending
+        k_max = int((chunk_margin <= 0).sum(-1).max())
         idx_rows = idx[:, :, local]                                                   # (B, H, rows, Nt)
         vis_f = vis_rows.float()
         z_sorted = torch.gather(z * vis_f, -1, idx_rows)
         part_sorted = torch.gather(part * vis_f[..., None], 3, idx_rows[..., None].expand(-1, -1, -1, -1, head_dim))
         del part
-        z_suffix = torch.flip(torch.cumsum(torch.flip(z_sorted, (-1,)), -1), (-1,))
-        part_suffix = torch.flip(torch.cumsum(torch.flip(part_sorted, (3,)), 3), (3,))
+        first = n_tiles - 1 - k_max            # prefix lengths first+1 .. Nt, i.e. k = k_max .. 0
+        z_cum = torch.cumsum(z_sorted, -1)[..., first:].flip(-1)                      # (B, H, rows, k_max + 1)
+        part_cum = torch.cumsum(part_sorted, 3)[:, :, :, first:].flip(3)             # (B, H, rows, k_max + 1, D)
         del part_sorted
-        zero = torch.zeros_like(z_suffix[..., :1])
-        z_suffix = torch.cat([z_suffix, zero], -1)                                    # (B, H, rows, Nt + 1)
-        part_suffix = torch.cat([part_suffix, torch.zeros_like(part_suffix[:, :, :, :1])], 3)
-        empty = z_suffix <= 0
-        kept = part_suffix / z_suffix.masked_fill(empty, 1.0)[..., None]             # (B, H, rows, Nt + 1, D)
+        empty = z_cum <= 0
+        kept = part_cum.div_(z_cum.masked_fill(empty, 1.0)[..., None])               # k = 0 .. k_max
         kept.masked_fill_(empty[..., None], 0.0)                                      # no visited tile: 0
-        del part_suffix
         out[:, :, row0:row1] = kept[:, :, :, 0]
 
         if cos:
             terms = torch.stack([(kept * dense[:, :, :, None]).sum(-1), kept.square().sum(-1)], 2)
             ref_rows = dense.square().sum(-1)
         elif metric == "l1":
-            terms = (kept - dense[:, :, :, None]).abs_().sum(-1)[:, :, None]          # (B, H, 1, rows, Nt+1)
+            terms = (kept - dense[:, :, :, None]).abs_().sum(-1)[:, :, None]          # (B, H, 1, rows, k_max+1)
             ref_rows = dense.abs().sum(-1)
         else:
             terms = (kept - dense[:, :, :, None]).square_().sum(-1)[:, :, None]
             ref_rows = dense.square().sum(-1)
         del kept
-        # Sum the rows of each query tile: (B, H, T, mc, Nt + 1).
-        per_tile = torch.zeros(*terms.shape[:3], mc, n_tiles + 1, device=device)
+        # Sum the rows of each query tile: (B, H, T, mc, k_max + 1).
+        per_tile = torch.zeros(*terms.shape[:3], mc, k_max + 1, device=device)
         per_tile.index_add_(3, local, terms)
         err_ref += ref_rows.sum(-1)
 
@@ -207,6 +222,21 @@ def analyse_call(q: Tensor, k: Tensor, v: Tensor, live: Tensor, *, must_do: Opti
 
     return CallAnalysis(margin=margin, visited=visited, err_num=err_num, err_ref=err_ref, out=out,
                         do_tiles=do_tiles, skip_tiles=skip_tiles, metric=metric)
+
+
+def _mass_cost(z: Tensor, vis_rows: Tensor, removable: Tensor, local: Tensor, mc: int) -> Tensor:
+    """Prototype criterion: log2 of the cumulative worst-row mass at each removable tile's place in
+    the ascending order of worst-row masses (+inf for tiles that are not removable)."""
+    batch, heads, rows, n_tiles = z.shape
+    zv = z * vis_rows
+    mass = zv / zv.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)    # (B, H, rows, Nt)
+    worst = torch.zeros(batch, heads, mc, n_tiles, device=z.device)
+    worst.scatter_reduce_(2, local.view(1, 1, -1, 1).expand_as(mass), mass, reduce="amax")
+    worst = worst.masked_fill(~removable, math.inf)
+    order = worst.sort(-1)
+    cost = torch.cumsum(order.values.masked_fill(torch.isinf(order.values), 0.0), -1).log2()
+    cost = cost.masked_fill(torch.isinf(order.values), math.inf)
+    return torch.empty_like(cost).scatter_(-1, order.indices, cost)
 
 
 def removed_tiles(analysis: CallAnalysis, threshold: Tensor) -> Tensor:

@@ -164,6 +164,9 @@ class ThresholdTable:
         from ..nn.model import attention_sites
 
         self.validate()
+        if self.calibration.get("criterion", "max") != "max":
+            raise ThresholdTableError(f"this table was calibrated for the {self.calibration['criterion']!r} criterion, a "
+                                      "prototype the op does not implement (it applies only max-test tables)")
         if step is None:
             if len(self.schedule) > 1:
                 raise ThresholdTableError(
