@@ -23,8 +23,9 @@ from liteattn_ops.demo.quality import psnr_db, ssim
 from liteattn_ops.demo.timing import site_states
 
 REPO = Path(__file__).resolve().parents[1]
-SKIPPING = ["--device", "cpu", "--steps", "3", "--resolution", "64x64", "--frames", "4", "--quiet"]
-TINY = ["--device", "cpu", "--steps", "1", "--resolution", "32x32", "--frames", "4", "--quiet", "--no-profile"]
+SKIPPING = ["--device", "cpu", "--steps", "3", "--resolution", "64x64", "--frames", "4", "--quiet", "--no-warmup"]
+TINY = ["--device", "cpu", "--steps", "1", "--resolution", "32x32", "--frames", "4", "--quiet", "--no-profile",
+        "--no-warmup"]
 THRESHOLD = -2.0
 
 
@@ -222,7 +223,7 @@ def test_rerun_replaces_the_output_folder(tmp_path):
     (["--forced", "0"], "--forced fractions must be in (0, 1]"),
     (["--forced", "abc"], "--forced must be comma-separated"),
     (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead needs --compile"),
-    (["--compile", "--no-warmup"], "--no-warmup works with --eager only"),
+    (["--compile"], "--no-warmup works with --eager only"),
     (["--thresholds", "/nonexistent/table.json"], "no such file"),
     (["--threshold", "-4", "--thresholds", "x.json"], "not both"),
 ])
@@ -312,7 +313,7 @@ def _table(path: Path, thresholds: list) -> Path:
 
 def test_thresholds_file_sets_per_head_thresholds(tmp_path):
     table = _table(tmp_path / "table.json", [THRESHOLD, "-inf", THRESHOLD, "-inf"])
-    rc, _, report = _run(tmp_path, SKIPPING, "--thresholds", str(table), "--no-profile", name="demo")
+    rc, _, report = _run(tmp_path, SKIPPING, "--thresholds", str(table), "--no-profile", "--steps", "2")
     assert rc == 0
     lite = report["liteattention"]
     assert report["threshold"] == "table" and report["thresholds_file"] == str(table)
@@ -340,7 +341,7 @@ def test_sweep_tool_uses_the_runner_and_skips_tiles(tmp_path, oracle):
         sys.path.pop(0)
     out = tmp_path / "sweep"
     rc = sweep.main(["--device", "cpu", f"--thresholds=-inf,{THRESHOLD}", "--steps", "3", "--resolution", "64x64",
-                     "--frames", "4", "--quiet", "--no-profile", "--out", str(out)])
+                     "--frames", "4", "--quiet", "--no-profile", "--no-warmup", "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "sweep.json").read_text())
     assert [r["threshold"] for r in result["rows"]] == ["-inf", THRESHOLD]

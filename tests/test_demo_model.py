@@ -194,7 +194,7 @@ def test_locality_term_is_off_in_eval_and_without_it():
     model.set_locality(Locality(radius=(0, 1, 1)))
     model(x, t, y)
     loss = model.locality_loss()
-    assert loss is not None and loss.requires_grad and 0 < float(loss) < 1
+    assert loss is not None and loss.requires_grad and 0 < float(loss.detach()) < 1
     model.eval()
     model.set_locality(Locality())
     with torch.no_grad():

@@ -16,6 +16,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import liteattn_ops
+from liteattn_ops.demo.timing import cuda_graphs_info
 
 
 class Block(nn.Module):
@@ -89,8 +90,10 @@ def main():
             compiled = torch.compile(model, backend="liteattn", mode=mode, fullgraph=True)
             ms = time_steps(compiled, x, args.steps)
             live = [s["live_fraction"] for s in liteattn_ops.stats(model).values() if s["live_fraction"] is not None]
+            # cudagraph_skips == 0 also holds when no graph was attempted: count the recorded graphs
+            graphs = cuda_graphs_info(torch.device("cuda"), mode)
             print(f"  compiled {mode:16s} thr={thr:5}  {ms:8.3f} ms   rewritten={counters['liteattn']['rewritten']} "
-                  f"cudagraph_skips={counters['inductor']['cudagraph_skips']} "
+                  f"cudagraph_skips={counters['inductor']['cudagraph_skips']} cuda_graphs_recorded={graphs['recorded']} "
                   f"live={sum(live) / max(len(live), 1):.3f}")
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(base), mode="reduce-overhead", fullgraph=True)

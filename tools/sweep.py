@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--no-profile", action="store_true", help="no attention-only times (faster)")
+    p.add_argument("--no-warmup", action="store_true", help="eager only: no untimed warm-up step")
     p.add_argument("--out", default="out/sweep")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -74,7 +75,7 @@ def demo_namespace(args) -> argparse.Namespace:
       + (["--frames", str(args.frames)] if args.frames else [])
       + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
       + (["--" + args.mode] if args.mode else []) + (["--quiet"] if args.quiet else [])
-      + (["--no-profile"] if args.no_profile else []))
+      + (["--no-profile"] if args.no_profile else []) + (["--no-warmup"] if args.no_warmup else []))
     validate(ns)
     return ns
 
