@@ -97,4 +97,15 @@ PYBIND11_MODULE(_C, m) {
       "(size-1 dims exempt).");
 
   m.attr("MAX_STATE_WORDS") = liteattn::kMaxStateWords;
+  m.def(
+      "schedule_scope",
+      [](int batch, int heads, int num_m_tiles, int seqlen_k, int head_dim) {
+        switch (liteattn::schedule_scope(batch, heads, num_m_tiles, seqlen_k, head_dim)) {
+          case liteattn::ScheduleScope::kGlobal: return std::string("global");
+          case liteattn::ScheduleScope::kPerHead: return std::string("head");
+          default: return std::string("none");
+        }
+      },
+      py::arg("batch"), py::arg("heads"), py::arg("num_m_tiles"), py::arg("seqlen_k"), py::arg("head_dim"),
+      "Scope of the skip path's heaviest-first query-tile order: 'global', 'head' or 'none' (natural order).");
 }

@@ -66,9 +66,11 @@ void run_fwd(const FwdArgs& a) {
   p.num_must_do = a.num_must_do;
   p.must_skip = a.must_skip;
   p.num_must_skip = a.num_must_skip;
-  if (kSkip && a.schedule != nullptr && p.num_m_tiles <= kMaxScheduledMTiles) {
-    launch_lpt_schedule(a.state, a.batch * a.heads, p.num_m_tiles, p.num_state_words, p.num_n_tiles, a.schedule,
-                        a.stream);
+  const ScheduleScope scope = schedule_scope(a.batch, a.heads, p.num_m_tiles, a.seqlen_k, kHeadDim);
+  if (kSkip && a.schedule != nullptr && scope != ScheduleScope::kNone) {
+    const bool global = scope == ScheduleScope::kGlobal;
+    launch_lpt_schedule(a.state, global ? 1 : a.batch * a.heads, global ? a.batch * a.heads * p.num_m_tiles : p.num_m_tiles,
+                        p.num_state_words, p.num_n_tiles, a.schedule, a.stream);
     check_cuda(cudaGetLastError(), "schedule kernel launch");
     p.schedule = a.schedule;
   }

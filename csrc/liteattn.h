@@ -36,9 +36,14 @@ struct FwdArgs {
 // shared memory: Nt <= kMaxStateWords * 32 key tiles.
 constexpr int kMaxStateWords = 512;
 
-// Longest query-tile row that the schedule kernel sorts in shared memory; longer rows run in
-// natural order.
+// Scope of the heaviest-first query-tile order (tile_scheduler.cuh): the whole grid when the K/V
+// of all heads fit in this much of L2 and there are at most this many query-tile rows; else per
+// head, when a head has at most kMaxScheduledMTiles query tiles; else natural order.
+constexpr int64_t kGlobalScheduleKVBytes = int64_t(32) << 20;
+constexpr int kMaxGlobalScheduleRows = 4096;
 constexpr int kMaxScheduledMTiles = 16384;
+enum class ScheduleScope { kNone, kPerHead, kGlobal };
+ScheduleScope schedule_scope(int batch, int heads, int num_m_tiles, int seqlen_k, int head_dim);
 
 // Validates (throws std::invalid_argument naming the argument) and launches.
 void forward(const FwdArgs& args);
@@ -59,8 +64,9 @@ void run_fwd(const FwdArgs& args);
 // LITEATTN_VARIANT pick per call ("pp" / "nopp", "nolpt"), for A/B timing on one build.
 constexpr bool ping_pong_default(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
-// tile_scheduler.cu: the heaviest-first query-tile order of each (b, h), on the device.
-void launch_lpt_schedule(const int32_t* state, int segments, int num_m_tiles, int num_state_words,
+// tile_scheduler.cu: the heaviest-first order of each segment of `segment_rows` consecutive
+// query-tile rows (a head, or all of them), on the device.
+void launch_lpt_schedule(const int32_t* state, int segments, int segment_rows, int num_state_words,
                          int num_n_tiles, int32_t* schedule, void* stream);
 
 }  // namespace liteattn

@@ -1,16 +1,18 @@
 // Tile-scheduler stage: which (b, h, m) query tile a CTA computes.
 //
-// The grid is (Mt, H, B). The hardware starts CTAs in blockIdx order (x fastest) whenever an SM
-// frees up: greedy list scheduling. Dense path: position x of head (b, h) is query tile m = x.
-// Skip path with a schedule: position x runs query tile schedule[(b*H + h)*Mt + x], the head's
-// query tiles sorted by descending live count (longest-processing-time first within each head;
-// ties keep ascending m). So the grid still runs head after head -- the CTAs in flight share
-// one or two heads' K/V in L2, as in the natural order -- but every head ends with its lightest
-// rows, and the grid's last CTAs are the lightest of the last head: no heavy row runs alone at
-// the end. The schedule is computed on the device by lpt_schedule_kernel, launched just before
-// the forward kernel on the same stream (no host synchronisation: CUDA-graph capturable).
-// A global LPT order over all heads would spread the CTAs in flight over many heads and stream
-// their K/V from HBM instead of L2; this one keeps the locality.
+// The grid is (Mt, H, B). The hardware starts CTAs in blockIdx order (x fastest, then y, z)
+// whenever an SM frees up: greedy list scheduling. Dense path: CTA (x, h, b) is query tile m = x.
+// Skip path with a schedule: CTA number i (linear blockIdx) computes the query tile whose row index
+// (b*H + h)*Mt + m is schedule[i]; lpt_schedule_kernel writes the schedule just before the forward
+// kernel, on the same stream (no host synchronisation: CUDA-graph capturable), sorted by descending
+// live count (longest-processing-time first; ties keep ascending row index), in one of two scopes:
+// - global, when the K/V of every head fit in a part of L2 (kGlobalScheduleKVBytes) and the rows
+//   are few (kMaxGlobalScheduleRows): the whole grid heaviest first. Small problems of a few waves
+//   (4096 x 12 heads: 384 CTAs) need this: a heavy row that starts in the last wave is the tail.
+// - per head otherwise: each head's query tiles heaviest first, heads still one after the other, so
+//   the CTAs in flight share one or two heads' K/V in L2 as in the natural order (a global order
+//   would spread them over many heads and stream K/V from HBM); every head ends with its lightest
+//   rows and the grid's last CTAs are the lightest of the last head.
 #pragma once
 #include <cstdint>
 
@@ -24,16 +26,18 @@ struct QueryTile {
 
 template <class Params>
 __device__ __forceinline__ QueryTile scheduled_tile(const Params& p) {
-  const int h = blockIdx.y, b = blockIdx.z;
-  int m = blockIdx.x;
-  if (p.schedule != nullptr) m = p.schedule[(int64_t(b) * p.heads + h) * p.num_m_tiles + m];
-  return {m, h, b};
+  if (p.schedule == nullptr) return {int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+  const int64_t cta = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  const int row = p.schedule[cta];  // (b * H + h) * Mt + m
+  const int bh = row / p.num_m_tiles;
+  return {row - bh * p.num_m_tiles, bh % p.heads, bh / p.heads};
 }
 
-// One CTA per (b, h): live count of each query tile's state row (valid bits only), then the rank
-// of each query tile in descending count (ties: ascending m), O(Mt^2 / threads) compares in
-// shared memory -- negligible next to the O(Mt * Nt) attention tiles of the same head.
-__global__ void lpt_schedule_kernel(const int32_t* __restrict__ state, int num_m_tiles, int num_state_words,
+// One CTA per segment of `segment_rows` consecutive state rows (one head, or all of them): the
+// live count of each row (valid bits only), then its rank in the segment by descending count
+// (ties: ascending row), O(segment_rows^2 / threads) compares in shared memory -- small next to
+// the segment's attention tiles (segment_rows * Nt of them).
+__global__ void lpt_schedule_kernel(const int32_t* __restrict__ state, int segment_rows, int num_state_words,
                                     int num_n_tiles, int32_t* __restrict__ schedule);
 
 }  // namespace liteattn

@@ -198,27 +198,37 @@ def test_forced_live_sets(head_dim, seqlen_q, seqlen_k):
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_schedule_heaviest_first_and_order_free(head_dim):
-    """The device schedule lists each head's query tiles by descending live count (ties: ascending
-    m), a permutation of 0..Mt-1; the query-tile order changes nothing in the outputs or the state
-    (bitwise), thresholds finite so that tiles really get dropped."""
-    batch, heads, seqlen, dtype = 2, 3, 3000, torch.bfloat16
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_schedule_heaviest_first_and_order_free(head_dim, size):
+    """The device schedule lists the query-tile rows (b*H + h)*Mt + m by descending live count (ties:
+    ascending row), over the whole grid when the K/V fit in L2 ("small") and within each head
+    otherwise ("large"); the query-tile order changes nothing in the outputs or the state (bitwise),
+    thresholds finite so that tiles really get dropped."""
+    dtype = torch.bfloat16
+    batch, heads, grid = (2, 3, (6, 20, 25)) if size == "small" else (1, 2 if head_dim == 128 else 4, (16, 50, 50))
+    seqlen = grid[0] * grid[1] * grid[2]
     block_m, block_n = liteattn_ops.tile_shape(head_dim, dtype)
     m_tiles, n_tiles = -(-seqlen // block_m), -(-seqlen // block_n)
+    scope = _ext().schedule_scope(batch=batch, heads=heads, num_m_tiles=m_tiles, seqlen_k=seqlen, head_dim=head_dim)
+    assert scope == ("global" if size == "small" else "head")
     gen = torch.Generator().manual_seed(head_dim + 1)
     live = torch.rand(batch, heads, m_tiles, n_tiles, generator=gen) < torch.rand(batch, heads, m_tiles, 1,
                                                                                   generator=gen)
     state = pack_bits(live).to("cuda")
-    q, k, v = (t.to("cuda", dtype) for t in local_qkv((6, 20, 25), batch, heads, head_dim, generator=gen))
-    threshold = torch.tensor([-3.0, -8.0, -math.inf], device="cuda")
+    q, k, v = (t.to("cuda", dtype) for t in local_qkv(grid, batch, heads, head_dim, generator=gen))
+    threshold = torch.tensor([-3.0, -8.0, -math.inf, -5.0][:heads], device="cuda")
     schedule = torch.full((batch, heads, m_tiles), SCHEDULE_POISON, device="cuda", dtype=torch.int32)
     state_lpt, state_natural = state.clone(), state.clone()
     out_lpt, lse_lpt = run_kernel(q, k, v, state_lpt, threshold, schedule=schedule)
     out_nat, lse_nat = run_kernel(q, k, v, state_natural, threshold, schedule=False)
     torch.cuda.synchronize()
     counts = live.sum(-1)
-    expected = torch.sort(-counts, dim=-1, stable=True).indices.to(torch.int32)
-    assert torch.equal(schedule.cpu(), expected)
+    if scope == "global":
+        expected = torch.sort(-counts.flatten(), stable=True).indices.view(batch, heads, m_tiles)
+    else:
+        rows = torch.arange(batch * heads * m_tiles).view(batch, heads, m_tiles)
+        expected = torch.gather(rows, -1, torch.sort(-counts, dim=-1, stable=True).indices)
+    assert torch.equal(schedule.cpu(), expected.to(torch.int32))
     assert torch.equal(out_lpt, out_nat) and torch.equal(lse_lpt, lse_nat)
     assert torch.equal(state_lpt, state_natural)
     assert not torch.equal(state_lpt, state), "finite thresholds should drop tiles here"

@@ -56,7 +56,7 @@ def do_bench(fn, flop_hint: float) -> float:
     from triton.testing import do_bench as triton_bench
 
     if flop_hint <= 2e14:
-        return triton_bench(fn, warmup=25, rep=150, return_mode="median")
+        return triton_bench(fn, warmup=25, rep=200, return_mode="median")
     fn()
     times = []
     for _ in range(3):
