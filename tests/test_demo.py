@@ -354,3 +354,47 @@ def test_sweep_tool_uses_the_runner_and_skips_tiles(tmp_path, oracle):
     assert second["psnr_db"] == pytest.approx(psnr_db(oracle["dense"], oracle["lite"]), abs=0.01)
     assert "| threshold |" in (out / "sweep.md").read_text()
     assert (out / "sweep.png").stat().st_size > 0
+
+
+def test_wan_small_preset_runs_a_diffusers_model_with_the_flow_match_scheduler(tmp_path):
+    """--preset wan-small: a diffusers WanTransformer3DModel (trained a few steps here by the
+    training script), routed by enable(), sampled with diffusers' FlowMatchEulerDiscreteScheduler."""
+    pytest.importorskip("diffusers")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from liteattn_ops.demo.models.wan_small import load_wan_small
+
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import train_demo_dit
+    finally:
+        sys.path.pop(0)
+    ckpt = tmp_path / "ckpt"
+    train_demo_dit.main(["--device", "cpu", "--arch", "wan", "--steps", "4", "--warmup", "1", "--dim", "64",
+                         "--depth", "1", "--resolutions", "2x16x16", "--tokens-per-step", "64", "--no-samples",
+                         "--no-sparsity", "--out", str(ckpt)])
+    path = ckpt / "demo_wan.safetensors"
+    ns = _namespace(["--device", "cpu", "--steps", "2", "--resolution", "32x32", "--frames", "2", "--quiet",
+                     "--no-profile", "--no-warmup"], "--preset", "wan-small", "--checkpoint", str(path),
+                    "--threshold=-inf")
+    with DemoRunner(ns) as runner:
+        dense = runner.dense()
+        lite = runner.lite()
+        routed = runner.sites
+        report = runner.report(dense, lite)
+    assert routed == ["transformer.blocks.0.attn1", "transformer.blocks.0.attn2"]
+    assert report["preset"] == "wan-small" and report["model"]["sampler"] == "FlowMatchEulerDiscreteScheduler"
+    assert list(report["liteattention"]["final_per_layer"]) == ["transformer.blocks.0.attn1.liteattn"]
+    assert report["liteattention"]["final_live_fraction"] == 1.0
+    # the dense video is the one a plain diffusers loop gives (oracle), and -inf reproduces it
+    model, _ = load_wan_small(path)
+    noise = torch.randn(1, 3, 2, 32, 32, generator=torch.Generator().manual_seed(0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(2)
+    x = noise
+    with torch.no_grad():
+        for timestep in scheduler.timesteps:
+            v = model(x, torch.full((1,), float(timestep) / 1000), torch.zeros(1, dtype=torch.long))
+            x = scheduler.step(v, timestep, x, return_dict=False)[0]
+    assert torch.allclose(dense.video, x, atol=1e-5)
+    assert torch.allclose(lite.video, dense.video, atol=1e-4)

@@ -14,6 +14,11 @@ with the package installed with its CUDA kernel (liteattn_ops.is_available()). I
    fractions 0.75 / 0.5 / 0.25;
 4. if the time allows, the demo again with CUDA graphs for both runs (--compile-mode reduce-overhead).
 
+With a retrained model: `python tools/demo_gpu.py --checkpoint PATH [--preset wan-small]`. The
+training itself (tools/train_demo_dit.py --recipe sparse: 20 minutes of training) is longer than
+one 10-minute device command: start it in the background (setsid) and collect the checkpoint, or
+give it --time-budget 420 to fit one call.
+
 Device-tool limits: at most 8 files come back from $OUT, so the complete output folders go to
 $FULL_OUT (default /tmp/liteattn_demo_gpu) and $OUT gets: summary.md (the table), log.txt, the
 demo's report.json and plot.png, the sweep's sweep.json, the Wan preset's report.json and plot.png,
@@ -99,7 +104,17 @@ def breakdown(r: dict) -> list[str]:
     return lines
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=None,
+                        help="a retrained model (tools/train_demo_dit.py) for the demo and the sweep")
+    parser.add_argument("--preset", default="demo-dit", choices=("demo-dit", "wan-small"),
+                        help="the model of the demo and the sweep (wan-small needs --checkpoint or a shipped one)")
+    opts = parser.parse_args(argv)
+    model_args = (["--checkpoint", opts.checkpoint] if opts.checkpoint else [])
+    demo_model_args = model_args + ["--preset", opts.preset]
     out = Path(os.environ.get("OUT", "./out"))
     full = Path(os.environ.get("FULL_OUT", "/tmp/liteattn_demo_gpu"))
     out.mkdir(parents=True, exist_ok=True)
@@ -120,17 +135,19 @@ def main() -> int:
     with open(out / "log.txt", "w") as log:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} {env_line}\n")
         parts["demo"] = run("demo", [py, "-m", "liteattn_ops.demo", "--device", "cuda", "--quiet",
-                                     "--out", str(full / "demo")], log, 240)
-        parts["sweep"] = run("sweep", [py, "tools/sweep.py", "--device", "cuda", "--steps", "20", "--no-profile",
-                                       "--thresholds=-inf,-10,-8,-6,-4", "--quiet", "--out", str(full / "sweep")],
-                             log, 200)
+                                     "--out", str(full / "demo")] + demo_model_args, log, 240)
+        if opts.preset == "demo-dit":   # (the sweep drives the demo DiT)
+            parts["sweep"] = run("sweep", [py, "tools/sweep.py", "--device", "cuda", "--steps", "20", "--no-profile",
+                                           "--thresholds=-inf,-10,-8,-6,-4", "--quiet", "--out", str(full / "sweep")]
+                                 + model_args, log, 200)
         parts["wan"] = run("wan", [py, "-m", "liteattn_ops.demo", "--device", "cuda", "--preset", "wan2.1-1.3b-480p",
                                    "--eager", "--steps", "5", "--quiet", "--out", str(full / "wan")], log, 200)
         left = BUDGET_S - (time.perf_counter() - start)
         if left > 60:
             parts["demo_cuda_graphs"] = run(
                 "demo_cuda_graphs", [py, "-m", "liteattn_ops.demo", "--device", "cuda", "--quiet", "--compile-mode",
-                                     "reduce-overhead", "--out", str(full / "demo_cuda_graphs")], log, min(240, left))
+                                     "reduce-overhead", "--out", str(full / "demo_cuda_graphs")] + demo_model_args,
+                log, min(240, left))
         else:
             log.write(f"\n[demo_cuda_graphs skipped: {left:.0f} s left of the {BUDGET_S:.0f} s budget]\n")
 

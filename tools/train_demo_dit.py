@@ -35,6 +35,14 @@ After training the script measures how sparse the model is (``--sparsity-thresho
 largest trained size on CUDA, the smallest on CPU): live fraction per layer and head after 20
 Euler steps with LiteAttention, written into the JSON and printed.
 
+``--arch wan`` trains a small diffusers ``WanTransformer3DModel`` instead (the same sizes, patch
+(1, 4, 4), learned class tokens as its cross-attention context;
+``liteattn_ops.demo.models.wan_small``), with the locality term taken from its SDPA calls, and
+writes ``demo_wan.safetensors`` / ``.json``; the demo runs it with ``--preset wan-small``, sampled
+with diffusers' ``FlowMatchEulerDiscreteScheduler``::
+
+    python tools/train_demo_dit.py --device cuda --recipe sparse --arch wan
+
 CPU smoke test (seconds)::
 
     python tools/train_demo_dit.py --device cpu --steps 20 --dim 64 --depth 2 \
@@ -44,6 +52,7 @@ CPU smoke test (seconds)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -83,7 +92,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(REPO / "liteattn_ops" / "demo" / "models"))
-    p.add_argument("--name", default="demo_dit")
+    p.add_argument("--arch", choices=("dit", "wan"), default="dit",
+                   help="dit: the project's VideoDiT; wan: a small diffusers WanTransformer3DModel "
+                   "(liteattn_ops.demo.models.wan_small, sampled with FlowMatchEulerDiscreteScheduler)")
+    p.add_argument("--name", default=None, help="file name stem (default demo_dit, or demo_wan with --arch wan)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="v1", help="a set of defaults (see above)")
     p.add_argument("--steps", type=int, default=100_000, help="upper bound on optimizer steps")
     p.add_argument("--time-budget", type=float, default=None, help="seconds of training (excl. setup/sampling)")
@@ -114,6 +126,8 @@ def parse_args(argv=None):
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.name is None:
+        args.name = "demo_wan" if args.arch == "wan" else "demo_dit"
     if args.locality_radius is None:
         args.locality_radius = "2,6,6"
     try:
@@ -129,7 +143,15 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def measure_sparsity(model: VideoDiT, device, size, threshold: float, steps: int = 20) -> dict:
+def sampler_of(model):
+    """The demo's sampler for this model: Euler for the VideoDiT, diffusers' FlowMatchEulerDiscreteScheduler
+    for the Wan model."""
+    from liteattn_ops.demo.models.wan_small import WanClassModel, sample_flow_match
+
+    return sample_flow_match if isinstance(model, WanClassModel) else sample
+
+
+def measure_sparsity(model, device, size, threshold: float, steps: int = 20) -> dict:
     """Live fraction per layer and head after `steps` Euler steps with LiteAttention at `threshold`
     (one video per class), and the PSNR of the LiteAttention videos against the dense ones."""
     import liteattn_ops
@@ -139,10 +161,17 @@ def measure_sparsity(model: VideoDiT, device, size, threshold: float, steps: int
     noise = torch.randn(n, 3, f, h, w, generator=torch.Generator().manual_seed(4321)).to(device)
     y = torch.arange(n, device=device)
     model = copy.deepcopy(model).eval()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
-        dense = sample(model, noise, y, steps=steps)
+    cuda = str(device).startswith("cuda")
+    autocast = cuda
+    if cuda and type(model).__name__ == "WanClassModel":
+        # bf16 weights, no autocast: diffusers' RMSNorm keeps float32 q/k next to a bf16 v under autocast,
+        # a call LiteAttention leaves to SDPA (the demo's wan-small preset does the same)
+        model, noise, autocast = model.to(torch.bfloat16), noise.to(torch.bfloat16), False
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        run = sampler_of(model)
+        dense = run(model, noise, y, steps=steps)
         liteattn_ops.enable(model, threshold=threshold)
-        lite = sample(model, noise, y, steps=steps)
+        lite = run(model, noise, y, steps=steps)
     stats = {name: s for name, s in liteattn_ops.stats(model).items() if s["live_fraction"] is not None}
     liteattn_ops.disable(model)
     mse = float(((dense.clamp(-1, 1) - lite.clamp(-1, 1)) / 2).pow(2).mean())
@@ -201,7 +230,7 @@ def plot_loss(history: list[tuple[int, float]], path: Path, title: str):
 
 
 @torch.no_grad()
-def save_samples(model: VideoDiT, path: Path, device, steps: int, sizes):
+def save_samples(model, path: Path, device, steps: int, sizes):
     """A PNG: for each size, one row per class with frames side by side."""
     import numpy as np
     from PIL import Image
@@ -214,7 +243,7 @@ def save_samples(model: VideoDiT, path: Path, device, steps: int, sizes):
         noise = torch.randn(n, 3, f, h, w, generator=g).to(device)
         y = torch.arange(n, device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
-            x = sample(model, noise, y, steps=steps)
+            x = sampler_of(model)(model, noise, y, steps=steps)
         vid = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
         for b in range(n):
             frames = list(vid[b][:: max(1, f // 8)][:8])
@@ -235,17 +264,26 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     heads = args.num_heads or max(1, args.dim // 64)
-    cfg = DiTConfig(dim=args.dim, depth=args.depth, num_heads=heads, mlp_ratio=args.mlp_ratio,
-                    num_classes=len(CLASS_NAMES))
-    model = VideoDiT(cfg).to(device)
+    if args.arch == "wan":
+        from liteattn_ops.demo.models.wan_small import WanClassModel, WanSmallConfig
+
+        cfg = WanSmallConfig(dim=args.dim, depth=args.depth, num_heads=heads, mlp_ratio=args.mlp_ratio,
+                             num_classes=len(CLASS_NAMES))
+        model = WanClassModel(cfg).to(device)
+    else:
+        cfg = DiTConfig(dim=args.dim, depth=args.depth, num_heads=heads, mlp_ratio=args.mlp_ratio,
+                        num_classes=len(CLASS_NAMES))
+        model = VideoDiT(cfg).to(device)
     locality = None
     if args.locality_weight > 0:
         from liteattn_ops.demo.models.dit import Locality
 
         locality = Locality(radius=args.locality_radius, queries=args.locality_queries)
-        model.set_locality(locality)
+        if args.arch == "dit":
+            model.set_locality(locality)   # computed inside SelfAttention (training mode only)
     ema = copy.deepcopy(model).eval()
-    ema.set_locality(None)
+    if args.arch == "dit":
+        ema.set_locality(None)
     for p_ in ema.parameters():
         p_.requires_grad_(False)
     nparams = model.num_params()
@@ -295,7 +333,9 @@ def main(argv=None):
             "num_params": nparams,
             "class_names": list(CLASS_NAMES),
             "objective": "rectified flow: x_t = (1 - t) x0 + t noise, predict v = noise - x0; pixels in [-1, 1]",
-            "sampler": {"kind": "euler", "shift": 3.0, "guidance": 1.0},
+            "arch": args.arch,
+            "sampler": {"kind": "FlowMatchEulerDiscreteScheduler" if args.arch == "wan" else "euler",
+                        "shift": 3.0, "guidance": 1.0},
             "training": {
                 "command": command,
                 "steps": step,
@@ -343,11 +383,19 @@ def main(argv=None):
         noise = torch.randn_like(x0)
         tb = t.view(-1, 1, 1, 1, 1)
         xt = (1 - tb) * x0 + tb * noise
-        with autocast:
+        probe = None
+        if locality is not None and args.arch == "wan":
+            from liteattn_ops.demo.models.wan_small import SDPALocalityProbe
+
+            probe = SDPALocalityProbe(locality, (gt, gh, gw))   # the far mass of every self-attention call
+        with autocast, (probe if probe is not None else contextlib.nullcontext()):
             v = model(xt, t, y)
         loss = F.mse_loss(v.float(), noise - x0)
         flow_loss = loss
-        far = model.locality_loss() if locality is not None else None
+        if probe is not None:
+            far = torch.stack(probe.losses).mean() if probe.losses else None
+        else:
+            far = model.locality_loss() if locality is not None else None
         if far is not None:
             loss = loss + args.locality_weight * far
         opt.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ import torch
 
 from .errors import DemoError
 
-PRESETS = ("demo-dit", "wan2.1-1.3b-480p")
+PRESETS = ("demo-dit", "wan-small", "wan2.1-1.3b-480p")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 DEFAULT_THRESHOLD = -8.0
 # Defaults per device. CUDA: 32 frames x 128x128 = 32,768 tokens, the token count of Wan2.1-1.3B at
@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale (demo DiT; 1: none, else cond and uncond in one batch)")
     p.add_argument("--shift", type=float, default=3.0, help="flow schedule shift (> 0)")
-    p.add_argument("--checkpoint", default=None, help="demo DiT safetensors (default: the shipped one)")
+    p.add_argument("--checkpoint", default=None,
+                   help="safetensors of the demo DiT (default: the shipped one) or, with --preset wan-small, of the "
+                   "small Wan model (default liteattn_ops/demo/models/demo_wan.safetensors, written by "
+                   "tools/train_demo_dit.py --arch wan)")
     p.add_argument("--forced", default=None,
                    help="live fractions to time with fixed skip states, comma-separated in (0, 1] "
                    "(default 0.75,0.5,0.25 for the Wan preset, none for the demo DiT)")

@@ -1,6 +1,8 @@
 """The demo's pipelines: a model plus a function that runs N denoising steps from fixed noise.
 
 * `DemoDiTPipeline`: the small video DiT trained in this project (`liteattn_ops.demo.models`).
+* `WanSmallPipeline`: a small diffusers `WanTransformer3DModel` trained here
+  (`tools/train_demo_dit.py --arch wan`), sampled with diffusers' `FlowMatchEulerDiscreteScheduler`.
 * `WanPipeline`: diffusers' `WanTransformer3DModel` at the Wan2.1-1.3B configuration with random
   weights (speed only).
 
@@ -12,12 +14,14 @@ before_call=None)`, `to_frames(video)` (None when there is no picture to compare
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from .errors import DemoError
 
+WAN_SMALL_CHECKPOINT = Path(__file__).resolve().parent / "models" / "demo_wan.safetensors"
 SPEED_ONLY_LABEL = "SPEED ONLY: random-initialised weights, skipping and quality are not meaningful"
 
 WAN_1_3B_CONFIG = dict(
@@ -82,6 +86,59 @@ class DemoDiTPipeline:
         return ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()
 
 
+class WanSmallPipeline(DemoDiTPipeline):
+    """The small diffusers WanTransformer3DModel trained here (tools/train_demo_dit.py --arch wan),
+    sampled with diffusers' FlowMatchEulerDiscreteScheduler: a diffusers user's code path."""
+
+    preset = "wan-small"
+    speed_only = False
+
+    def __init__(self, args):
+        from .models import CLASS_NAMES
+        from .models.wan_small import load_wan_small
+
+        path = args.checkpoint or str(WAN_SMALL_CHECKPOINT)
+        try:
+            self.model, self.meta = load_wan_small(path, device=args.device)
+        except ValueError as e:
+            raise DemoError(f"--preset wan-small: {e}") from None
+        try:
+            self.grid = self.model.token_grid(args.frames, args.height, args.width)
+        except ValueError as e:
+            raise DemoError(f"--resolution/--frames: {e}") from None
+        self.args = args
+        self.device = args.device
+        self.class_names = CLASS_NAMES
+        # On CUDA the weights are bf16 (no autocast): diffusers' RMSNorm with float32 weights would hand
+        # float32 q/k next to a bf16 v to SDPA, a call the kernel cannot take (dtypes differ).
+        cuda = self.device.type == "cuda"
+        dtype = torch.bfloat16 if cuda else torch.float32
+        self.model = self.model.to(dtype)
+        g = torch.Generator().manual_seed(args.seed)
+        self.noise = torch.randn(args.batch, 3, args.frames, args.height, args.width, generator=g).to(self.device, dtype)
+        self.labels = torch.full((args.batch,), args.label, dtype=torch.long, device=self.device)
+        self.tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        self.autocast = False
+        self.head_dim = self.model.cfg.head_dim
+        self.attention_dtype = dtype
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out["name"] = ("diffusers WanTransformer3DModel (small config, trained in this project), "
+                       "sampled with diffusers' FlowMatchEulerDiscreteScheduler")
+        out["sampler"] = "FlowMatchEulerDiscreteScheduler"
+        out["dtype"] = str(self.attention_dtype).removeprefix("torch.")
+        return out
+
+    def run(self, model, steps: int, callback: Callable[[int, float], None],
+            before_call: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        from .models.wan_small import sample_flow_match
+
+        with torch.no_grad():
+            return sample_flow_match(model, self.noise, self.labels, steps=steps, shift=self.args.shift,
+                                     guidance=self.args.guidance, callback=callback, before_call=before_call)
+
+
 class WanPipeline:
     preset = "wan2.1-1.3b-480p"
     speed_only = True
@@ -141,4 +198,5 @@ class WanPipeline:
 
 
 def make_pipeline(args):
-    return WanPipeline(args) if args.preset == WanPipeline.preset else DemoDiTPipeline(args)
+    kinds = {p.preset: p for p in (DemoDiTPipeline, WanSmallPipeline, WanPipeline)}
+    return kinds[args.preset](args)

@@ -307,7 +307,7 @@ class DemoRunner:
             self._enable(threshold, table)
         liteattn_ops.set_threshold(self.model, table if table is not None else threshold)
         liteattn_ops.reset(self.model)
-        states = site_states(self.model)
+        states = site_states(self.model) or (lambda: site_states(self.model))  # (no warm-up: after step 0)
         recorder = LiveRecorder(states, self.args.steps, seqlen_k=self.pipe.tokens, head_dim=self.pipe.head_dim,
                                 dtype=self.pipe.attention_dtype)
         label = "calibrated" if table is not None else f"thr={threshold:g}"

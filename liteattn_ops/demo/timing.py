@@ -93,12 +93,22 @@ class LiveRecorder:
     `mirror(device, shapes, steps)` makes a recorder with the same buffers over scratch tensors,
     for the dense run (same copies, nothing to decode)."""
 
-    def __init__(self, states: list[tuple[str, torch.Tensor]], steps: int, *, seqlen_k: int = 0,
-                 head_dim: int = 0, dtype: torch.dtype = torch.float32):
-        self.states = states
-        self.buffers = [torch.empty((steps, *t.shape), dtype=t.dtype, device=t.device) for _, t in states]
+    def __init__(self, states, steps: int, *, seqlen_k: int = 0, head_dim: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        """`states`: [(site name, state)], or a function returning them, called at the first
+        record() when the states do not exist yet (a run without warm-up allocates them in its
+        first step)."""
+        self._find = states if callable(states) else None
+        self.n_steps = steps
+        self.states, self.buffers = [], []
+        if not callable(states):
+            self._allocate(states)
         self.seqlen_k, self.head_dim, self.dtype = seqlen_k, head_dim, dtype
         self.steps = 0
+
+    def _allocate(self, states) -> None:
+        self.states = list(states)
+        self.buffers = [torch.empty((self.n_steps, *t.shape), dtype=t.dtype, device=t.device) for _, t in self.states]
 
     @classmethod
     def mirror(cls, like: list[tuple[str, torch.Tensor]], steps: int) -> "LiveRecorder":
@@ -106,6 +116,8 @@ class LiveRecorder:
         return cls(scratch, steps)
 
     def record(self, i: int) -> None:
+        if not self.states and self._find is not None:
+            self._allocate(self._find())
         for (_, state), buf in zip(self.states, self.buffers):
             buf[i].copy_(state, non_blocking=True)
         self.steps = i + 1
