@@ -319,12 +319,15 @@ def test_export_cross_and_sites_options():
         torch.testing.assert_close(dense.module()(*calls[0]), reference_model(*calls[0]), rtol=1e-5, atol=1e-5)
 
 
-def test_export_strict_mode():
+def test_export_strict_mode(monkeypatch):
     """strict=True goes to torch.export.export: the program is the same (same ops, same outputs,
     same states) as the non-strict export."""
     calls = sdpa_inputs()
+    seen, real_export = [], torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **kw: seen.append(kw.get("strict")) or real_export(*a, **kw))
     strict = liteattn_ops.export(sdpa_net(), calls[0], threshold=-2.0, strict=True)
     loose = liteattn_ops.export(sdpa_net(), calls[0], threshold=-2.0)
+    assert seen == [True, False], f"torch.export.export got strict={seen}"
     assert _ops_in(strict) == _ops_in(loose)
     a, b = strict.module(), loose.module()
     with torch.no_grad():
