@@ -132,6 +132,9 @@ def rank_standalone(rank, world):
             res["fn_states"].append(site.state.clone())
     res["head_range"] = attn.head_range
     res["threshold_local"] = attn.threshold_per_head.tolist()
+    # the model-level API sees the module; a threshold for every head is sliced in place
+    liteattn_ops.set_threshold(torch.nn.Sequential(attn), THRESHOLDS[::-1])
+    res["threshold_reset"] = attn.threshold_per_head.tolist()
     res["out_strides"] = out.stride()
     return res
 
@@ -335,6 +338,7 @@ def test_ulysses_module_equals_single_process(ranks):
         r = res["standalone"]
         assert r["head_range"] == (rank * heads, (rank + 1) * heads)
         assert r["threshold_local"] == THRESHOLDS[rank * heads:(rank + 1) * heads]
+        assert r["threshold_reset"] == THRESHOLDS[::-1][rank * heads:(rank + 1) * heads]
         for step in range(STEPS):
             torch.testing.assert_close(r["outputs"][step], _shard(outs[step], rank, world), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(r["lse"][step], _shard(lses[step].unsqueeze(-1), rank, world).squeeze(-1),
