@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 tools/bench_parallel.py                 # 2 GPUs, NCCL
     torchrun --nproc-per-node 1 tools/bench_parallel.py                 # P = 1, the same NCCL code path
     torchrun --nproc-per-node 2 tools/bench_parallel.py --device cpu --small   # smoke test, gloo
-    options: --parts correctness,layer,wan,step  --steps 10  --out benchmarks/parallel_h200
+    options: --parts correctness,layer,graph,wan,step  --steps 10  --out benchmarks/parallel_h200
 
 NVLink multicast stays off (the device notes ask for it): this script sets NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 itself, before torch is imported.
@@ -20,6 +20,8 @@ Parts (every rank runs every part; rank 0 prints and writes <out>/P<P>.json):
                shard, and, on one GPU, of LiteAttention / cuDNN over all heads. Times are the max
                over ranks of the median of CUDA-event timings. "a2a share" = both all-to-alls over
                the whole call: where it passes 0.5 the communication dominates.
+  graph        CUDA-graph capture of one Ulysses call (NCCL all-to-alls + the op) at the first shape:
+               --steps replays against an eager twin (output and state identical?), replay vs eager ms.
   wan          diffusers WanTransformer3DModel, Wan2.1-1.3B config, 480p (32760 tokens), random
                weights made local by construction (q, k nearly constant over tokens, to_k tied to
                to_q: RoPE's relative-position kernel), bf16: --steps forwards single-GPU vs
@@ -213,6 +215,47 @@ def wan_tokens(args) -> int:
     return frames * (height // 2) * (width // 2)     # patch (1, 2, 2)
 
 
+def part_graph(args, device, rank, world, dtype):
+    """CUDA-graph capture of one Ulysses call (both NCCL all-to-alls and the op): --steps replays on
+    local inputs against an eager twin module fed the same inputs; output and state must match."""
+    if device.type != "cuda":
+        return {"skipped": "CUDA graphs need a GPU"}
+    seq, heads, head_dim = args.shapes[0]
+    gen = torch.Generator().manual_seed(0)
+    q0, k, v = local_qkv(GRIDS[seq], 1, heads, head_dim, dtype=dtype, device=device, generator=gen)
+    q0, k, v = (shard(t, rank, world) for t in (q0, k, v))
+    static_q = q0.clone()
+    captured, eager = UlyssesLiteAttention(threshold=-10.0), UlyssesLiteAttention(threshold=-10.0)
+    rows = []
+    with torch.no_grad():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            captured(static_q, k, v)            # sizes the state, warms NCCL up outside the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        captured.reset()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                static_out = captured(static_q, k, v)
+        except Exception as e:   # report what NCCL / the op refused, keep the other parts
+            return {"capture_failed": f"{type(e).__name__}: {e}"}
+        captured.reset()
+        for step in range(args.steps):
+            q = q0 * (1 + 0.05 * step)
+            static_q.copy_(q)
+            graph.replay()
+            ref = eager(q, k, v)
+            same = torch.equal(captured.state, eager.state) and torch.equal(static_out, ref)
+            flag = torch.tensor([0.0 if same else 1.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            rows.append({"step": step, "identical_to_eager": float(flag) == 0,
+                         "live_fraction": float(eager.live_fraction())})
+        replay_ms = timed_ms(graph.replay, device, args.iters)
+        eager_ms = timed_ms(lambda: eager(static_q, k, v), device, args.iters)
+    return {"shape": [seq, heads, head_dim], "calls": rows, "replay_ms": replay_ms, "eager_ms": eager_ms}
+
+
 def tiny_or_wan(args, device, dtype, local: bool, seed: int):
     from diffusers import WanTransformer3DModel
 
@@ -360,6 +403,14 @@ def print_report(results, world):
                   f"{r['attention_ms']:.3f} | {r['a2a_out_ms']:.3f} | {r['ulysses_call_ms']:.3f} | {r['a2a_share']:.2f} "
                   f"| {r['cudnn_head_shard_ms']:.3f} | {r['single_gpu_lite_ms']:.3f} | {r['single_gpu_cudnn_ms']:.3f} "
                   f"| {r['speedup_vs_1gpu_lite']:.2f} |")
+    graph = results.get("graph")
+    if graph:
+        if "calls" in graph:
+            print(f"\nCUDA graph {graph['shape']}: replays identical to eager in "
+                  f"{sum(c['identical_to_eager'] for c in graph['calls'])}/{len(graph['calls'])} calls; "
+                  f"replay {graph['replay_ms']:.3f} ms vs eager {graph['eager_ms']:.3f} ms")
+        else:
+            print(f"\nCUDA graph: {graph}")
     wan = results.get("wan")
     if wan:
         if "skipped" in wan:
@@ -382,7 +433,7 @@ def print_report(results, world):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--parts", default="correctness,layer,wan,step")
+    parser.add_argument("--parts", default="correctness,layer,graph,wan,step")
     parser.add_argument("--steps", type=int, default=10, help="consecutive calls in the correctness parts")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per layer measurement")
     parser.add_argument("--step-iters", type=int, default=3, help="timed forwards per whole-step measurement")
@@ -398,7 +449,8 @@ def main():
                "torch": torch.__version__, "env": {k: os.environ[k] for k in
                                                    ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                     "NVSHMEM_DISABLE_NVLS")}}
-    parts = {"correctness": part_correctness, "layer": part_layer, "wan": part_wan, "step": part_step}
+    parts = {"correctness": part_correctness, "layer": part_layer, "graph": part_graph, "wan": part_wan,
+             "step": part_step}
     for name in args.parts.split(","):
         start = time.perf_counter()
         results[name] = parts[name](args, device, rank, world, dtype)
