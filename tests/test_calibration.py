@@ -439,3 +439,13 @@ def test_mass_criterion_calibration_is_simulated_and_cannot_be_applied():
         liteattn_ops.set_threshold(model, table)
     with pytest.raises(ValueError, match="criterion"):
         calibrate(model, run, criterion="sum")
+
+
+def test_export_takes_a_table(calibrated):
+    model, _, tables, _ = calibrated
+    table = tables[0.08]
+    liteattn_ops.set_threshold(model, float("-inf"))
+    ep = liteattn_ops.export(model, (torch.randn(1, 1024, model.dim),), thresholds=table)
+    assert model.blocks[1].attn.threshold == table.sites["blocks.1.attn"].thresholds[0]
+    buffers = {name: t for name, t in ep.named_buffers() if "threshold" in name}
+    assert any(t.tolist() == table.sites["blocks.1.attn"].thresholds[0] for t in buffers.values()), buffers
