@@ -28,7 +28,8 @@ import torch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m liteattn_ops.calibration", description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", default="0.03", help="target error(s), comma-separated (relative, per call)")
+    p.add_argument("--budget", default="0.03",
+                   help="target error(s), comma-separated (relative, per call); 'none': only the --compare sweep")
     p.add_argument("--metric", default="l1", choices=("l1", "rmse", "cosine"))
     p.add_argument("--granularity", default="head", choices=("head", "layer"))
     p.add_argument("--criterion", default="max", choices=("max", "mass"),
@@ -46,13 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/calibration")
     args = p.parse_args(argv)
     try:
-        args.budgets = [float(b) for b in args.budget.split(",") if b.strip()]
+        args.budgets = [] if args.budget == "none" else [float(b) for b in args.budget.split(",") if b.strip()]
         args.schedule = [int(s) for s in args.schedule.split(",") if s.strip()] or None
         args.uniform = [float(u) for u in args.uniform.split(",") if u.strip()]
         args.height, args.width = (int(x) for x in args.resolution.lower().split("x"))
     except ValueError as e:
         p.error(f"bad number: {e}")
-    if not args.budgets or any(not 0 < b < math.inf for b in args.budgets):
+    if args.budget != "none" and (not args.budgets or any(not 0 < b < math.inf for b in args.budgets)):
         p.error(f"--budget must be positive numbers, got {args.budget!r}")
     if any(u > 0 for u in args.uniform):
         p.error("--uniform thresholds must be <= 0")
