@@ -167,7 +167,9 @@ def soak_model(args, device, dtype, report) -> bool:
     sites_b = [site for _, site in liteattn_ops.attention_sites(twin)]
 
     def states(sites):
-        return [t for site in sites for name, t in site.named_buffers() if name.startswith("state")]
+        # Skip-state buffers: int32 (B, H, Mt, W) (a site may keep other buffers, e.g. call counters).
+        return [t for site in sites for name, t in site.named_buffers()
+                if name.startswith("state") and t.dtype == torch.int32 and t.dim() == 4]
 
     ok, rows, graphs_after_first = True, [], None
     video, previous, first_video = Video(device), None, None

@@ -3,7 +3,7 @@ runs through the stateful `liteattn::sparse_attention` op.
 
     ep = liteattn_ops.export(model, args)                 # torch.export.ExportedProgram
     torch.export.save(ep, "model.pt2")
-    ep = liteattn_ops.load("model.pt2")                   # torch.export.load + compatibility check
+    ep = liteattn_ops.load("model.pt2")                   # torch.export.load + check; fresh states
     out = ep.module()(*args)                              # skip states evolve call after call
     liteattn_ops.reset_program(ep)                        # new video: every tile live again
 
