@@ -115,7 +115,7 @@ def _shard(t, rank, world):
     return t[:, :, rank * s:(rank + 1) * s].contiguous()
 
 
-def rank_standalone(rank, world):
+def rank_standalone(rank, world, functional=True):
     from liteattn_ops.parallel import UlyssesLiteAttention, ulysses_attention
 
     res = {"outputs": [], "lse": [], "states": [], "fn_outputs": [], "fn_states": []}
@@ -128,8 +128,9 @@ def rank_standalone(rank, world):
             res["outputs"].append(out.clone())
             res["lse"].append(lse.clone())
             res["states"].append(attn.state.clone())
-            res["fn_outputs"].append(ulysses_attention(*local, site).clone())
-            res["fn_states"].append(site.state.clone())
+            if functional:
+                res["fn_outputs"].append(ulysses_attention(*local, site).clone())
+                res["fn_states"].append(site.state.clone())
     res["head_range"] = attn.head_range
     res["threshold_local"] = attn.threshold_per_head.tolist()
     # the model-level API sees the module; a threshold for every head is sliced in place
@@ -168,7 +169,7 @@ def rank_bad_configs(rank, world):
         attn = UlyssesLiteAttention()
         res["heads"] = _error(lambda: attn(*odd))
         res["heads_states_after"] = len(attn.states())
-        # shards of unequal length: rank 0 holds one more tile of tokens than the others
+        # shards of unequal length (a group mismatch): rank 0 passes its whole shard, the others 64 tokens
         uneven = [t[:, :, :64].contiguous() if rank else t for t in local]
         attn = UlyssesLiteAttention()
         res["uneven"] = _error(lambda: attn(*uneven))
@@ -234,7 +235,7 @@ def rank_wan_refused(rank, world):
 SCENARIOS = {
     2: [("standalone", rank_standalone, ()), ("compiled", rank_standalone_compiled, ()),
         ("bad", rank_bad_configs, ()), ("wan", rank_wan, ("enable_first",)), ("wan_refused", rank_wan_refused, ())],
-    4: [("standalone", rank_standalone, ()), ("bad", rank_bad_configs, ()), ("wan", rank_wan, ("parallel_first",))],
+    4: [("standalone", rank_standalone, (False,)), ("bad", rank_bad_configs, ()), ("wan", rank_wan, ("parallel_first",))],
 }
 
 
@@ -352,6 +353,8 @@ def test_ulysses_module_equals_single_process(ranks):
 
 def test_ulysses_attention_function_equals_single_process(ranks):
     world, results = ranks
+    if world != 2:
+        pytest.skip("the functional form is checked with 2 processes (the module form with 2 and 4)")
     outs, _, states = reference_standalone(-6.0)
     heads = HEADS // world
     for rank, res in enumerate(results):
