@@ -177,7 +177,7 @@ def soak_model(args, device, dtype, report) -> bool:
     with torch.no_grad():
         for call in range(args.calls):
             i = call % args.reset_every
-            out_a, out_b = run_a(steps[i]), run_b(steps[i])
+            out_a, out_b = call_model(run_a, steps[i], args), call_model(run_b, steps[i], args)
             sa, sb = states(sites_a), states(sites_b)
             video.differ |= (out_a != out_b).any()
             for x, y in zip(sa, sb, strict=True):
@@ -213,6 +213,15 @@ def soak_model(args, device, dtype, report) -> bool:
                            compiled=args.compile, mode=args.mode)
     print_table("model", rows, elapsed, args.calls)
     return ok
+
+
+def call_model(run, x, args):
+    """One model call; under CUDA graphs (reduce-overhead) each call is a new step and its output
+    is copied out before the next replay can overwrite it."""
+    if args.mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+        return run(x).clone()
+    return run(x)
 
 
 def check_memory(rows, args, what, report) -> bool:
