@@ -27,11 +27,24 @@ WAN_SIZE = ("480x832", 81)
 DEFAULT_FORCED_WAN = (0.75, 0.5, 0.25)
 
 
+PRESET_HELP = """presets:
+  demo-dit          the small video DiT trained in this project (liteattn_ops/demo/models): learned,
+                    local attention, so skip fractions and quality are real
+  wan-small         a small diffusers WanTransformer3DModel trained by tools/train_demo_dit.py --arch wan,
+                    sampled with diffusers' FlowMatchEulerDiscreteScheduler (needs its checkpoint)
+  wan2.1-1.3b-480p  diffusers' WanTransformer3DModel at the Wan2.1-1.3B config and 480p/81-frame token
+                    count (32,760), RANDOM weights: speed only (dense, and forced live fractions)
+
+On the CPU the LiteAttention op is its exact reference, which computes every score: CPU times do not
+measure LiteAttention's speed; the live fractions and the quality are the real ones."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m liteattn_ops.demo",
         description="Sample a video twice from the same noise, dense SDPA vs LiteAttention; "
         "report speedup, live fractions and PSNR/SSIM.",
+        epilog=PRESET_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default="demo-dit", choices=PRESETS)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
@@ -40,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"skip threshold in log2 units, <= 0 (-inf: never skip; default {DEFAULT_THRESHOLD})")
     p.add_argument("--thresholds", metavar="FILE", default=None,
                    help="calibrated per-site thresholds (liteattn_ops.calibration.ThresholdTable); "
-                   "replaces --threshold")
+                   "replaces --threshold. Default: <checkpoint stem>_thresholds.json beside the checkpoint if it "
+                   "exists (else --threshold)")
     p.add_argument("--resolution", default=None,
                    help="HxW in pixels (default 64x64 on CPU, 128x128 on CUDA; 480x832 for the Wan preset)")
     p.add_argument("--frames", type=int, default=None,
@@ -144,6 +158,17 @@ def load_threshold_table(path: str):
         raise DemoError(f"--thresholds {path}: not a threshold table ({type(e).__name__}: {e})") from None
 
 
+def default_thresholds_file(args) -> "Path | None":
+    """`<checkpoint stem>_thresholds.json` beside the model's checkpoint, if it exists (written by
+    liteattn_ops.calibration for that checkpoint)."""
+    from .pipelines import WAN_SMALL_CHECKPOINT
+    from .models import CHECKPOINT
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else (WAN_SMALL_CHECKPOINT if args.preset == "wan-small" else CHECKPOINT)
+    candidate = ckpt.with_name(ckpt.stem + "_thresholds.json")
+    return candidate if candidate.is_file() else None
+
+
 def validate(args: argparse.Namespace) -> None:
     """Check everything that can be checked before any work or any file is written; fill defaults."""
     wan = args.preset == "wan2.1-1.3b-480p"
@@ -153,9 +178,7 @@ def validate(args: argparse.Namespace) -> None:
         raise DemoError(f"--steps must be >= 1, got {args.steps}")
     if args.threshold is not None and args.thresholds is not None:
         raise DemoError("give --threshold or --thresholds FILE, not both")
-    if args.threshold is None:
-        args.threshold = DEFAULT_THRESHOLD
-    if not threshold_ok(args.threshold):
+    if args.threshold is not None and not threshold_ok(args.threshold):
         raise DemoError(f"--threshold must be <= 0 (log2 units; -inf never skips), got {args.threshold}")
     if args.batch < 1:
         raise DemoError(f"--batch must be >= 1, got {args.batch}")
@@ -189,6 +212,13 @@ def validate(args: argparse.Namespace) -> None:
 
         if not 0 <= args.label < len(CLASS_NAMES):
             raise DemoError(f"--label must be in [0, {len(CLASS_NAMES)}), got {args.label}")
+    if args.thresholds is None and args.threshold is None and args.preset != "wan2.1-1.3b-480p":
+        # calibrated thresholds beside the checkpoint are the default once they exist
+        default_table = default_thresholds_file(args)
+        if default_table is not None:
+            args.thresholds = str(default_table)
+    if args.threshold is None:
+        args.threshold = DEFAULT_THRESHOLD
     args.threshold_table = load_threshold_table(args.thresholds) if args.thresholds else None
     check_out(Path(args.out))
 

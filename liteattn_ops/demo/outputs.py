@@ -28,6 +28,7 @@ def write_plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     lite, dense = report["liteattention"], report["dense"]
     forced = report.get("forced_live_fractions") or []
@@ -50,6 +51,7 @@ def write_plot(report: dict, path: Path) -> None:
     else:
         ax.text(0.5, 0.5, "no routed self-attention", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("denoising step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
     ax = axes[1]
     ax.plot(steps, [r["step_time_s"] * 1e3 for r in dense["per_step"]], "o-", color="C0", label="dense SDPA: step")
@@ -59,6 +61,7 @@ def write_plot(report: dict, path: Path) -> None:
         if pts:
             ax.plot(*zip(*pts), "s--", color=color, alpha=0.7, ms=4, label=f"{name}: attention (profiled)")
     ax.set_xlabel("denoising step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("ms")
     sp = report["speedup"]
     title = f"time per step: speedup {sp['total']:.2f}x"
