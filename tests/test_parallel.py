@@ -196,17 +196,20 @@ def rank_wan(rank, world, order):
 
     model = tiny_wan()
     config = ContextParallelConfig(ulysses_degree=world)
+    # One threshold per head of the whole model: each rank's sites keep their heads' values.
     if order == "enable_first":
-        liteattn_ops.enable(model, threshold=-3.0)
+        liteattn_ops.enable(model, threshold=WAN_THRESHOLDS)
         model.enable_parallelism(config=config, cp_plan=wan_cp_plan(model))
-    else:   # per-head thresholds for the whole model, sliced to this rank's heads
+    else:
         model.enable_parallelism(config=config, cp_plan=wan_cp_plan(model))
-        liteattn_ops.enable(model, threshold=rank_threshold(model, WAN_THRESHOLDS))
-    res = {"outputs": [], "states": []}
+        liteattn_ops.enable(model, threshold=WAN_THRESHOLDS)
+    res = {"outputs": [], "states": [], "rank_threshold": rank_threshold(model, WAN_THRESHOLDS)}
     with torch.no_grad():
         for x, t, text in wan_inputs():
             res["outputs"].append(model(x, t, text, return_dict=False)[0].clone())
             res["states"].append(wan_states(model))
+    res["site_thresholds"] = {name: site.threshold_per_head.tolist()
+                              for name, site in liteattn_ops.attention_sites(model) if site.threshold_per_head is not None}
     return res
 
 
@@ -220,15 +223,16 @@ def rank_wan_refused(rank, world):
         liteattn_ops.enable(model)
         model.enable_parallelism(config=ContextParallelConfig(ring_degree=world), cp_plan=wan_cp_plan(model))
         res["ring"] = _error(lambda: model(x, t, text))
-        model = tiny_wan()
-        model.set_attention_backend("_native_cudnn")
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=wan_cp_plan(model))
-        liteattn_ops.enable(model)
-        res["backend"] = _error(lambda: model(x, t, text))
         model = tiny_wan(heads=world + 1)
         liteattn_ops.enable(model)
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=wan_cp_plan(model))
         res["wan_heads"] = _error(lambda: model(x, t, text))
+        model = tiny_wan()
+        model.set_attention_backend("_native_cudnn")      # (diffusers also makes it the process default)
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world), cp_plan=wan_cp_plan(model))
+        liteattn_ops.enable(model)
+        res["backend"] = _error(lambda: model(x, t, text))
+        model.set_attention_backend("native")
     return res
 
 
@@ -398,11 +402,13 @@ def test_ulysses_refuses_bad_configurations(ranks):
 
 def test_wan_context_parallel_equals_single_process(ranks):
     world, results = ranks
-    threshold = -3.0 if world == 2 else WAN_THRESHOLDS       # P2: enable first; P4: parallelism first
-    outs, states = reference_wan(threshold)
+    outs, states = reference_wan(WAN_THRESHOLDS)   # P2: enable() first; P4: enable_parallelism() first
     heads = WAN_HEADS // world
     for rank, res in enumerate(results):
         wan = res["wan"]
+        mine = WAN_THRESHOLDS[rank * heads:(rank + 1) * heads]
+        assert wan["rank_threshold"] == mine
+        assert wan["site_thresholds"] == {"blocks.0.attn1.liteattn": mine, "blocks.1.attn1.liteattn": mine}
         for step in range(STEPS):
             torch.testing.assert_close(wan["outputs"][step], outs[step], rtol=1e-4, atol=1e-4)
             assert wan["states"][step].keys() == states[step].keys() == {"blocks.0.attn1", "blocks.1.attn1"}

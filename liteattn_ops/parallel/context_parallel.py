@@ -91,6 +91,19 @@ def ulysses_shard(module: nn.Module, name: str = "") -> Optional[tuple[int, int]
     return int(cp._ulysses_local_rank), int(cp.ulysses_degree)
 
 
+def local_threshold(values: list[float], heads: int, shard: Optional[tuple[int, int]]) -> list[float]:
+    """The threshold values of this rank's `heads` heads: one value, `heads` values (already
+    local), or one value per head of the whole model (sliced to the rank's heads; `shard` is
+    ulysses_shard(module), None outside context parallelism)."""
+    if len(values) in (1, heads) or shard is None:
+        return values
+    rank, world = shard
+    if len(values) != heads * world:
+        raise ValueError(f"threshold has {len(values)} values but the attention has {heads * world} heads "
+                         f"({heads} on each of {world} Ulysses ranks); give one float or one value per head")
+    return values[rank * heads:(rank + 1) * heads]
+
+
 def rank_threshold(model: nn.Module, threshold: Sequence[float]) -> list[float]:
     """This rank's slice of per-head thresholds given for every head of a context-parallel diffusers
     model: `liteattn_ops.enable(model, threshold=rank_threshold(model, per_head))` (a site sees its
