@@ -90,9 +90,11 @@ def seq_to_heads(tensors: Sequence[Tensor], world: int, group) -> list[Tensor]:
     one all-to-all. Rank r receives heads [r*H/P, (r+1)*H/P); the sequence is gathered in rank order."""
     batch, heads, seq_local, head_dim = tensors[0].shape
     n = len(tensors)
-    # (P, n, B, H/P, S/P, D): block p (heads of rank p) is contiguous and goes to rank p.
-    send = torch.stack([t.reshape(batch, world, heads // world, seq_local, head_dim) for t in tensors], 0)
-    send = send.permute(2, 0, 1, 3, 4, 5).contiguous()
+    # (P, n, B, H/P, S/P, D): block p (heads of rank p) is contiguous and goes to rank p. One copy
+    # per tensor, straight into the send buffer.
+    send = tensors[0].new_empty((world, n, batch, heads // world, seq_local, head_dim))
+    for i, t in enumerate(tensors):
+        send[:, i].copy_(t.reshape(batch, world, heads // world, seq_local, head_dim).transpose(0, 1))
     recv = _all_to_all(send, group)          # block p now holds sequence shard p of my heads
     # (P, n, B, H/P, S/P, D) -> n x (B, H/P, P*S/P, D), each contiguous (SDPA layout)
     recv = recv.permute(1, 2, 3, 0, 4, 5).contiguous().view(n, batch, heads // world, world * seq_local, head_dim)
