@@ -27,6 +27,10 @@ the error comes at the first forward, whatever the order of enable and enable_pa
 - attention backends other than "native" under CP: their forward ops call ATen's flash / cuDNN
   kernels directly, so no SDPA call would reach LiteAttention and the model would silently run
   dense. Use `model.set_attention_backend("native")` (the default) with LiteAttention.
+- heads not divisible by the Ulysses degree (diffusers itself would fail in a reshape).
+
+Per-head thresholds are given for every head of the model; a routed site keeps the values of its
+rank's heads (`local_threshold`, called by the site when it sizes its threshold buffer).
 """
 
 from __future__ import annotations
