@@ -152,11 +152,18 @@ def test_report_and_reasons_in_eager():
 
 
 def test_sdpa_outside_routed_modules_is_untouched():
+    original = F.scaled_dot_product_attention
     net = Net()
     liteattn_ops.enable(net)
-    q, k, v = torch.randn(3, 1, 2, 128, 64).unbind(0)
-    assert F.scaled_dot_product_attention is liteattn_ops.enable.__globals__["scaled_dot_product_attention"]
-    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), torch._C._nn.scaled_dot_product_attention(q, k, v))
+    assert F.scaled_dot_product_attention is original is torch._C._nn.scaled_dot_product_attention
+    q, k, v = torch.randn(3, 1, 2, 256, 64).unbind(0)
+    with torch.no_grad():
+        net(inputs())                                   # routed calls inside ...
+        out = F.scaled_dot_product_attention(q, k, v)   # ... none outside
+    assert net.layers[0].liteattn.calls == 1
+    torch.testing.assert_close(out, torch._C._nn.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+    liteattn_ops.disable(net)
+    assert F.scaled_dot_product_attention is original
 
 
 def test_instance_forward_override_is_kept():

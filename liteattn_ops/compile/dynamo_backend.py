@@ -15,27 +15,21 @@ class. With enable(model) done before compiling, the traced graph already holds
 (rewritten, or left with its reason), applies the cross / fallback rules, and compiles the rest
 with Inductor.
 
-A model compiled without enable(model) (fallback="enable", the default): a backend receives the
-graph only after Dynamo traced it, too late to give the model buffers for this graph. So this
-graph is compiled as it is (plain SDPA: the first call is exact dense attention) and its compiled
-function enables the module it is called for (the `self` whose parameters are the graph's
-inputs: the whole model, or each block under regional compilation) the first time it runs.
-Enabling changes the module, so Dynamo's guards retrace the next call, which then uses the
-module's own skip states. Skipping therefore starts at the second call; call enable(model) before
-torch.compile to start at the first.
+A model compiled without enable(model) (fallback="enable", the default): see
+liteattn_ops/compile/enable_on_call.py. The first call runs exact dense attention (that graph is
+not given to Inductor), enables the module, and the next call retraces with the module's own skip
+states; call enable(model) before torch.compile to skip from the first call.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
-import weakref
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from . import graph_pass
+from .enable_on_call import EnableOnCall
 from ..nn.attention import ThresholdLike, _threshold_values
 
 log = logging.getLogger("liteattn_ops")
@@ -97,15 +91,16 @@ class LiteAttnBackend:
         report = graph_pass.run_pass(gm, cross=self.cross, fallback="sdpa" if enable_later else self.fallback,
                                      name=f"graph {compile_id}" if compile_id is not None else "graph",
                                      warn_not_a_site=not enable_later)
-        if not self.inductor:
-            compiled = gm.forward
-        else:
-            from torch._inductor.compile_fx import compile_fx
-
-            compiled = compile_fx(gm, example_inputs, config_patches=_inductor_config(mode, options))
+        config = _inductor_config(mode, options)   # options checked for every graph
         if enable_later and any(reason == graph_pass.NOT_A_SITE for _, reason in report.left):
-            return _EnableOnCall(compiled, gm, self)
-        return compiled
+            # This graph runs once per module (dense), then the module is enabled and Dynamo
+            # retraces: Inductor would compile it for one call, so it runs as traced.
+            return EnableOnCall(gm.forward, gm, self.threshold, self.cross)
+        if not self.inductor:
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs, config_patches=config)
 
     def __repr__(self) -> str:
         return f"liteattn_ops.backend(cross={self.cross!r}, fallback={self.fallback!r}, threshold={self.threshold!r})"
@@ -115,80 +110,6 @@ def backend(*, cross: str = "sdpa", fallback: str = "enable", threshold: Thresho
             inductor: bool = True) -> LiteAttnBackend:
     """A `liteattn` backend with options: torch.compile(model, backend=liteattn_ops.backend(...))."""
     return LiteAttnBackend(cross=cross, fallback=fallback, threshold=threshold, inductor=inductor)
-
-
-# ------------------------------------------------------------------------------------------------
-# Models compiled without enable(): enable the calling module at the graph's first run
-# ------------------------------------------------------------------------------------------------
-
-def _source_name(source) -> str:
-    name = source.name
-    return name if isinstance(name, str) else name()  # a property in newer torch, a method before
-
-
-def _module_probe(gm: torch.fx.GraphModule) -> Optional[tuple[str, str, int]]:
-    """(local name, Dynamo source expression, input index) of one parameter or buffer input of the
-    graph, e.g. ("self", "L['self']._modules['to_q']._parameters['weight']", 0); None if it has none."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for index, node in enumerate(placeholders):
-        source = getattr(node, "_dynamo_source", None)
-        if source is None and "grapharg" in node.meta:
-            source = node.meta["grapharg"].source
-        if source is None:
-            continue
-        expr = _source_name(source)
-        if expr.startswith("L['") and ("._parameters[" in expr or "._buffers[" in expr):
-            return expr[3:expr.index("'", 3)], expr, index
-    return None
-
-
-def _calling_module(probe: tuple[str, str, int], inputs, max_depth: int = 64) -> Optional[nn.Module]:
-    """The module whose traced frame is running this graph: the frame up the stack that holds the
-    probe's local, for which the probe's source expression is the graph's input tensor itself."""
-    local, expr, index = probe
-    if index >= len(inputs):
-        return None
-    tensor = inputs[index]
-    frame = sys._getframe(2)
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        root = frame.f_locals.get(local)
-        if isinstance(root, nn.Module):
-            try:
-                found = eval(expr, {"__builtins__": {}}, {"L": {local: root}})  # Dynamo's guard language
-            except Exception:
-                found = None
-            if found is tensor:
-                return root
-        frame = frame.f_back
-    return None
-
-
-class _EnableOnCall:
-    """The compiled graph of modules that were not enabled: runs it (plain SDPA, exact) and enables
-    each module it is called for, once; Dynamo's guards then retrace that module's next call."""
-
-    def __init__(self, compiled, gm: torch.fx.GraphModule, backend: LiteAttnBackend):
-        self.compiled = compiled
-        self.backend = backend
-        self.probe = _module_probe(gm)
-        self.seen: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-    def __call__(self, *args):
-        boxed = len(args) == 1 and isinstance(args[0], list)  # (Dynamo may pass the inputs as one list)
-        inputs = args[0] if boxed else args
-        module = None if self.probe is None else _calling_module(self.probe, inputs)
-        if module is None:
-            graph_pass.warn_not_a_site_once()
-        elif module not in self.seen:
-            self.seen.add(module)
-            from ..routing.router import enable
-
-            names = enable(module, self.backend.threshold, cross=self.backend.cross)
-            log.info("liteattn backend: enabled %d attention sites of %s on its first compiled call; "
-                     "skip states are used from the next call", len(names), type(module).__name__)
-        return self.compiled(*args)
 
 
 def liteattn(gm: torch.fx.GraphModule, example_inputs, **kwargs):

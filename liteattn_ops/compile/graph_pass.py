@@ -71,8 +71,12 @@ def _module_path(node: torch.fx.Node) -> str:
             path = path[len(prefix):]
             break
     path = path.replace("[", ".").replace("]", "").replace("'", "").replace("..", ".").strip(".")
-    # A routed module's op is traced inside its `liteattn` child: report the routed module.
-    return path.removesuffix(".liteattn") if path != "liteattn" else ""
+    # A routed module's op is traced inside its `liteattn` child, reached as the child itself or
+    # through the routed forward (`<module>.forward.__self__`): report the routed module.
+    for suffix in (".forward.__self__", ".liteattn"):
+        if path.endswith(suffix):
+            return path[:-len(suffix)]
+    return "" if path in ("liteattn", "forward.__self__") else path
 
 
 def _fake(arg):
