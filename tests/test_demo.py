@@ -293,8 +293,12 @@ def test_difference_gain_is_written_and_amplifies():
 
     a = torch.rand(2, 8, 8, 3)
     assert difference_gain(a, a) == 1.0
-    gain = difference_gain(a, a + 1e-3)
-    assert gain in (200, 500) and gain * 1e-3 <= 0.8
+    base = torch.full((2, 8, 8, 3), 0.25)
+    gain = difference_gain(base, base + 2.0**-10)   # exact in float32
+    assert gain == 500   # the largest round gain that keeps 2^-10 at or below half scale
+    b = base.clone()
+    b[0, 0, 0, 0] += 0.125   # one differing value (98th percentile 0): its own size sets the gain
+    assert difference_gain(base, b) == 2   # 5 x 0.125 would pass half scale
 
 
 def _table(path: Path, thresholds: list) -> Path:
