@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.eligibility import GRAD, NOT_TENSORS, SDPA, bind_sdpa, ineligible_reason, warn_grad_once
 from ..nn.attention import LiteAttention, RangesLike, ThresholdLike, restart_if_stale
+from ..parallel.context_parallel import check_module, local_threshold, ulysses_shard
 from . import dispatch
 
 SITE_ATTR = "liteattn"          # the child that owns a site's states
@@ -93,6 +94,7 @@ class AttentionSite(LiteAttention):
         """The routed module's forward: its own forward, with its SDPA calls sent to this site."""
         module = self._owner
         inner = self._inner_forward
+        check_module(module)   # diffusers context parallelism LiteAttention cannot run: a clear error
         bypass = dispatch.bypassing_backend(module)
         if bypass is not None:
             # diffusers sends this module's attention to a backend that never calls SDPA: say so
@@ -101,6 +103,14 @@ class AttentionSite(LiteAttention):
             return inner(*args, **kwargs) if self._inner_bound else inner(module, *args, **kwargs)
         with _RouteMode(self):
             return inner(*args, **kwargs) if self._inner_bound else inner(module, *args, **kwargs)
+
+    def _threshold_list(self, values: list[float], heads: int) -> list[float]:
+        # Under diffusers' Ulysses a site sees its rank's H/P heads: values given for every head of
+        # the model are sliced to this rank's (liteattn_ops/parallel/context_parallel.py).
+        owner = self.__dict__.get("_owner")
+        if len(values) not in (1, heads) and owner is not None:
+            values = local_threshold(values, heads, ulysses_shard(owner))
+        return super()._threshold_list(values, heads)
 
     def _members(self) -> list["AttentionSite"]:
         if self.group is None:
@@ -225,7 +235,7 @@ def _route_sdpa(site: AttentionSite, slot: int, args: tuple, kwargs: dict):
     if reason == NOT_TENSORS:
         return SDPA(*args, **kwargs)
     if reason is None:
-        return site(call["query"], call["key"], call["value"], scale=call["scale"], slot=slot)
+        return site(call["query"], call["key"], call["value"], slot=slot)
     if reason == GRAD and not torch.compiler.is_compiling():
         warn_grad_once()
     site(call["query"], call["key"], call["value"], slot=slot, left=reason)
