@@ -235,7 +235,7 @@ def _route_sdpa(site: AttentionSite, slot: int, args: tuple, kwargs: dict):
     if reason == NOT_TENSORS:
         return SDPA(*args, **kwargs)
     if reason is None:
-        return site(call["query"], call["key"], call["value"], slot=slot)
+        return site(call["query"], call["key"], call["value"], scale=call["scale"], slot=slot)
     if reason == GRAD and not torch.compiler.is_compiling():
         warn_grad_once()
     site(call["query"], call["key"], call["value"], slot=slot, left=reason)
