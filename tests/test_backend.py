@@ -396,14 +396,38 @@ def test_inductor_calls_the_op_in_place_on_the_state():
     assert cnt.frame_count == 1
 
 
-def test_mode_and_options_reach_inductor():
-    from liteattn_ops.compile.dynamo_backend import _inductor_config
+@pytest.mark.parametrize("mode, options, expected", [
+    ("reduce-overhead", None, {"triton.cudagraphs": True}),
+    ("max-autotune-no-cudagraphs", None, {"max_autotune": True, "coordinate_descent_tuning": True}),
+    (None, {"max-autotune": True, "epilogue_fusion": False}, {"max_autotune": True, "epilogue_fusion": False}),
+    ("default", None, {}),
+])
+def test_mode_and_options_reach_inductor(monkeypatch, mode, options, expected):
+    """What torch.compile(mode=..., options=...) hands the backend must reach Inductor's compile_fx
+    as config patches (the expected patches are written out here, not computed by the backend's
+    own helper)."""
+    import torch._inductor.compile_fx as compile_fx_module
 
-    from torch._inductor import list_mode_options
+    seen = []
+    real = compile_fx_module.compile_fx
 
+    def recording(gm, example_inputs, *args, config_patches=None, **kwargs):
+        seen.append(dict(config_patches or {}))
+        return gm.forward            # run the graph as traced (no Inductor: quick)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording)
     assert "liteattn" in torch._dynamo.list_backends()      # the entry point
-    assert _inductor_config("reduce-overhead", None) == list_mode_options("reduce-overhead")
-    assert _inductor_config("default", {"max-autotune": True}) == {"max_autotune": True}
+    block = tiny_dit(depth=1).blocks[0]
+    liteattn_ops.enable(block)
+    x, ctx = tiny_inputs()
+    kwargs = {"options": options} if options else {"mode": mode}
+    with torch.no_grad():
+        torch.compile(block, backend="liteattn", fullgraph=True, **kwargs)(x, ctx)
+    assert seen == [expected]
+    assert real is not recording
+
+
+def test_unknown_inductor_option_is_refused():
     block = tiny_dit(depth=1).blocks[0]
     liteattn_ops.enable(block)
     x, ctx = tiny_inputs()
@@ -665,7 +689,7 @@ def test_flux_joint_attention_is_self_attention():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_cuda_wan_compiled_equals_eager(mode):
+def test_cuda_wan_compiled_equals_eager(mode, cuda_graph_calls):
     plain = wan_model().to("cuda", torch.bfloat16)
     model, ref = copy.deepcopy(plain), copy.deepcopy(plain)
     liteattn_ops.enable(model, threshold=-2.0)
@@ -682,10 +706,12 @@ def test_cuda_wan_compiled_equals_eager(mode):
         assert (a != b).float().mean() < 0.05, key
     assert counters["liteattn"]["rewritten"] == 2
     assert counters["inductor"]["cudagraph_skips"] == 0       # reduce-overhead: the op is captured
+    if mode == "reduce-overhead":
+        assert cuda_graph_calls["capture"] > 0 and cuda_graph_calls["replay"] > 0
 
 
 @pytest.mark.cuda
-def test_cuda_reduce_overhead_regional_tinydit():
+def test_cuda_reduce_overhead_regional_tinydit(cuda_graph_calls):
     model, ref = tiny_dit(depth=3).to("cuda", torch.bfloat16), None
     ref = copy.deepcopy(model)
     liteattn_ops.enable(model, threshold=-4.0)
@@ -707,11 +733,12 @@ def test_cuda_reduce_overhead_regional_tinydit():
     ref_fractions = [s["live_fraction"] for s in liteattn_ops.stats(ref).values() if s["live_fraction"] is not None]
     assert fractions == pytest.approx(ref_fractions, abs=0.05) and min(fractions) < 1.0
     assert counters["inductor"]["cudagraph_skips"] == 0
+    assert cuda_graph_calls["capture"] > 0 and cuda_graph_calls["replay"] > 0
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_cuda_unprepared_model_with_inductor(mode):
+def test_cuda_unprepared_model_with_inductor(mode, cuda_graph_calls):
     """backend="liteattn" by name, no enable(): Inductor's compiled function enables the model at
     its first call; later calls run the kernel on the model's own states (inside the CUDA graph
     with reduce-overhead)."""
@@ -732,3 +759,25 @@ def test_cuda_unprepared_model_with_inductor(mode):
     assert len(states_of(model)) == 2
     if mode == "reduce-overhead":
         assert counters["inductor"]["cudagraph_skips"] == 0
+        assert cuda_graph_calls["capture"] > 0 and cuda_graph_calls["replay"] > 0
+
+
+@pytest.fixture
+def cuda_graph_calls(monkeypatch):
+    """Counts CUDA-graph captures and replays (torch.cuda.CUDAGraph, which the CUDA-graph trees of
+    mode="reduce-overhead" use). cudagraph_skips == 0 also holds when no graph was attempted."""
+    calls = {"capture": 0, "replay": 0}
+    cls = torch.cuda.CUDAGraph
+    capture_begin, replay = cls.capture_begin, cls.replay
+
+    def counting_capture_begin(self, *args, **kwargs):
+        calls["capture"] += 1
+        return capture_begin(self, *args, **kwargs)
+
+    def counting_replay(self, *args, **kwargs):
+        calls["replay"] += 1
+        return replay(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "capture_begin", counting_capture_begin)
+    monkeypatch.setattr(cls, "replay", counting_replay)
+    return calls

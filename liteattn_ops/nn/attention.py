@@ -102,7 +102,8 @@ def restart_if_stale(called: list, allocated: list) -> None:
     """Dynamo snapshots a module's dicts (_buffers, ...) the first time a trace reads them. When
     buffers are added to a module this trace has already read (a second SDPA call of one forward
     with new shapes, e.g. another head count), the trace would not see them: restart it once (the
-    restarted trace finds everything allocated, so it does not restart again)."""
+    restarted trace finds everything allocated, so it does not restart again: the callers only
+    ever add buffers)."""
     trace = _current_trace()
     if trace is None:
         return
@@ -292,7 +293,9 @@ class LiteAttention(LazyModuleMixin, nn.Module):
         kwargs = kwargs or {}
         q, k = args[0], args[1]
         if _state_key(q, k) is not None:
-            restart_if_stale([self], [self] if self._allocate(q, k, int(kwargs.get("slot", 0))) else [])
+            # (no restart here: a hand-placed LiteAttention is one call, and a new shape replaces its
+            # state, so a restarted trace could allocate again; routed sites only ever add buffers)
+            self._allocate(q, k, int(kwargs.get("slot", 0)))
 
     def _replicate_for_data_parallel(self):  # LazyModuleMixin refuses; nothing here is lazy
         return nn.Module._replicate_for_data_parallel(self)
@@ -398,8 +401,7 @@ class FlashLiteAttention(LiteAttention):
     def _infer_parameters(self, module, args, kwargs=None):
         q, k = args[0], args[1]
         if _state_key(q, k) is not None:
-            created = self._allocate(q.transpose(1, 2), k.transpose(1, 2), 0)
-            restart_if_stale([self], [self] if created else [])
+            self._allocate(q.transpose(1, 2), k.transpose(1, 2), 0)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
                 must_do_list=None, must_skip_list=None, return_lse: bool = False):
