@@ -38,11 +38,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--frames", type=int, default=2, help="latent frames (a 16 x 16 latent: 64 tokens each)")
+    parser.add_argument("--fallback-first", action="store_true", help="run the fallback path first")
     parser.add_argument("--path", choices=("enabled", "fallback"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.path is None:
         rows = []
-        for label in ("enabled", "fallback"):
+        for label in (("fallback", "enabled") if args.fallback_first else ("enabled", "fallback")):
             with tempfile.TemporaryDirectory() as cache:
                 env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_FX_GRAPH_CACHE="0",
                            TORCHINDUCTOR_AUTOGRAD_CACHE="0")
@@ -50,7 +51,7 @@ def main() -> None:
                                       str(args.frames), "--path", label], env=env, capture_output=True, text=True,
                                      check=True).stdout
             rows.append((label, *map(float, out.strip().splitlines()[-1].split())))
-        _print(rows, args)
+        _print(sorted(rows), args)
         return
     import diffusers
 

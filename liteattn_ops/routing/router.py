@@ -42,7 +42,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..nn.attention import DEFAULT_BRANCH, LiteAttention, RangesLike, ThresholdLike, check_warmup_steps
+from ..nn.attention import (DEFAULT_BRANCH, LiteAttention, RangesLike, ThresholdLike, _ranges_tensor,
+                             _threshold_values, check_warmup_steps)
 from .sites import SITE_ATTR, AttentionSite, RoleGroup, SiteSelector, check_cross, role_key
 
 log = logging.getLogger("liteattn_ops")
@@ -130,6 +131,9 @@ def enable_module(model: nn.Module, threshold: ThresholdLike = -10.0, *, must_do
     root (a pipeline's transformers); by default the groups are this module's own."""
     check_cross(cross)
     check_warmup_steps(warmup_steps)
+    _threshold_values(threshold)
+    _ranges_tensor("must_do", must_do)
+    _ranges_tensor("must_skip", must_skip)
     found = find_attention_modules(model, sites)
     # Validate everything before changing anything.
     for name, module in found:
