@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid", default="8,16,32", help="frames,height,width of the token grid")
     p.add_argument("--budgets", default="0.01,0.03,0.1")
     p.add_argument("--metric", default="l1")
+    p.add_argument("--device", default="cpu", help="where the inputs and the analysis live (cpu, cuda)")
     args = p.parse_args(argv)
     grid = tuple(int(x) for x in args.grid.split(","))
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for sharp in (30.0, 15.0, 8.0):
         g = torch.Generator().manual_seed(0)
-        q, k, v = local_qkv(grid, batch=1, heads=2, head_dim=64, sharpness=sharp, generator=g)
+        q, k, v = local_qkv(grid, batch=1, heads=2, head_dim=64, sharpness=sharp, generator=g, device=args.device)
         res = {c: live_at_budget(q, k, v, budgets, metric=args.metric, criterion=c) for c in ("max", "mass")}
         for i, budget in enumerate(budgets):
             mx, ms = res["max"][i], res["mass"][i]
