@@ -54,7 +54,10 @@ def test_replays_update_the_state_like_eager_calls(head_dim, with_ranges):
     _, block_n = liteattn_ops.tile_shape(head_dim, torch.bfloat16)
     live = [live_mask(s, SEQ, head_dim, torch.bfloat16) for s in eager_states]
     assert float(live[-1].float().mean()) < 0.9, "the inputs drop too few tiles for this test to mean anything"
-    assert not torch.equal(live[0], live[-1]), "the eager state never changes after the first call"
+    # (With the diagonal-first visit order these inputs settle at the first call, so the check that
+    # matters is that the first call already drops tiles: a replay that did not write the state
+    # would leave it all live after each reset and differ from the eager states below.)
+    assert not bool(live[0].all()), "the first eager call drops no tile: replays would not be checked"
 
     # Static inputs; warm up on a side stream with a scratch state (the real one stays fresh).
     q, k, v = (t.clone() for t in steps[0])

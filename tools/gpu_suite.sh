@@ -48,8 +48,11 @@ part_parallel() {
   tail -25 "$OUT/parallel_p1.log"
   return $rc
 }
+part_graphtest() {
+  timeout 120 python3 -m pytest -m cuda tests/test_cuda_graph_state.py -q -p no:cacheprovider 2>&1 | tail -3
+}
 part_demo() {
-  DEMO_GPU_BUDGET_S=${DEMO_GPU_BUDGET_S:-380} timeout 520 python3 tools/demo_gpu.py
+  DEMO_GPU_BUDGET_S=${DEMO_GPU_BUDGET_S:-300} timeout 420 python3 tools/demo_gpu.py
 }
 
 for part in "$@"; do

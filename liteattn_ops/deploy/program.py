@@ -99,6 +99,8 @@ def _refuse_dynamic_shapes(sites: list[tuple[str, LiteAttention]]):
             return
         q = call_args[0] if len(call_args) > 0 else call_kwargs["q"]
         k = call_args[1] if len(call_args) > 1 else call_kwargs["k"]
+        if q is None or k is None:                   # a site bypassed by diffusers' dispatcher: no state
+            return
         dims = [(f"q.shape[{i}]", s) for i, s in enumerate(q.shape)] + \
                [(f"k.shape[{i}]", s) for i, s in enumerate(k.shape)]
         # Under strict export Dynamo traces this hook: there a static dim is a plain int (and

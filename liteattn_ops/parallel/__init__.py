@@ -9,7 +9,7 @@ heads and no state is ever communicated).
     rank_threshold                                  can run, and this rank's per-head thresholds
 """
 
-from .context_parallel import check_model, check_module, rank_threshold, ulysses_shard
+from ..routing.context_parallel import check_model, check_module, rank_threshold, ulysses_shard
 from .ulysses import UlyssesLiteAttention, group_rank_and_size, heads_to_seq, seq_to_heads, ulysses_attention
 
 __all__ = ["UlyssesLiteAttention", "check_model", "check_module", "group_rank_and_size", "heads_to_seq",

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.eligibility import GRAD, NOT_TENSORS, SDPA, bind_sdpa, ineligible_reason, warn_grad_once
 from ..nn.attention import LiteAttention, RangesLike, ThresholdLike, restart_if_stale
-from ..parallel.context_parallel import check_module, local_threshold, ulysses_shard
+from .context_parallel import check_module, local_threshold, ulysses_shard
 from . import dispatch
 
 SITE_ATTR = "liteattn"          # the child that owns a site's states
@@ -106,7 +106,7 @@ class AttentionSite(LiteAttention):
 
     def _threshold_list(self, values: list[float], heads: int) -> list[float]:
         # Under diffusers' Ulysses a site sees its rank's H/P heads: values given for every head of
-        # the model are sliced to this rank's (liteattn_ops/parallel/context_parallel.py).
+        # the model are sliced to this rank's (liteattn_ops/routing/context_parallel.py).
         owner = self.__dict__.get("_owner")
         if len(values) not in (1, heads) and owner is not None:
             values = local_threshold(values, heads, ulysses_shard(owner))
