@@ -34,8 +34,32 @@ from torch import nn
 __all__ = ["DiTConfig", "Locality", "VideoDiT", "flow_schedule", "rope_freqs_3d", "sample"]
 
 
+class ConfigDict:
+    """to_dict / from_dict of the demo models' config dataclasses (JSON beside each checkpoint):
+    patch_size as a list in the file and a tuple in the config; unknown fields refused."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        d = dict(d)
+        if "patch_size" in d:
+            d["patch_size"] = tuple(int(p) for p in d["patch_size"])
+        return cls(**d)
+
+
 @dataclass
-class DiTConfig:
+class DiTConfig(ConfigDict):
     """Hyper-parameters of :class:`VideoDiT` (stored next to the checkpoint as JSON)."""
 
     in_channels: int = 3
@@ -50,25 +74,6 @@ class DiTConfig:
     rope_theta: float = 10000.0
     eps: float = 1e-6
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DiTConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        if "patch_size" in d:
-            d["patch_size"] = tuple(int(p) for p in d["patch_size"])
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------- RoPE

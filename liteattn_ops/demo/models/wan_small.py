@@ -11,18 +11,20 @@ Train it with `python tools/train_demo_dit.py --arch wan ...`; load it with `loa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from .dit import ConfigDict
+
 ARCH = "wan"
 
 
 @dataclass
-class WanSmallConfig:
+class WanSmallConfig(ConfigDict):
     in_channels: int = 3
     patch_size: tuple[int, int, int] = (1, 4, 4)
     dim: int = 256
@@ -32,25 +34,6 @@ class WanSmallConfig:
     num_classes: int = 4
     class_tokens: int = 4
     freq_dim: int = 128
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanSmallConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown WanSmallConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        if "patch_size" in d:
-            d["patch_size"] = tuple(int(p) for p in d["patch_size"])
-        return cls(**d)
 
     def diffusers_config(self) -> dict:
         """The WanTransformer3DModel arguments of this config."""
