@@ -155,7 +155,9 @@ def test_fuzz_examples_exercise_removals():
     """Guard: the strategies above do produce calls that remove tiles (not only dense runs)."""
     removed = 0
 
-    @settings(max_examples=10, derandomize=True, database=None, deadline=None)
+    # (40 examples: since the lengths reach 640 tokens, the first 10 derandomized draws happen to
+    # remove nothing; the guard is about the strategy, not about those draws.)
+    @settings(max_examples=40, derandomize=True, database=None, deadline=None)
     @given(cases())
     def count(case):
         nonlocal removed
