@@ -134,7 +134,7 @@ def test_wan_plain_torch_export_after_enable(calls):
     liteattn_ops.enable(model, threshold=THRESHOLD)
     args, kwargs = calls[0]
     with torch.no_grad():
-        with pytest.raises(Exception, match="run the\s+model once"):
+        with pytest.raises(Exception, match=r"run the\s+model once"):
             torch.export.export(model, args, kwargs)
         model(*args, **kwargs)
         program = torch.export.export(model, args, kwargs)

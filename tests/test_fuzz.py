@@ -133,7 +133,9 @@ def test_op_matches_the_literal_semantics_over_calls(case):
 
         assert torch.equal(visited, (previous | do_tiles) & ~skip_tiles), where
         assert torch.equal(state, want_state), f"{where}: state differs from the literal reference"
-        atol = 1e-5 if dtype == torch.float32 else 1e-2
+        # float32: the op and the literal loop sum in different orders (seen: 1.8e-5 at 129 keys); a
+        # semantic bug (a tile too many or too few) moves outputs by orders of magnitude more.
+        atol = 1e-4 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(out.float(), want_out, atol=atol, rtol=1e-4 if dtype == torch.float32 else 1e-2)
         assert_lse_close(lse, want_lse, atol=1e-4)
         oracle_out, oracle_lse = masked_attention(q, k, v, visited)
