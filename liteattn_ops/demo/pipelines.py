@@ -42,21 +42,29 @@ class DemoDiTPipeline:
             self.model, self.meta = load_demo_model(args.checkpoint, device=args.device)
         except ValueError as e:  # CheckpointError is a ValueError
             raise DemoError(str(e)) from None
+        cuda = args.device.type == "cuda"
+        self._setup(args, CLASS_NAMES, autocast=cuda, attention_dtype=torch.bfloat16 if cuda else torch.float32,
+                    noise_dtype=torch.float32)
+        self.model.rope(self.grid, self.noise.device)  # fill the RoPE cache outside any compiled graph
+
+    def _setup(self, args, class_names, *, autocast: bool, attention_dtype: torch.dtype,
+               noise_dtype: torch.dtype) -> None:
+        """What every pipeline of a class-conditioned demo model holds: token grid, noise, labels."""
         try:
             self.grid = self.model.token_grid(args.frames, args.height, args.width)
         except ValueError as e:
             raise DemoError(f"--resolution/--frames: {e}") from None
         self.args = args
         self.device = args.device
-        self.class_names = CLASS_NAMES
+        self.class_names = class_names
         g = torch.Generator().manual_seed(args.seed)
-        self.noise = torch.randn(args.batch, 3, args.frames, args.height, args.width, generator=g).to(self.device)
+        self.noise = torch.randn(args.batch, 3, args.frames, args.height, args.width,
+                                 generator=g).to(self.device, noise_dtype)
         self.labels = torch.full((args.batch,), args.label, dtype=torch.long, device=self.device)
-        self.model.rope(self.grid, self.noise.device)  # fill the RoPE cache outside any compiled graph
         self.tokens = self.grid[0] * self.grid[1] * self.grid[2]
-        self.autocast = self.device.type == "cuda"
+        self.autocast = autocast
         self.head_dim = self.model.cfg.head_dim
-        self.attention_dtype = torch.bfloat16 if self.autocast else torch.float32
+        self.attention_dtype = attention_dtype
 
     def describe(self) -> dict:
         cfg = self.model.cfg
@@ -102,25 +110,11 @@ class WanSmallPipeline(DemoDiTPipeline):
             self.model, self.meta = load_wan_small(path, device=args.device)
         except ValueError as e:
             raise DemoError(f"--preset wan-small: {e}") from None
-        try:
-            self.grid = self.model.token_grid(args.frames, args.height, args.width)
-        except ValueError as e:
-            raise DemoError(f"--resolution/--frames: {e}") from None
-        self.args = args
-        self.device = args.device
-        self.class_names = CLASS_NAMES
         # On CUDA the weights are bf16 (no autocast): diffusers' RMSNorm with float32 weights would hand
         # float32 q/k next to a bf16 v to SDPA, a call the kernel cannot take (dtypes differ).
-        cuda = self.device.type == "cuda"
-        dtype = torch.bfloat16 if cuda else torch.float32
+        dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
         self.model = self.model.to(dtype)
-        g = torch.Generator().manual_seed(args.seed)
-        self.noise = torch.randn(args.batch, 3, args.frames, args.height, args.width, generator=g).to(self.device, dtype)
-        self.labels = torch.full((args.batch,), args.label, dtype=torch.long, device=self.device)
-        self.tokens = self.grid[0] * self.grid[1] * self.grid[2]
-        self.autocast = False
-        self.head_dim = self.model.cfg.head_dim
-        self.attention_dtype = dtype
+        self._setup(args, CLASS_NAMES, autocast=False, attention_dtype=dtype, noise_dtype=dtype)
 
     def describe(self) -> dict:
         out = super().describe()
