@@ -178,8 +178,8 @@ def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
 
 @torch.library.custom_op("liteattn::sparse_attention", mutates_args=("state",))
 def _sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, state: Tensor, threshold: Tensor,
-                     must_do: Optional[Tensor] = None, must_skip: Optional[Tensor] = None,
-                     scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                         must_do: Optional[Tensor] = None, must_skip: Optional[Tensor] = None,
+                         scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """Attention over the live KV tiles of `state`; drops the tiles found negligible from `state`.
 
     Returns (out, lse). See the module docstring for layouts and liteattn_ops.reference for the
