@@ -20,9 +20,9 @@ attention = torch.ops.liteattn.attention
 
 def test_schemas():
     assert_expected_inline(str(sparse_attention.default._schema), """\
-liteattn::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor(a3!) state, Tensor threshold, Tensor? must_do=None, Tensor? must_skip=None, float? scale=None) -> (Tensor, Tensor)""")
+liteattn::sparse_attention(Tensor q, Tensor k, Tensor v, Tensor(a3!) state, Tensor threshold, Tensor? must_do=None, Tensor? must_skip=None, float? scale=None, bool use_int8=False) -> (Tensor, Tensor)""")
     assert_expected_inline(str(attention.default._schema), """\
-liteattn::attention(Tensor q, Tensor k, Tensor v, float? scale=None) -> (Tensor, Tensor)""")
+liteattn::attention(Tensor q, Tensor k, Tensor v, float? scale=None, bool use_int8=False) -> (Tensor, Tensor)""")
 
 
 def _bshd(batch, heads, seqlen, head_dim):

@@ -1,14 +1,16 @@
 """The `liteattn` torch.library ops: one definition, its fake (meta) implementation, the CPU
 implementation (the exact reference) and the CUDA implementation (the Hopper kernel).
 
-    liteattn::sparse_attention(q, k, v, state!, threshold, must_do, must_skip, scale) -> (out, lse)
-    liteattn::attention(q, k, v, scale) -> (out, lse)
+    liteattn::sparse_attention(q, k, v, state!, threshold, must_do, must_skip, scale, use_int8) -> (out, lse)
+    liteattn::attention(q, k, v, scale, use_int8) -> (out, lse)
 
 q, k, v: logical (B, H, S, D) as for F.scaled_dot_product_attention, any strides with a contiguous
 last dim. out: q.dtype, logical (B, H, S_q, D) laid out in memory as (B, S_q, H, D); lse: float32
 (B, H, S_q), natural log. `state` (see liteattn_ops.state) is updated in place; `threshold` is a
 float32 (H,) tensor in log2 units (<= 0; -inf never removes a tile); must_do / must_skip are
-optional int32/int64 (R, 2) tensors of [start, end) key-token ranges.
+optional int32/int64 (R, 2) tensors of [start, end) key-token ranges. `use_int8=True` is the INT8
+Q/K mode: the scores come from per-block int8 q and (mean-smoothed) k (liteattn_ops.core.quant);
+everything else is the same.
 """
 
 from __future__ import annotations
@@ -104,11 +106,14 @@ def _is_fake(t: Tensor) -> bool:
     return isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
 
 
-def check_inputs(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None) -> None:
+def check_inputs(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None,
+                 use_int8=False) -> None:
     """All argument checks of the ops; raises TypeError/ValueError naming the argument."""
     _check_qkv(q, k, v)
     if not valid_scale(scale):
         raise ValueError(f"scale must be a positive finite float (default 1/sqrt(head_dim)), got {scale!r}")
+    if not isinstance(use_int8, bool):
+        raise TypeError(f"use_int8 must be a bool (True: INT8 Q/K mode), got {type(use_int8).__name__} {use_int8!r}")
     if state is not None:
         check_state(state, q, k)
         _check_threshold(threshold, q)
@@ -179,38 +184,46 @@ def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
 @torch.library.custom_op("liteattn::sparse_attention", mutates_args=("state",))
 def _sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, state: Tensor, threshold: Tensor,
                          must_do: Optional[Tensor] = None, must_skip: Optional[Tensor] = None,
-                         scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                         scale: Optional[float] = None, use_int8: bool = False) -> tuple[Tensor, Tensor]:
     """Attention over the live KV tiles of `state`; drops the tiles found negligible from `state`.
 
     Returns (out, lse). See the module docstring for layouts and liteattn_ops.reference for the
-    exact semantics.
+    exact semantics; use_int8=True: INT8 Q/K scores (liteattn_ops.core.quant).
     """
-    check_inputs(q, k, v, state, threshold, must_do, must_skip, scale)
+    check_inputs(q, k, v, state, threshold, must_do, must_skip, scale, use_int8)
     if q.device.type == "cuda":
+        if use_int8:
+            from .int8_cuda import launch_int8
+            return launch_int8(q, k, v, state, threshold, must_do, must_skip, scale)
         return _launch(q, k, v, state, threshold, must_do, must_skip, scale)
-    out, lse, new_state = reference.sparse_attention_reference(q, k, v, state, threshold, must_do, must_skip, scale)
+    out, lse, new_state = reference.sparse_attention_reference(q, k, v, state, threshold, must_do, must_skip, scale,
+                                                               use_int8)
     state.copy_(new_state)
     return out, lse
 
 
 @_sparse_attention_op.register_fake
-def _(q, k, v, state, threshold, must_do=None, must_skip=None, scale=None):
-    check_inputs(q, k, v, state, threshold, must_do, must_skip, scale)
+def _(q, k, v, state, threshold, must_do=None, must_skip=None, scale=None, use_int8=False):
+    check_inputs(q, k, v, state, threshold, must_do, must_skip, scale, use_int8)
     return _empty_outputs(q)
 
 
 @torch.library.custom_op("liteattn::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+                  use_int8: bool = False) -> tuple[Tensor, Tensor]:
     """Dense attention (no skip state) with the same kernel and output conventions: (out, lse)."""
-    check_inputs(q, k, v, scale=scale)
+    check_inputs(q, k, v, scale=scale, use_int8=use_int8)
     if q.device.type == "cuda":
+        if use_int8:
+            from .int8_cuda import launch_int8
+            return launch_int8(q, k, v, None, None, None, None, scale)
         return _launch(q, k, v, None, None, None, None, scale)
-    return reference.attention_reference(q, k, v, scale)
+    return reference.attention_reference(q, k, v, scale, use_int8)
 
 
 @_attention_op.register_fake
-def _(q, k, v, scale=None):
-    check_inputs(q, k, v, scale=scale)
+def _(q, k, v, scale=None, use_int8=False):
+    check_inputs(q, k, v, scale=scale, use_int8=use_int8)
     return _empty_outputs(q)
 
 
@@ -240,19 +253,23 @@ def _check_argument_types(args: dict) -> None:
     scale = args["scale"]
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__} {scale!r}")
+    if not isinstance(args["use_int8"], bool):
+        raise TypeError(f"use_int8 must be a Python bool (True: INT8 Q/K mode), got "
+                        f"{type(args['use_int8']).__name__} {args['use_int8']!r}")
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor, threshold: Tensor,
                      must_do: Optional[Tensor] = None, must_skip: Optional[Tensor] = None,
-                     scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                     scale: Optional[float] = None, use_int8: bool = False) -> tuple[Tensor, Tensor]:
     """torch.ops.liteattn.sparse_attention with Python type checks first (TypeError naming the
     argument); see `_sparse_attention_op` and liteattn_ops.core.reference for the semantics."""
     _check_argument_types(dict(q=q, k=k, v=v, state=state, threshold=threshold, must_do=must_do,
-                               must_skip=must_skip, scale=scale))
-    return torch.ops.liteattn.sparse_attention(q, k, v, state, threshold, must_do, must_skip, scale)
+                               must_skip=must_skip, scale=scale, use_int8=use_int8))
+    return torch.ops.liteattn.sparse_attention(q, k, v, state, threshold, must_do, must_skip, scale, use_int8)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+              use_int8: bool = False) -> tuple[Tensor, Tensor]:
     """torch.ops.liteattn.attention with Python type checks first (TypeError naming the argument)."""
-    _check_argument_types(dict(q=q, k=k, v=v, scale=scale))
-    return torch.ops.liteattn.attention(q, k, v, scale)
+    _check_argument_types(dict(q=q, k=k, v=v, scale=scale, use_int8=use_int8))
+    return torch.ops.liteattn.attention(q, k, v, scale, use_int8)

@@ -15,6 +15,11 @@ for each (b, h, query tile m):
 4. The output and the log-sum-exp cover every visited tile. Rows with no visited tile give
    output 0 and lse -inf.
 5. New state words: (old | do_bits) & ~(negligible_bits | skip_bits); bits >= Nt unchanged.
+6. use_int8=True (INT8 Q/K mode): the scores, in log2 units, are the int8 ones of
+   liteattn_ops.core.quant (q per BM-row block, k smoothed by its per-channel mean then per BN-row
+   block, int32 dot products times q_scale * k_scale * scale_log2); steps 1-5 apply to them
+   unchanged, with exp2 for the softmax and lse = ln2 * (row max + log2(row sum)). v, the
+   probabilities and the output are not quantized.
 
 Nothing here loops over tiles: the running max in visit order is a cumulative max over a rotated
 tile axis. Query rows are processed in chunks only to bound memory.
@@ -26,10 +31,12 @@ import math
 
 import torch
 
+from . import quant
 from .state import pack_bits, unpack_bits
 from .tiling import num_tiles, tile_shape
 
 _LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 _CHUNK_ELEMENTS = 1 << 24  # scores held at once (B*H*rows*S_k), ~64 MB in float32
 
 
@@ -62,8 +69,9 @@ def first_tile(block_m: int, block_n: int, seqlen_q: int, seqlen_k: int, device=
     return torch.clamp((m * block_m * seqlen_k) // (seqlen_q * block_n), max=n_tiles - 1)
 
 
-def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_skip=None, scale=None):
-    """Returns (out, lse, new_state); does not modify `state`.
+def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_skip=None, scale=None,
+                               use_int8=False):
+    """Returns (out, lse, new_state); does not modify `state`. use_int8: the INT8 Q/K mode's scores.
 
     out: q.dtype, logical (B, H, S_q, D) in (B, S_q, H, D) memory; lse: float32 (B, H, S_q), natural log.
     """
@@ -84,7 +92,13 @@ def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_ski
              + torch.arange(n_tiles, device=device)) % n_tiles            # (Mt, Nt)
     thr = threshold.to(device=device, dtype=torch.float32).view(1, heads, 1, 1)
 
-    qf, kf, vf = q.float(), k.float(), v.float()
+    if use_int8:
+        quantized = quant.quantize_qk(q, k, (block_m, block_n))
+        keys = quant.padded_keys(quantized.k8, block_n)
+        qf = kf = None
+    else:
+        qf, kf = q.float(), k.float()
+    vf = v.float()
     out = torch.empty(batch, seqlen_q, heads, head_dim, dtype=q.dtype, device=device).transpose(1, 2)
     lse = torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device=device)
     negligible = torch.zeros_like(visited)
@@ -97,18 +111,23 @@ def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_ski
         tile_of_row = torch.arange(row0, row1, device=device) // block_m      # (rows,)
 
         rows = row1 - row0
-        scores = torch.matmul(qf[:, :, row0:row1] * scale, kf.transpose(-1, -2))   # natural units
-        if pad_k:
-            scores = torch.nn.functional.pad(scores, (0, pad_k), value=-math.inf)
+        if use_int8:   # log2 units, key axis already padded to whole tiles
+            scores = quant.tile_scores(quantized, scale, (block_m, block_n), row0, row1, keys)
+        else:          # natural units
+            scores = torch.matmul(qf[:, :, row0:row1] * scale, kf.transpose(-1, -2))
+            if pad_k:
+                scores = torch.nn.functional.pad(scores, (0, pad_k), value=-math.inf)
         tiles = scores.view(batch, heads, rows, n_tiles, block_n)                    # a view, no copy
         vis_rows = visited[:, :, tile_of_row]                                         # (B, H, rows, Nt)
 
-        # Per-row tile maxima, unvisited tiles at -inf.
-        tile_max = tiles.amax(-1).masked_fill_(~vis_rows, -math.inf)                 # natural units
+        # Per-row tile maxima, unvisited tiles at -inf (in the units of the scores).
+        tile_max = tiles.amax(-1).masked_fill_(~vis_rows, -math.inf)
 
         # Running max (log2 units) before each tile, in visit order.
         order_rows = order[tile_of_row].expand(batch, heads, -1, -1)
-        in_order = torch.gather(tile_max, -1, order_rows) * _LOG2E
+        in_order = torch.gather(tile_max, -1, order_rows)
+        if not use_int8:
+            in_order = in_order * _LOG2E
         running = torch.cummax(in_order, dim=-1).values
         before = torch.nn.functional.pad(running[..., :-1], (1, 0), value=-math.inf)
         # A row vouches for "negligible" only with a finite running max and tile max: an inf or NaN
@@ -126,12 +145,17 @@ def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_ski
         row_max = tile_max.amax(-1)                                                   # (B, H, rows)
         empty = torch.isneginf(row_max)
         row_max = row_max.masked_fill(empty, 0.0)
-        tiles.masked_fill_(~vis_rows[..., None], -math.inf).sub_(row_max[..., None, None]).exp_()
+        tiles.masked_fill_(~vis_rows[..., None], -math.inf).sub_(row_max[..., None, None])
+        if use_int8:
+            tiles.exp2_()
+        else:
+            tiles.exp_()
         row_sum = tiles.sum(dim=(-1, -2))
         probs = scores[..., :seqlen_k] if pad_k else scores
         chunk_out = torch.matmul(probs, vf) / row_sum.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
         out[:, :, row0:row1] = chunk_out.masked_fill(empty[..., None], 0.0).to(q.dtype)   # empty rows -> 0
-        lse[:, :, row0:row1] = (row_max + torch.log(row_sum)).masked_fill(empty, -math.inf)
+        chunk_lse = (row_max + torch.log2(row_sum)) * _LN2 if use_int8 else row_max + torch.log(row_sum)
+        lse[:, :, row0:row1] = chunk_lse.masked_fill(empty, -math.inf)
 
     negligible &= visited & ~do_tiles
     cleared = pack_bits(negligible | skip_tiles, fill=False)
@@ -139,12 +163,12 @@ def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_ski
     return out, lse, new_state
 
 
-def attention_reference(q, k, v, scale=None):
-    """Dense attention with the op's output conventions: (out, lse)."""
+def attention_reference(q, k, v, scale=None, use_int8=False):
+    """Dense attention with the op's output conventions: (out, lse). use_int8: INT8 Q/K scores."""
     from .state import new_state
 
     batch, heads, seqlen_q, head_dim = q.shape
     state = new_state(batch, heads, seqlen_q, k.shape[2], head_dim, q.dtype, q.device)
     threshold = torch.full((heads,), -math.inf, device=q.device)
-    out, lse, _ = sparse_attention_reference(q, k, v, state, threshold, scale=scale)
+    out, lse, _ = sparse_attention_reference(q, k, v, state, threshold, scale=scale, use_int8=use_int8)
     return out, lse
