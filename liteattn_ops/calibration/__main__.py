@@ -35,6 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--criterion", default="max", choices=("max", "mass"),
                    help="max: the op's test; mass: the error-aware prototype, simulated (comparison only)")
     p.add_argument("--schedule", default="", help="step boundaries, e.g. 2,10 (default: one range)")
+    p.add_argument("--allocation", default="global",
+                   help="global (the budget is the mean per-call site error, the cap --cap x budget per call), site "
+                        "(every site's per-call error <= budget), or both: global,site")
+    p.add_argument("--cap", type=float, default=None, help="global allocation: per-call cap as a multiple of the budget")
+    p.add_argument("--passes", type=int, default=None, help="generations per calibration (global: 2 or 3; site: 1 or 2)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--resolution", default="64x64")
     p.add_argument("--frames", type=int, default=8)
@@ -53,6 +58,9 @@ def parse_args(argv=None):
         args.height, args.width = (int(x) for x in args.resolution.lower().split("x"))
     except ValueError as e:
         p.error(f"bad number: {e}")
+    args.allocations = [a.strip() for a in args.allocation.split(",") if a.strip()]
+    if not args.allocations or any(a not in ("global", "site") for a in args.allocations):
+        p.error(f"--allocation must be global, site or global,site; got {args.allocation!r}")
     if args.budget != "none" and (not args.budgets or any(not 0 < b < math.inf for b in args.budgets)):
         p.error(f"--budget must be positive numbers, got {args.budget!r}")
     if any(u > 0 for u in args.uniform):
@@ -111,18 +119,58 @@ def _live(model) -> float:
     return sum(float(s.live_fraction()) for _, s in sites) / max(1, len(sites))
 
 
-def _generate(demo: DemoRun, model) -> dict:
+def _generate(demo: DemoRun, model, measure_errors: bool = False) -> dict:
+    """One generation with the model's current thresholds; with measure_errors, every call's l1
+    error of every site against PyTorch's dense SDPA on the same inputs (float32), measured apart
+    from the calibration code: {site: (max per call, mean per call)}."""
+    import torch.nn.functional as F
+
     import liteattn_ops
 
+    errors, handles = {}, []
+    if measure_errors:
+        for name, site in _self_sites_all(model):
+            def pre(mod, args, kwargs):
+                mod._cal_check_inputs = (*args[:3], kwargs.get("scale", args[3] if len(args) > 3 else None)) \
+                    if len(args) >= 3 else None
+
+            def post(mod, args, kwargs, out, name=name):
+                inputs = getattr(mod, "_cal_check_inputs", None)
+                if inputs is None or kwargs.get("left") is not None:
+                    return
+                q, k, v = (t.float() for t in inputs[:3])
+                dense = F.scaled_dot_product_attention(q, k, v, scale=inputs[3])
+                o = (out[0] if isinstance(out, tuple) else out).float()
+                err = ((o - dense).abs().sum((1, 2, 3)) / dense.abs().sum((1, 2, 3))).max()
+                errors.setdefault(name, []).append(float(err))
+
+            handles += [site.register_forward_pre_hook(pre, with_kwargs=True),
+                        site.register_forward_hook(post, with_kwargs=True)]
     liteattn_ops.reset(model)
-    t0 = time.perf_counter()
-    video = demo(model, track=lambda: _live(model))
-    wall = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        video = demo(model, track=lambda: _live(model))
+        wall = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
     lives = demo.live_per_step
     computed = (1.0 + sum(lives[:-1])) / len(lives) if lives else 1.0   # visited fraction, mean over steps
     per_site = {n: round(float(s.live_fraction()), 4) for n, s in _self_sites(model)}
-    return {"video": video, "live_end": lives[-1] if lives else 1.0, "computed": computed, "wall_s": wall,
-            "per_site_live": per_site}
+    out = {"video": video, "live_end": lives[-1] if lives else 1.0, "computed": computed, "wall_s": wall,
+           "per_site_live": per_site}
+    if measure_errors:
+        out["errors"] = {n: (round(max(e), 6), round(sum(e) / len(e), 6)) for n, e in errors.items()}
+        calls = [x for e in errors.values() for x in e]
+        out["max_error"] = round(max(calls), 6) if calls else None
+        out["mean_error"] = round(sum(calls) / len(calls), 6) if calls else None
+    return out
+
+
+def _self_sites_all(model):
+    import liteattn_ops
+
+    return list(liteattn_ops.attention_sites(model))
 
 
 def _factor(calibrated: dict, uniform: list[dict], key: str):
@@ -143,49 +191,66 @@ def _factor(calibrated: dict, uniform: list[dict], key: str):
 def main(argv=None) -> int:
     import liteattn_ops
     from . import calibrate
+    from .calibrate import CAP, profile
 
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
+    t_all = time.perf_counter()
     demo = DemoRun(args)
     model = demo.model
     liteattn_ops.enable(model, threshold=-math.inf)
     report = {"criterion": args.criterion, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                         f"{args.device}" + (f" ({torch.cuda.get_device_name()})" if demo.device.type == "cuda" else ""),
               "command": "python -m liteattn_ops.calibration " + " ".join(sys.argv[1:] if argv is None else argv),
               "tokens": demo.grid[0] * demo.grid[1] * demo.grid[2], "steps": args.steps, "tables": []}
     dense = None
     if args.compare:
         t0 = time.perf_counter()
-        with liteattn_ops.disable_context(model) if hasattr(liteattn_ops, "disable_context") else _NoSites(model):
+        with _NoSites(model):
             dense_video = demo(model)
         report["dense_wall_s"] = round(time.perf_counter() - t0, 2)
         dense = demo.frames(dense_video)
 
-    for budget in args.budgets:
-        t0 = time.perf_counter()
-        table = calibrate(model, demo, target_error=budget, metric=args.metric, granularity=args.granularity,
-                          schedule=args.schedule, criterion=args.criterion)
-        wall = time.perf_counter() - t0
-        last_pass_video = demo.last_video
-        path = table.save(out / f"thresholds_{budget:g}.json")
-        entry = {"budget": budget, "table": str(path), "calibration_wall_s": round(wall, 2),
-                 "calibration": table.calibration,
-                 "sites": {n: {"thresholds": e.thresholds, "live_fraction": e.live_fraction,
-                               "live_fraction_per_head": e.live_fraction_per_head, "error": e.error,
-                               "error_per_head": e.error_per_head}
-                           for n, e in table.sites.items() if e.thresholds is not None}}
-        lives = [e.live_fraction for e in table.sites.values() if e.live_fraction is not None]
-        entry["last_pass"] = {"live_end": round(sum(lives) / len(lives), 4),
-                              **(_quality(dense, demo.frames(last_pass_video)) if args.compare else {})}
-        if args.compare and len(table.schedule) == 1 and args.criterion == "max":
-            liteattn_ops.set_threshold(model, table)
-            gen = _generate(demo, model)
-            entry.update({"live_end": round(gen["live_end"], 4), "computed": round(gen["computed"], 4),
-                          "generation_wall_s": round(gen["wall_s"], 2), **_quality(dense, demo.frames(gen["video"]))})
-        report["tables"].append(entry)
-        print(f"budget {budget:g}: {path} ({wall:.1f} s)", flush=True)
+    for allocation in args.allocations:
+        prof = None
+        if allocation == "global" and args.budgets:
+            prof = profile(model, demo, metric=args.metric, granularity=args.granularity, schedule=args.schedule)
+            report[f"profile_wall_s"] = round(prof.wall_s, 2)
+            print(f"profile pass: {prof.wall_s:.1f} s", flush=True)
+        for budget in args.budgets:
+            t0 = time.perf_counter()
+            extra = {} if args.passes is None else {"passes": args.passes}
+            if allocation == "global":
+                extra.update(profile=prof, cap=CAP if args.cap is None else args.cap)
+            table = calibrate(model, demo, target_error=budget, metric=args.metric, granularity=args.granularity,
+                              schedule=args.schedule, criterion=args.criterion, allocation=allocation, **extra)
+            wall = time.perf_counter() - t0 + (prof.wall_s if prof is not None else 0.0)
+            last_pass_video = demo.last_video
+            name = f"thresholds_{budget:g}.json" if allocation == "global" else f"thresholds_{budget:g}_{allocation}.json"
+            path = table.save(out / name)
+            entry = {"budget": budget, "allocation": allocation, "table": str(path),
+                     "calibration_wall_s": round(wall, 2), "calibration": table.calibration,
+                     "sites": {n: {"thresholds": e.thresholds, "live_fraction": e.live_fraction,
+                                   "live_fraction_per_head": e.live_fraction_per_head, "error": e.error,
+                                   "error_mean": e.error_mean, "error_per_head": e.error_per_head}
+                               for n, e in table.sites.items() if e.thresholds is not None}}
+            lives = [e.live_fraction for e in table.sites.values() if e.live_fraction is not None]
+            entry["last_pass"] = {"live_end": round(sum(lives) / len(lives), 4),
+                                  **(_quality(dense, demo.frames(last_pass_video)) if args.compare else {})}
+            if args.compare and len(table.schedule) == 1 and args.criterion == "max":
+                liteattn_ops.set_threshold(model, table)
+                gen = _generate(demo, model, measure_errors=True)
+                entry.update({"live_end": round(gen["live_end"], 4), "computed": round(gen["computed"], 4),
+                              "generation_wall_s": round(gen["wall_s"], 2), "fresh_errors": gen["errors"],
+                              "fresh_max_error": gen["max_error"], "fresh_mean_error": gen["mean_error"],
+                              **_quality(dense, demo.frames(gen["video"]))})
+            report["tables"].append(entry)
+            print(f"{allocation} budget {budget:g}: {path} ({wall:.1f} s)"
+                  + (f", PSNR {entry['psnr_db']:.2f} dB, live {entry['live_end']:.3f}" if "psnr_db" in entry else ""),
+                  flush=True)
 
     if args.compare:
         report["uniform"] = []
@@ -196,15 +261,17 @@ def main(argv=None) -> int:
                                       "computed": round(gen["computed"], 4), "wall_s": round(gen["wall_s"], 2),
                                       "per_site_live": gen["per_site_live"],
                                       **_quality(dense, demo.frames(gen["video"]))})
-            print(f"uniform {thr:g}: PSNR {report['uniform'][-1]['psnr_db']}", flush=True)
+            print(f"uniform {thr:g}: PSNR {report['uniform'][-1]['psnr_db']}, live {gen['live_end']:.3f}", flush=True)
         for entry in report["tables"]:
             if "psnr_db" in entry:
                 entry["factor_vs_uniform_live_end"] = _factor(entry, report["uniform"], "live_end")
                 entry["factor_vs_uniform_computed"] = _factor(entry, report["uniform"], "computed")
+    report["total_wall_s"] = round(time.perf_counter() - t_all, 1)
 
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    (out / "report.md").write_text(text)
+    print(text)
     return 0
 
 
@@ -236,34 +303,45 @@ def _fmt(x, digits=3):
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Calibration of the demo DiT — {report['date']}, {report['machine']}",
-             f"`{report['command']}`, {report['tokens']} tokens, {report['steps']} steps", ""]
+    """Per-table site details first, the summary table (calibrated vs the uniform sweep) last."""
+    lines = []
+    for e in report["tables"]:
+        c = e["calibration"]
+        lines += [f"{e['allocation']} allocation, budget {e['budget']:g} ({e['table']}; calibration "
+                  f"{e['calibration_wall_s']:.0f} s, passes {c['wall_s']} s; last pass = the table's own run: "
+                  f"{c['last_pass_is_the_table']}"
+                  + (f"; mean error predicted {c['allocation_predicted_mean_error']}, measured "
+                     f"{c['allocation_measured_mean_error']}; cap {c['cap']:g}" if e["allocation"] == "global" else "")
+                  + ")", "",
+                  "| site | thresholds per head | live per head | error max / mean per call | error per head (max) |",
+                  "|---|---|---|---|---|"]
+        for name, st in e["sites"].items():
+            thr = " / ".join("[" + ", ".join(_fmt(x, 2) for x in r) + "]" for r in st["thresholds"])
+            live = ", ".join(_fmt(x, 2) for x in (st["live_fraction_per_head"] or []))
+            err_h = " / ".join("[" + ", ".join(_fmt(x, 4) for x in r) + "]" for r in st["error_per_head"] if r)
+            mean = st.get("error_mean") or []
+            lines.append(f"| {name} | {thr} | {live} | {', '.join(_fmt(x, 4) for x in st['error'])} / "
+                         f"{', '.join(_fmt(x, 4) for x in mean)} | {err_h} |")
+        lines.append("")
+    lines += [f"Calibration of the demo DiT — {report['date']}, {report['machine']}",
+              f"`{report['command']}`, {report['tokens']} tokens, {report['steps']} steps, "
+              f"total {report.get('total_wall_s', 0):.0f} s", ""]
     if report.get("uniform"):
-        lines += ["| run | threshold(s) | live at end | computed | PSNR (dB) | SSIM | factor (interp / best uniform), end | computed | wall (s) |",
+        lines += ["| run | live at end | computed | PSNR (dB) | SSIM | factor at equal PSNR, end (interp / best) | "
+                  "computed (interp / best) | fresh-run error max / mean | calibration (s) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for e in report["tables"]:
             if "psnr_db" not in e:
                 continue
             fe, fc = e["factor_vs_uniform_live_end"], e["factor_vs_uniform_computed"]
-            lines.append(f"| calibrated, budget {e['budget']:g} | per head | {_fmt(e['live_end'])} | {_fmt(e['computed'])} | "
+            lines.append(f"| {e['allocation']} {e['budget']:g} | {_fmt(e['live_end'])} | {_fmt(e['computed'])} | "
                          f"{_fmt(e['psnr_db'], 2)} | {_fmt(e['ssim'], 4)} | {_fmt(fe[0])} / {_fmt(fe[1])} | "
-                         f"{_fmt(fc[0])} / {_fmt(fc[1])} | {e['calibration_wall_s']:.0f} (2 passes) |")
+                         f"{_fmt(fc[0])} / {_fmt(fc[1])} | {_fmt(e['fresh_max_error'], 4)} / "
+                         f"{_fmt(e['fresh_mean_error'], 4)} | {e['calibration_wall_s']:.0f} |")
         for u in report["uniform"]:
-            lines.append(f"| uniform | {_fmt(u['threshold'], 0)} | {_fmt(u['live_end'])} | {_fmt(u['computed'])} | "
-                         f"{_fmt(u['psnr_db'], 2)} | {_fmt(u['ssim'], 4)} | | | {u['wall_s']:.0f} |")
-        lines.append("")
-    for e in report["tables"]:
-        lines += [f"Budget {e['budget']:g} ({e['table']}; calibration {e['calibration_wall_s']:.0f} s, passes "
-                  f"{e['calibration']['wall_s']} s; last pass = the table's own run: "
-                  f"{e['calibration']['last_pass_is_the_table']})", "",
-                  "| site | thresholds per head | live per head | error (max per call) | error per head |",
-                  "|---|---|---|---|---|"]
-        for name, s in e["sites"].items():
-            thr = " / ".join("[" + ", ".join(_fmt(x, 2) for x in r) + "]" for r in s["thresholds"])
-            live = ", ".join(_fmt(x, 2) for x in (s["live_fraction_per_head"] or []))
-            err_h = " / ".join("[" + ", ".join(_fmt(x, 4) for x in r) + "]" for r in s["error_per_head"] if r)
-            lines.append(f"| {name} | {thr} | {live} | {', '.join(_fmt(x, 4) for x in s['error'])} | {err_h} |")
-        lines.append("")
+            lines.append(f"| uniform {_fmt(u['threshold'], 2)} | {_fmt(u['live_end'])} | {_fmt(u['computed'])} | "
+                         f"{_fmt(u['psnr_db'], 2)} | {_fmt(u['ssim'], 4)} | | | | ({u['wall_s']:.0f} s gen.) |")
+        lines.append(f"dense generation {report.get('dense_wall_s', 0):.0f} s")
     return "\n".join(lines) + "\n"
 
 

@@ -47,7 +47,9 @@ log = logging.getLogger("liteattn_ops")
 
 SAFETY = 0.8          # predictions aim at 0.8 x the budget: room for the drift between steps
 GRID_STEP = 1.0 / 16  # candidate thresholds, log2 units
-TOLERANCE = 1.25      # stated guarantee: per-call error <= 1.25 x budget on a run like `run`
+TOLERANCE = 1.25      # stated guarantee: per-call error <= 1.25 x budget (global: x cap) on a run like `run`
+CAP = 3.0             # global allocation: no head's per-call error above CAP x target_error
+ALLOCATIONS = ("global", "site")
 
 
 class CalibrationError(RuntimeError):
@@ -86,6 +88,7 @@ class _Pending:
     head_err: Tensor      # (H,) realized per-head error (max over the batch)
     site_err: float
     range_index: int
+    site_mean: float = 0.0   # the site's error, mean over the batch
 
 
 @dataclass
@@ -105,12 +108,28 @@ class _Site:
     error_per_head: list = field(default_factory=list)
     lowered: bool = False
     analysed_s: float = 0.0
+    error_sum: list = field(default_factory=list)   # per range: sum of the per-call site errors
+    keys: dict = field(default_factory=dict)        # profile pass: state key -> running min of margins
+    profile: list = field(default_factory=list)     # profile pass: per range, a _Curves
+
+
+@dataclass
+class _Curves:
+    """What the profile pass predicts for one site and step range, for every candidate threshold
+    (grid index g) applied as one uniform threshold from the start of the generation."""
+
+    calls: int
+    cost: Tensor          # float64 (H, G): visited tiles summed over the range's calls and the batch
+    err_sum: Tensor       # float64 (H, G): sum over calls of the head's share of the site's error (mean over the batch)
+    err_max: Tensor       # float64 (H, G): largest per-call error of the head (over calls and batch elements)
+    site_max: Tensor      # float64 (G,): largest per-call error of the site, every head at grid[g]
 
 
 class _Calibrator:
     def __init__(self, model, *, target_error, metric, granularity, ranges, safety, grid, criterion="max"):
         self.model, self.target, self.metric, self.criterion = model, target_error, metric, criterion
         self.granularity, self.ranges, self.safety, self.grid = granularity, ranges, safety, grid
+        self.mode = "check"          # "profile": dense trajectory, curves; "check": the per-call cap rule
         self.roots = _roots(model)
         self.sites: dict[str, _Site] = {}
         for prefix, root in self.roots:
@@ -129,9 +148,12 @@ class _Calibrator:
             site.calls = [0] * len(self.ranges)
             site.error = [0.0] * len(self.ranges)
             site.error_per_head = [None] * len(self.ranges)
+            site.error_sum = [0.0] * len(self.ranges)
             site.lowered = False
             site.analysed_s = 0.0
             site.root[0] = 0
+            site.keys.clear()
+            site.profile = [None] * len(self.ranges)
             if start is not None:
                 site.thresholds = [None if t is None else t.clone() for t in start[site.name]]
         handles = []
@@ -189,7 +211,7 @@ class _Calibrator:
                                        "calibrate it with granularity='layer'")
         site.heads = heads if site.heads is None else site.heads
         if int(site.module.calls) == 0:          # the site was reset (a new video): so are its states
-            site.shadows.clear(); site.counts.clear()
+            site.shadows.clear(); site.counts.clear(); site.keys.clear()
         key = (int(kwargs.get("slot", 0)), getattr(site.module, "branch", None), tuple(q.shape), int(k.shape[2]),
                q.dtype, q.device)
         block_m, block_n = tile_shape(q.shape[-1], q.dtype)
@@ -201,6 +223,8 @@ class _Calibrator:
         if shape not in site.shapes:
             site.shapes.append(shape)
 
+        if self.mode == "profile":
+            return self._profile_call(site, key, q, k, v, live, scale)
         t0 = time.perf_counter()
         a = analyse_call(q, k, v, live, must_do=getattr(site.module, "must_do_ranges", None),
                          must_skip=getattr(site.module, "must_skip_ranges", None), scale=scale,
@@ -230,8 +254,71 @@ class _Calibrator:
         site.module.threshold = values[0] if self.granularity == "layer" else values
         new_live = next_live(live, a, used.float())
         site.analysed_s += time.perf_counter() - t0
-        site.pending[-1] = _Pending(key, new_live, a.out, rel[..., 0].amax(0).cpu(), float(rel_site[..., 0].max()), r)
+        site.pending[-1] = _Pending(key, new_live, a.out, rel[..., 0].amax(0).cpu(), float(rel_site[..., 0].max()), r,
+                                    float(rel_site[..., 0].mean()))
         return None
+
+    def _profile_call(self, site: _Site, key, q, k, v, live, scale):
+        """Profile pass: the op runs dense (threshold -inf); the analysis gets as removal key each
+        tile's running minimum margin over the earlier calls, so its error curve is this call's
+        error under every uniform candidate threshold with the skips accumulated (see
+        margins.analyse_call); the same key counts the tiles each candidate would visit."""
+        t0 = time.perf_counter()
+        batch, heads = q.shape[0], q.shape[1]
+        prev = site.keys.get(key)
+        if prev is None:
+            prev = torch.full(live.shape, math.inf, device=q.device)
+        a = analyse_call(q, k, v, live, must_do=getattr(site.module, "must_do_ranges", None),
+                         must_skip=getattr(site.module, "must_skip_ranges", None), scale=scale,
+                         metric=self.metric, grid=self.grid, criterion=self.criterion, removal_key=prev)
+        rel = relative_error(a.err_num, a.err_ref, self.metric)                     # (B, H, G)
+        ref = a.err_ref                                                             # (B, H)
+        share = ref / ref.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        num_site = a.err_num.sum(1, keepdim=True)
+        rel_site = relative_error(num_site, a.err_ref.sum(1, keepdim=True), self.metric)[:, 0]  # (B, G)
+        grid = self.grid.to(q.device)
+        # visited tiles under grid[g]: the tiles whose key is above it (must-skip tiles never)
+        flat = prev.masked_fill(a.skip_tiles, -math.inf).flatten(2).sort(-1).values   # (B, H, Mt*Nt)
+        gone = torch.searchsorted(flat.contiguous(), grid.expand(batch, heads, -1).contiguous(), right=True)
+        cost = (flat.shape[-1] - gone).sum(0).double().cpu()                          # (H, G)
+        r = self._range_of(max(0, site.root[0] - 1))
+        c = site.profile[r]
+        contrib = (share[..., None] * rel).mean(0).double().cpu()
+        head_max = rel.amax(0).double().cpu()
+        s_max = rel_site.amax(0).double().cpu()
+        if c is None:
+            site.profile[r] = _Curves(calls=1, cost=cost, err_sum=contrib, err_max=head_max, site_max=s_max)
+        else:
+            c.calls += 1
+            c.cost += cost
+            c.err_sum += contrib
+            c.err_max = torch.maximum(c.err_max, head_max)
+            c.site_max = torch.maximum(c.site_max, s_max)
+        warm = site.counts.get(key, 0) < int(getattr(site.module, "warmup_steps", 0) or 0)
+        if not warm:   # warm-up calls remove nothing, so they do not lower a key
+            site.keys[key] = torch.minimum(prev, a.margin).masked_fill(a.skip_tiles, -math.inf)
+        site.module.threshold = -math.inf if self.granularity == "layer" else [-math.inf] * heads
+        new_live = next_live(live, a, torch.full((heads,), -math.inf))
+        site.analysed_s += time.perf_counter() - t0
+        site.pending[-1] = _Pending(key, new_live, a.out, rel[..., 0].amax(0).cpu(), float(rel_site[:, 0].max()), r,
+                                    float(rel_site[:, 0].mean()))
+        return None
+
+    def predicted_live_end(self) -> dict:
+        """Profile pass: {site: float64 (H, G)}: the fraction of tiles live after the last call under
+        each uniform candidate (the mean over the site's states)."""
+        out = {}
+        for name, s in self.sites.items():
+            fractions = []
+            grid = self.grid
+            for key in s.keys.values():
+                flat = key.flatten(2).sort(-1).values
+                gone = torch.searchsorted(flat.contiguous(), grid.to(flat.device).expand(*flat.shape[:2], -1).contiguous(),
+                                          right=True)
+                fractions.append((1.0 - gone.double() / flat.shape[-1]).mean(0).cpu())
+            if fractions:
+                out[name] = torch.stack(fractions).mean(0)
+        return out
 
     def _after(self, site: _Site, output):
         pending = site.pending.pop() if site.pending else None
@@ -262,6 +349,7 @@ class _Calibrator:
         r = pending.range_index
         site.calls[r] += 1
         site.error[r] = max(site.error[r], pending.site_err)
+        site.error_sum[r] += pending.site_mean
         prev = site.error_per_head[r]
         site.error_per_head[r] = pending.head_err if prev is None else torch.maximum(prev, pending.head_err)
         return replaced
@@ -270,7 +358,12 @@ class _Calibrator:
     def snapshot(self) -> dict:
         return {name: [None if t is None else t.clone() for t in s.thresholds] for name, s in self.sites.items()}
 
-    def table(self, calibration: dict) -> ThresholdTable:
+    def mean_error(self) -> float:
+        """The last pass's mean per-call site error over every site and call."""
+        calls = sum(sum(s.calls) for s in self.sites.values())
+        return sum(sum(s.error_sum) for s in self.sites.values()) / max(1, calls)
+
+    def table(self, calibration: dict, budget: Optional[float] = None) -> ThresholdTable:
         entries = {}
         for name, s in self.sites.items():
             if s.heads is None:
@@ -285,40 +378,202 @@ class _Calibrator:
             entries[name] = SiteEntry(
                 heads=s.heads, thresholds=thresholds, shapes=s.shapes, calls=list(s.calls),
                 error=[round(e, 6) for e in s.error],
+                error_mean=[round(e / max(1, n), 6) for e, n in zip(s.error_sum, s.calls)],
                 error_per_head=[None if e is None else [round(float(x), 6) for x in e] for e in s.error_per_head],
                 live_fraction=None if per_head is None else round(float(per_head.mean()), 6),
                 live_fraction_per_head=None if per_head is None else [round(float(x), 6) for x in per_head])
         return ThresholdTable(sites=entries, model=_model_name(self.model if isinstance(self.model, nn.Module)
                                                                 else self.roots[0][1]),
-                              metric=self.metric, target_error=self.target, granularity=self.granularity,
+                              metric=self.metric, target_error=self.target if budget is None else budget,
+                              granularity=self.granularity,
                               schedule=[list(r) for r in self.ranges], calibration=calibration)
 
 
+@dataclass
+class Profile:
+    """The profile pass of a calibration (one generation, the op dense): for every site and step
+    range, the predicted visited tiles and errors of every candidate threshold (see `_Curves`).
+    `calibrate(..., profile=p)` reuses it, so several budgets cost one profile pass between them."""
+
+    curves: dict              # site -> [per range: _Curves or None]
+    heads: dict               # site -> heads (None: never calibrated)
+    live_end: dict            # site -> float64 (H, G): predicted live fraction after the last call
+    metric: str
+    granularity: str
+    ranges: list
+    grid: Tensor
+    wall_s: float
+    analysis_s: float
+    steps: int
+    calibrator: object = None   # the _Calibrator that ran it (its hooks and shadow states)
+
+
+def profile(model, run: Callable, *, metric: str = "l1", granularity: str = "head",
+            schedule: Optional[Sequence[int]] = None) -> Profile:
+    """One generation of `run(model)` with the op dense and every call analysed (the profile pass of
+    `calibrate`); pass the result to `calibrate(..., profile=...)` for one or several budgets."""
+    _check_common(metric, granularity, run)
+    cal = _Calibrator(model, target_error=1.0, metric=metric, granularity=granularity, ranges=_ranges(schedule),
+                      safety=SAFETY, grid=threshold_grid(GRID_STEP))
+    return _profile(cal, run)
+
+
+def _profile(cal: "_Calibrator", run: Callable) -> Profile:
+    saved = {name: s.module.threshold for name, s in cal.sites.items()}
+    cal.mode = "profile"
+    try:
+        wall = cal.run_pass(run, None)
+        live_end = cal.predicted_live_end()
+        analysed = sum(s.analysed_s for s in cal.sites.values())
+    finally:
+        cal.mode = "check"
+        _restore(cal, saved)
+    return Profile(curves={n: list(s.profile) for n, s in cal.sites.items()}, heads={n: s.heads for n, s in cal.sites.items()},
+                   live_end=live_end, metric=cal.metric, granularity=cal.granularity, ranges=[list(r) for r in cal.ranges],
+                   grid=cal.grid, wall_s=wall, analysis_s=analysed, steps=max(s.root[0] for s in cal.sites.values()),
+                   calibrator=cal)
+
+
+def _restore(cal: "_Calibrator", saved: dict) -> None:
+    from ..nn.model import reset
+
+    for name, s in cal.sites.items():
+        s.module.threshold = saved[name]
+    for _, root in cal.roots:
+        if any(True for _ in attention_sites(root)):
+            reset(root)
+
+
+def allocate(prof: Profile, goal: float, cap: float, *, safety: float = SAFETY) -> tuple[dict, dict]:
+    """The global allocation: thresholds that minimise the predicted visited tiles of the whole
+    model subject to a predicted mean per-call site error <= goal, every head's (granularity
+    "layer": every site's) per-call error <= safety * cap.
+
+    For a multiplier lam, every unit u (a site's head and step range; "layer": a site and range)
+    independently takes the candidate g minimising  cost_u[g] / T + lam * err_u[g] / N  among those
+    whose cap envelope holds (T: all tiles visited by all calls, N: the number of site calls, so
+    sum_u err_u[g_u] / N is the predicted mean per-call site error). A larger lam never gives a
+    larger error (the minimiser of a sum with a bigger weight on err has no larger err), so the
+    smallest lam with error <= goal is found by bisection on log(lam). Step ranges are allocated
+    as units of their own and then made non-decreasing over the steps (each range's threshold
+    becomes the minimum of its own and the later ones'), which keeps every range's prediction, made
+    for its threshold applied from the first step, on the safe side.
+
+    Returns ({site: [per range: float64 (H,) or None]}, summary)."""
+    grid = prof.grid.double().cpu()
+    units, costs, errs, maxes = [], [], [], []
+    for name, per_range in prof.curves.items():
+        for r, c in enumerate(per_range):
+            if c is None:
+                continue
+            if prof.granularity == "layer":
+                units.append((name, r, None))
+                costs.append(c.cost.sum(0)); errs.append(c.err_sum.sum(0)); maxes.append(c.site_max)
+            else:
+                for h in range(c.cost.shape[0]):
+                    units.append((name, r, h))
+                    costs.append(c.cost[h]); errs.append(c.err_sum[h]); maxes.append(c.err_max[h])
+    summary = {"goal": goal, "cap": cap, "lambda": None, "predicted_mean_error": 0.0, "predicted_computed": 1.0}
+    out = {name: [None] * len(prof.ranges) for name in prof.curves}
+    if not units:
+        return out, summary
+    cost, err, emax = torch.stack(costs), torch.stack(errs), torch.stack(maxes)       # (U, G)
+    total_tiles = float(cost[:, 0].sum())
+    calls = sum(c.calls for per_range in prof.curves.values() for c in per_range if c is not None)
+    allowed = torch.cummax(emax, -1).values <= safety * cap
+    allowed[:, 0] = True                                                                # -inf: nothing removed
+    cost_n, err_n = cost / max(total_tiles, 1.0), err / max(calls, 1)
+
+    def choose(lam: float) -> Tensor:
+        obj = (cost_n + lam * err_n).masked_fill(~allowed, math.inf)
+        return obj.argmin(-1)                                                           # first: the lowest g
+
+    def mean_error(g: Tensor) -> float:
+        return float(err_n.gather(1, g[:, None]).sum())
+
+    lo, hi = 1e-6, 1e14
+    if mean_error(choose(lo)) <= goal:
+        lam = lo
+    else:
+        for _ in range(80):
+            mid = math.sqrt(lo * hi)
+            if mean_error(choose(mid)) <= goal:
+                hi = mid
+            else:
+                lo = mid
+        lam = hi
+    g = choose(lam)
+    for (name, r, h), gi in zip(units, g.tolist()):
+        heads = prof.heads[name]
+        if out[name][r] is None:
+            out[name][r] = torch.full((heads,), -math.inf, dtype=torch.float64)
+        if h is None:
+            out[name][r].fill_(float(grid[gi]))
+        else:
+            out[name][r][h] = float(grid[gi])
+    for name, per_range in out.items():                 # non-decreasing over the step ranges
+        later = None
+        for r in reversed(range(len(per_range))):
+            if per_range[r] is None:
+                continue
+            later = per_range[r] if later is None else torch.minimum(per_range[r], later)
+            per_range[r] = later.clone()
+    summary.update(lam=lam, predicted_mean_error=round(mean_error(g), 6),
+                   predicted_computed=round(float(cost_n.gather(1, g[:, None]).sum()), 6))
+    summary["lambda"] = summary.pop("lam")
+    return out, summary
+
+
+def _check_common(metric, granularity, run):
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if granularity not in ("head", "layer"):
+        raise ValueError(f"granularity must be 'head' or 'layer', got {granularity!r}")
+    if not callable(run):
+        raise TypeError(f"run must be a callable run(model) that performs one generation, got {type(run).__name__}")
+
+
 def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str = "l1", granularity: str = "head",
-              schedule: Optional[Sequence[int]] = None, passes: int = 2, safety: float = SAFETY,
-              criterion: str = "max") -> ThresholdTable:
-    """Thresholds for every LiteAttention site of `model` that keep each site's per-call error within
-    `target_error`, skipping as much as that allows. Returns a ThresholdTable (see table.py).
+              schedule: Optional[Sequence[int]] = None, allocation: str = "global", cap: float = CAP,
+              passes: int = 2, safety: float = SAFETY, criterion: str = "max",
+              profile: Optional[Profile] = None) -> ThresholdTable:
+    """Thresholds for every LiteAttention site of `model` that skip as much as an error budget
+    allows. Returns a ThresholdTable (see table.py); README "Calibration" has the algorithm.
 
     model: a module prepared with liteattn_ops.enable() (or built from LiteAttention modules), or a
         pipeline whose nn.Module components hold the sites. Calibrate the eager model (hooks run in
         eager mode); the table then applies to the compiled one too.
     run: `run(model)` performs one representative generation (the user's denoising loop, or
-        `pipe(...)`); it is called `passes` times (default 2), with the states reset before each.
-    target_error: the budget: the relative error of a site's attention output against dense
-        attention on the same inputs, per call (and per head with granularity "head"), in `metric`:
-        "l1" (sum |O - O_dense| / sum |O_dense|), "rmse" (||O - O_dense|| / ||O_dense||) or "cosine"
-        (1 - cos(O, O_dense)). Measured per batch element.
+        `pipe(...)`); it is called `passes` times, with the states reset before each.
+    target_error: the budget, in relative error of a site's attention output against dense
+        attention on the same inputs, per call, in `metric`: "l1" (sum |O - O_dense| / sum
+        |O_dense|), "rmse" (||O - O_dense|| / ||O_dense||) or "cosine" (1 - cos(O, O_dense)),
+        per batch element. What it bounds depends on `allocation`:
+    allocation: "global" (default): target_error is the *mean* per-call error over all sites and
+        calls of the generation (the error the whole model spends; the final video's error is a sum
+        over sites and steps), and no head's (granularity "layer": no site's) per-call error
+        exceeds cap * target_error. The budget goes where it buys the most skipped tiles: a profile
+        pass (the op dense) predicts every candidate threshold's visited tiles and errors, with the
+        skips accumulated, for every site, head and step range; a Lagrangian allocation picks the
+        thresholds (see `allocate`); a check pass runs the table and lowers any threshold whose call
+        would break the cap. "site": the per-call budget of every site and head (the earlier rule):
+        every head's per-call error <= target_error, found by a running minimum on the table's own
+        trajectory in `passes` passes.
+    cap: (allocation "global") the per-call cap as a multiple of target_error.
     granularity: "head" (one threshold per head) or "layer" (one per site).
     schedule: None (one threshold for every step) or step boundaries, e.g. [2, 10]: steps [0, 2),
         [2, 10) and [10, end) get their own thresholds. A step is one forward of `model` (of the
         component that holds the site, for a pipeline).
-    passes: 1 or 2; the second pass starts from the first's table (and verifies it).
-    safety: the predictions aim at `safety * target_error` (room for drift between steps).
+    passes: "global": 2 (profile + check) or 3 (then the allocation is redone once with its goal
+        corrected by the measured/predicted ratio of the check pass, and checked again); "site":
+        1 or 2 (the second pass starts from the first's table and verifies it).
+    safety: the predictions aim at `safety * target_error` (and `safety * cap * target_error`).
     criterion: "max" (the op's test). "mass" calibrates the error-aware prototype criterion
         (margins.analyse_call) instead, *simulated*: the op runs with threshold -inf and the hook
         replaces its output by the prototype's; such a table is for comparison and cannot be
         applied (the op, the reference and the kernel implement only the max test).
+    profile: (allocation "global") a `profile(model, run, ...)` of this model to reuse instead of a
+        profile pass of its own (calibrating several budgets then costs one profile pass in all).
 
     The model's thresholds are restored and its states reset afterwards; apply the result with
     `liteattn_ops.set_threshold(model, table)`.
@@ -326,45 +581,83 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
     if isinstance(target_error, bool) or not isinstance(target_error, (int, float)) or \
             not 0 < target_error < math.inf:
         raise ValueError(f"target_error must be a positive number (relative error per call), got {target_error!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if granularity not in ("head", "layer"):
-        raise ValueError(f"granularity must be 'head' or 'layer', got {granularity!r}")
+    _check_common(metric, granularity, run)
     if criterion not in ("max", "mass"):
         raise ValueError(f"criterion must be 'max' (the op's test) or 'mass' (the simulated prototype), got {criterion!r}")
-    if passes not in (1, 2):
-        raise ValueError(f"passes must be 1 or 2, got {passes!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation == "global" and passes not in (2, 3):
+        raise ValueError(f"passes must be 2 or 3 with allocation='global', got {passes!r}")
+    if allocation == "site" and passes not in (1, 2):
+        raise ValueError(f"passes must be 1 or 2 with allocation='site', got {passes!r}")
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 1 <= cap < math.inf:
+        raise ValueError(f"cap must be a number >= 1 (a multiple of target_error), got {cap!r}")
     if not 0 < safety <= 1:
         raise ValueError(f"safety must be in (0, 1], got {safety!r}")
-    if not callable(run):
-        raise TypeError(f"run must be a callable run(model) that performs one generation, got {type(run).__name__}")
     ranges = _ranges(schedule)
-    cal = _Calibrator(model, target_error=float(target_error), metric=metric, granularity=granularity,
-                      ranges=ranges, safety=safety, grid=threshold_grid(GRID_STEP), criterion=criterion)
+    if profile is not None:
+        if allocation != "global":
+            raise ValueError("profile= is for allocation='global'")
+        cal = profile.calibrator
+        if cal is None or cal.model is not model:
+            raise ValueError("profile= was made on another model: profile(model, run) this model")
+        if (profile.metric, profile.granularity, profile.ranges) != (metric, granularity, [list(r) for r in ranges]):
+            raise ValueError(f"profile= was made with metric {profile.metric!r}, granularity {profile.granularity!r}, "
+                             f"schedule {profile.ranges}; this calibration asks for {metric!r}, {granularity!r}, "
+                             f"{[list(r) for r in ranges]}")
+        cal.criterion, cal.safety = criterion, safety
+    else:
+        cal = _Calibrator(model, target_error=float(target_error), metric=metric, granularity=granularity,
+                          ranges=ranges, safety=safety, grid=threshold_grid(GRID_STEP), criterion=criterion)
     saved = {name: s.module.threshold for name, s in cal.sites.items()}
-    walls, lowered = [], []
+    walls, lowered, allocations = [], [], []
+    t_start = time.perf_counter()
     try:
-        start = None
-        for _ in range(passes):
-            walls.append(cal.run_pass(run, start))
-            lowered.append(sorted(name for name, s in cal.sites.items() if s.lowered))
-            start = cal.snapshot()
+        if allocation == "site":
+            cal.target = float(target_error)
+            start = None
+            for _ in range(passes):
+                walls.append(cal.run_pass(run, start))
+                lowered.append(sorted(name for name, s in cal.sites.items() if s.lowered))
+                start = cal.snapshot()
+        else:
+            cap_abs = float(cap) * float(target_error)
+            prof = profile if profile is not None else _profile(cal, run)
+            if profile is None:
+                walls.append(prof.wall_s)
+            goal = safety * float(target_error)
+            cal.mode, cal.target = "check", cap_abs
+            for attempt in range(passes - 1):
+                thresholds, summary = allocate(prof, goal, cap_abs, safety=safety)
+                walls.append(cal.run_pass(run, thresholds))
+                lowered.append(sorted(name for name, s in cal.sites.items() if s.lowered))
+                summary["measured_mean_error"] = round(cal.mean_error(), 6)
+                allocations.append(summary)
+                measured, predicted = summary["measured_mean_error"], summary["predicted_mean_error"]
+                if measured > 0 and predicted > 0:   # the correction for the next attempt, if any
+                    goal = goal * predicted / measured if attempt == 0 else goal
         analysed = sum(s.analysed_s for s in cal.sites.values())
     finally:
-        for name, s in cal.sites.items():
-            s.module.threshold = saved[name]
-        for _, root in cal.roots:
-            if any(True for _ in attention_sites(root)):
-                from ..nn.model import reset
-
-                reset(root)
+        _restore(cal, saved)
     calibration = {
-        "criterion": criterion, "passes": passes, "wall_s": [round(w, 3) for w in walls], "analysis_s_last_pass": round(analysed, 3),
+        "criterion": criterion, "allocation": allocation, "passes": passes,
+        "profile_reused": profile is not None,
+        "wall_s": [round(w, 3) for w in walls], "total_wall_s": round(time.perf_counter() - t_start, 3),
+        "analysis_s_last_pass": round(analysed, 3),
         "steps": max(s.root[0] for s in cal.sites.values()), "safety": safety, "grid_step": GRID_STEP,
         "tolerance": TOLERANCE,
-        "last_pass_is_the_table": passes == 2 and not lowered[-1],
-        "lowered_in_last_pass": lowered[-1] if passes == 2 else None,
+        "last_pass_is_the_table": not lowered[-1] if lowered else False,
+        "lowered_in_last_pass": lowered[-1] if lowered else None,
         "note": "error = largest per-call relative error of the site's output vs dense attention on the same "
-                "inputs, measured in the last pass",
+                "inputs, measured in the last pass; error_mean = its mean over the site's calls",
     }
-    return cal.table(calibration)
+    if allocation == "global":
+        calibration.update(cap=round(float(cap) * float(target_error), 9), cap_factor=float(cap),
+                           mean_error=round(cal.mean_error(), 6),
+                           **{f"allocation_{k}": [a[k] for a in allocations] for k in
+                              ("goal", "lambda", "predicted_mean_error", "predicted_computed", "measured_mean_error")},
+                           budget="target_error bounds the mean per-call site error over the generation; cap bounds "
+                                  "every head's (layer granularity: site's) per-call error")
+    else:
+        calibration.update(budget="target_error bounds every head's (layer granularity: site's) per-call error")
+    return cal.table(calibration, budget=float(target_error))

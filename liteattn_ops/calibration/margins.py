@@ -91,14 +91,22 @@ def relative_error(num: Tensor, ref: Tensor, metric: str) -> Tensor:
 def analyse_call(q: Tensor, k: Tensor, v: Tensor, live: Tensor, *, must_do: Optional[Tensor] = None,
                  must_skip: Optional[Tensor] = None, scale: Optional[float] = None, metric: str = "l1",
                  grid: Optional[Tensor] = None, chunk_elements: int = CHUNK_ELEMENTS,
-                 criterion: str = "max") -> CallAnalysis:
+                 criterion: str = "max", removal_key: Optional[Tensor] = None) -> CallAnalysis:
     """Analyse one call of the stateful op on q, k, v (B, H, S, D) with live set `live` (bool
     (B, H, Mt, Nt), the state before the call). See the module docstring.
 
     criterion "max" is the op's rule. "mass" is the error-aware prototype (not in the op): the
     tiles removed at `thr` are, per query tile, the longest prefix of the removable tiles sorted by
     their worst-row softmax mass w_n = max_i Z_in / Z_i (Z_i: the row's sum over the visited tiles)
-    whose masses add up to <= 2^thr; `margin` is then the smallest thr that removes the tile."""
+    whose masses add up to <= 2^thr; `margin` is then the smallest thr that removes the tile.
+
+    removal_key: float (B, H, Mt, Nt) or None. None: the error curve is that of removing, on top of
+    what is already gone, the tiles with margin <= grid[g] (this call's margins). Given, it is that
+    of removing the visited tiles with removal_key <= grid[g] instead (must-do tiles never). The
+    calibration's profile pass uses it on a dense trajectory with removal_key = the running minimum
+    of each tile's margins over the site's earlier calls: a tile is gone at this call under a
+    uniform threshold thr exactly when some earlier call's margin was <= thr, so the curve is then
+    the error this call has under every candidate threshold with the skips accumulated."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if metric not in METRICS:
@@ -109,6 +117,8 @@ def analyse_call(q: Tensor, k: Tensor, v: Tensor, live: Tensor, *, must_do: Opti
     m_tiles, n_tiles = num_tiles(seqlen_q, block_m), num_tiles(seqlen_k, block_n)
     if tuple(live.shape) != (batch, heads, m_tiles, n_tiles):
         raise ValueError(f"live must have shape {(batch, heads, m_tiles, n_tiles)}, got {tuple(live.shape)}")
+    if removal_key is not None and tuple(removal_key.shape) != (batch, heads, m_tiles, n_tiles):
+        raise ValueError(f"removal_key must have shape {(batch, heads, m_tiles, n_tiles)}, got {tuple(removal_key.shape)}")
     scale = resolve_scale(scale, head_dim)
     device = q.device
     grid = threshold_grid(device=device) if grid is None else grid.to(device=device, dtype=torch.float32)
@@ -176,14 +186,18 @@ def analyse_call(q: Tensor, k: Tensor, v: Tensor, live: Tensor, *, must_do: Opti
             # (the max test's never-removed tiles, e.g. the first visited one, stay so here)
             chunk_margin = _mass_cost(z, vis_rows, torch.isfinite(chunk_margin), local, mc)
         margin[:, :, m0:m1] = chunk_margin
+        if removal_key is None:
+            chunk_key = chunk_margin
+        else:
+            chunk_key = removal_key[:, :, m0:m1].to(device=device, dtype=torch.float32).masked_fill(~removable, math.inf)
 
-        # Visited tiles sorted by margin, largest first (the never-removed +inf ones lead): the output
-        # after removing the k smallest-margin tiles is a prefix sum over the first Nt - k of them.
-        # No allowed threshold exceeds 0, so only k <= k_max (the most margins <= 0 of any query
-        # tile of the chunk) is ever looked up.
-        desc_margin, idx = chunk_margin.sort(-1, descending=True)                     # (B, H, mc, Nt)
+        # Visited tiles sorted by key (the margin), largest first (the never-removed +inf ones lead):
+        # the output after removing the k smallest-key tiles is a prefix sum over the first Nt - k
+        # of them. No allowed threshold exceeds 0, so only k <= k_max (the most keys <= 0 of any
+        # query tile of the chunk) is ever looked up.
+        desc_margin, idx = chunk_key.sort(-1, descending=True)                        # (B, H, mc, Nt)
         sorted_margin = desc_margin.flip(-1)                                          # ascending
-        k_max = int((chunk_margin <= 0).sum(-1).max())
+        k_max = int((chunk_key <= 0).sum(-1).max())
         idx_rows = idx[:, :, local]                                                   # (B, H, rows, Nt)
         vis_f = vis_rows.float()
         z_sorted = torch.gather(z * vis_f, -1, idx_rows)

@@ -19,6 +19,7 @@ and the TOML float -inf):
           "calls": [20, ...],               # calibrated calls per range
           "error": [0.041, ...],            # largest per-call error of the site per range (last pass)
           "error_per_head": [[...], ...],   # the same per head
+          "error_mean": [0.012, ...],       # mean per-call error of the site per range (last pass)
           "live_fraction": 0.31,            # live tiles after the last calibrated call
           "live_fraction_per_head": [...]
         },
@@ -61,6 +62,7 @@ class SiteEntry:
     error_per_head: Optional[list[list[float]]] = None
     live_fraction: Optional[float] = None
     live_fraction_per_head: Optional[list[float]] = None
+    error_mean: Optional[list[float]] = None       # per range: mean per-call error of the site (last pass)
 
 
 def _model_name(model) -> str:
@@ -216,6 +218,7 @@ class ThresholdTable:
                 "shapes": [list(s) for s in e.shapes], "calls": list(e.calls),
                 "error": e.error, "error_per_head": e.error_per_head,
                 "live_fraction": e.live_fraction, "live_fraction_per_head": e.live_fraction_per_head,
+                "error_mean": e.error_mean,
             }
         return {"format": FORMAT, "version": self.version, "model": self.model, "metric": self.metric,
                 "target_error": self.target_error, "granularity": self.granularity,
@@ -240,7 +243,8 @@ class ThresholdTable:
                 sites[name] = SiteEntry(
                     heads=e.get("heads"), thresholds=thr, shapes=[list(s) for s in e.get("shapes", [])],
                     calls=list(e.get("calls", [])), error=e.get("error"), error_per_head=e.get("error_per_head"),
-                    live_fraction=e.get("live_fraction"), live_fraction_per_head=e.get("live_fraction_per_head"))
+                    live_fraction=e.get("live_fraction"), live_fraction_per_head=e.get("live_fraction_per_head"),
+                    error_mean=e.get("error_mean"))
             schedule = [[r[0], r[1]] for r in data["schedule"]]
             table = cls(sites=sites, model=data["model"], metric=data["metric"],
                         target_error=float(data["target_error"]), granularity=data["granularity"],
@@ -334,7 +338,8 @@ def _from_toml(data: dict) -> dict:
     sites = {}
     for name, entry in data.get("sites", {}).items():
         entry = dict(entry)
-        for key in ("heads", "thresholds", "error", "error_per_head", "live_fraction", "live_fraction_per_head"):
+        for key in ("heads", "thresholds", "error", "error_per_head", "live_fraction", "live_fraction_per_head",
+                    "error_mean"):
             entry.setdefault(key, None)
         sites[name] = entry
     data["sites"] = sites
