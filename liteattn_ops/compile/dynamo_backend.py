@@ -4,7 +4,7 @@
     model = torch.compile(model, backend="liteattn", fullgraph=True)
 
 `backend="liteattn"` is registered through the `torch_dynamo_backends` entry point, so no import
-is needed. `liteattn_ops.backend(cross=..., fallback=...)` returns a backend with options.
+is needed. `liteattn_ops.backend(cross=..., fallback=..., use_int8=...)` returns a backend with options.
 `mode` and `options` are handled as `torch.compile` handles them for Inductor.
 
 The skip states must be buffers of the model so that Dynamo lifts them as graph inputs (see
@@ -30,7 +30,7 @@ import torch
 
 from . import graph_pass
 from .enable_on_call import EnableOnCall
-from ..nn.attention import ThresholdLike, _threshold_values
+from ..nn.attention import ThresholdLike, _threshold_values, check_use_int8
 
 log = logging.getLogger("liteattn_ops")
 
@@ -66,15 +66,19 @@ class LiteAttnBackend:
         threshold: the threshold of the sites this backend enables itself (fallback="enable");
             models enabled by the user keep theirs. Change it later with set_threshold(model, ...).
         inductor: False hands the rewritten graph back to Dynamo to run eagerly (for debugging).
+        use_int8: True runs every liteattn call of the compiled graphs in INT8 Q/K mode: the
+            routed sites' calls (whatever enable(model, use_int8=...) chose), the dense rewrites and
+            the sites this backend enables itself. False (default) keeps each site's own mode.
     """
 
     def __init__(self, *, cross: str = "sdpa", fallback: str = "enable", threshold: ThresholdLike = -10.0,
-                 inductor: bool = True):
+                 inductor: bool = True, use_int8: bool = False):
         if cross not in ("sdpa", "dense"):
             raise ValueError(f"cross must be 'sdpa' or 'dense', got {cross!r}")
         if fallback not in ("enable", "sdpa", "dense", "error"):
             raise ValueError(f"fallback must be 'enable', 'sdpa', 'dense' or 'error', got {fallback!r}")
         _threshold_values(threshold)  # validate now, not at the first call
+        self.use_int8 = check_use_int8(use_int8)
         self.cross = cross
         self.fallback = fallback
         self.threshold = threshold
@@ -82,7 +86,7 @@ class LiteAttnBackend:
         self.__name__ = "liteattn"
 
     def uuid(self) -> str:
-        return graph_pass.pass_uuid(cross=self.cross, fallback=self.fallback)
+        return graph_pass.pass_uuid(cross=self.cross, fallback=self.fallback, use_int8=self.use_int8)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None, **unused):
@@ -90,12 +94,12 @@ class LiteAttnBackend:
         enable_later = self.fallback == "enable"
         report = graph_pass.run_pass(gm, cross=self.cross, fallback="sdpa" if enable_later else self.fallback,
                                      name=f"graph {compile_id}" if compile_id is not None else "graph",
-                                     warn_not_a_site=not enable_later)
+                                     warn_not_a_site=not enable_later, use_int8=self.use_int8)
         config = _inductor_config(mode, options)   # options checked for every graph
         if enable_later and any(reason == graph_pass.NOT_A_SITE for _, reason in report.left):
             # This graph runs once per module (dense), then the module is enabled and Dynamo
             # retraces: Inductor would compile it for one call, so it runs as traced.
-            return EnableOnCall(gm.forward, gm, self.threshold, self.cross)
+            return EnableOnCall(gm.forward, gm, self.threshold, self.cross, self.use_int8)
         if not self.inductor:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
@@ -103,13 +107,16 @@ class LiteAttnBackend:
         return compile_fx(gm, example_inputs, config_patches=config)
 
     def __repr__(self) -> str:
-        return f"liteattn_ops.backend(cross={self.cross!r}, fallback={self.fallback!r}, threshold={self.threshold!r})"
+        int8 = ", use_int8=True" if self.use_int8 else ""
+        return (f"liteattn_ops.backend(cross={self.cross!r}, fallback={self.fallback!r}, "
+                f"threshold={self.threshold!r}{int8})")
 
 
 def backend(*, cross: str = "sdpa", fallback: str = "enable", threshold: ThresholdLike = -10.0,
-            inductor: bool = True) -> LiteAttnBackend:
+            inductor: bool = True, use_int8: bool = False) -> LiteAttnBackend:
     """A `liteattn` backend with options: torch.compile(model, backend=liteattn_ops.backend(...))."""
-    return LiteAttnBackend(cross=cross, fallback=fallback, threshold=threshold, inductor=inductor)
+    return LiteAttnBackend(cross=cross, fallback=fallback, threshold=threshold, inductor=inductor,
+                           use_int8=use_int8)
 
 
 def liteattn(gm: torch.fx.GraphModule, example_inputs, **kwargs):

@@ -7,7 +7,7 @@ Why it is needed. A backend sees a graph only after Dynamo traced it, too late t
 buffers for that graph (a state the backend created would belong to the graph, shared by every
 block and instance that reuses it). So the graph is compiled as it is (plain SDPA: exact), and the
 function returned to Dynamo, when it runs, finds the module it runs for and calls
-enable(module, threshold, cross=...) on it, once. Enabling changes the module's forward, so
+enable(module, threshold, cross=..., use_int8=...) on it, once. Enabling changes the module's forward, so
 Dynamo's guards retrace the next call, which uses the module's own skip states.
 
 How the module is found. At compile time: one parameter or buffer input of the graph and the
@@ -117,10 +117,11 @@ class EnableOnCall:
     """The compiled graph of modules that were not enabled: runs it (plain SDPA, exact) and enables
     each module it is called for, once; Dynamo's guards then retrace that module's next call."""
 
-    def __init__(self, compiled, gm: torch.fx.GraphModule, threshold, cross: str):
+    def __init__(self, compiled, gm: torch.fx.GraphModule, threshold, cross: str, use_int8: bool = False):
         self.compiled = compiled
         self.threshold = threshold
         self.cross = cross
+        self.use_int8 = use_int8
         self.probe = module_probe(gm)
         self.seen: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
         # The modules this graph runs for play one role (e.g. every block under regional
@@ -142,7 +143,7 @@ class EnableOnCall:
             self.seen.add(module)
             from ..routing.router import enable_module
 
-            names = enable_module(module, self.threshold, cross=self.cross, groups=self.groups)
+            names = enable_module(module, self.threshold, cross=self.cross, use_int8=self.use_int8, groups=self.groups)
             log.info("liteattn backend: enabled %d attention sites of %s on its first compiled call; "
                      "skip states are used from the next call", len(names), type(module).__name__)
         return self.compiled(*args)

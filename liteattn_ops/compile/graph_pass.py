@@ -4,8 +4,9 @@ The match predicate lives apart, in liteattn_ops.core.eligibility (as Inductor k
 `_sfdp_params_check` apart from its replacements): the eager router uses it too.
 
 * `run_pass(gm, ...)`: looks at every attention node of a Dynamo graph, rewrites the SDPA nodes the
-  options ask for into `liteattn.attention` (dense, stateless), and returns a `PassReport` (also
-  logged, and counted in `torch._dynamo.utils.counters["liteattn"]`).
+  options ask for into `liteattn.attention` (dense, stateless), with `use_int8=True` puts every
+  liteattn node in INT8 Q/K mode, and returns a `PassReport` (also logged, and counted in
+  `torch._dynamo.utils.counters["liteattn"]`).
 
 The stateful rewrite itself does not happen here: a skip state has to be a buffer of the model so
 that Dynamo lifts it as a graph input (a state created by a backend would belong to the compiled
@@ -43,14 +44,16 @@ class PassReport:
     graph: str
     rewritten: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, op)
     left: list[tuple[str, str]] = dataclasses.field(default_factory=list)       # (path, reason)
+    int8: list[str] = dataclasses.field(default_factory=list)                   # paths in INT8 Q/K mode
 
     @property
     def found(self) -> int:
         return len(self.rewritten) + len(self.left)
 
     def summary(self) -> str:
+        int8 = f" ({len(self.int8)} in INT8 Q/K mode)" if self.int8 else ""
         lines = [f"liteattn pass on {self.graph}: {self.found} attention calls found, "
-                 f"{len(self.rewritten)} rewritten, {len(self.left)} left"]
+                 f"{len(self.rewritten)} rewritten{int8}, {len(self.left)} left"]
         lines += [f"  rewritten  {path or '<root>'}: {op}" for path, op in self.rewritten]
         lines += [f"  left       {path or '<root>'}: {reason}" for path, reason in self.left]
         return "\n".join(lines)
@@ -93,8 +96,38 @@ def _is_op(node: torch.fx.Node, op) -> bool:
     return node.op == "call_function" and node.target in (op, op.default)
 
 
+def _liteattn_label(node: torch.fx.Node):
+    """"liteattn.sparse_attention" / "liteattn.attention" for a node calling that op, else None."""
+    if _is_op(node, torch.ops.liteattn.sparse_attention):
+        return "liteattn.sparse_attention"
+    if _is_op(node, torch.ops.liteattn.attention):
+        return "liteattn.attention"
+    return None
+
+
+def _int8_position(node: torch.fx.Node) -> int:
+    """Index of `use_int8` in the schema of the liteattn op `node` calls."""
+    return 8 if _is_op(node, torch.ops.liteattn.sparse_attention) else 4
+
+
+def uses_int8(node: torch.fx.Node) -> bool:
+    """Whether a liteattn op node runs in INT8 Q/K mode (its `use_int8` argument)."""
+    position = _int8_position(node)
+    if "use_int8" in node.kwargs:
+        return bool(node.kwargs["use_int8"])
+    return len(node.args) > position and bool(node.args[position])
+
+
+def _set_int8(node: torch.fx.Node) -> None:
+    position = _int8_position(node)
+    if len(node.args) > position:
+        node.args = (*node.args[:position], True, *node.args[position + 1:])
+    else:
+        node.kwargs = {**node.kwargs, "use_int8": True}
+
+
 def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "sdpa",
-             name: str = "graph", warn_not_a_site: bool = True) -> PassReport:
+             name: str = "graph", warn_not_a_site: bool = True, use_int8: bool = False) -> PassReport:
     """Report every attention node of `gm`; rewrite SDPA nodes into `liteattn.attention` where the
     options ask for it; count everything in torch._dynamo.utils.counters["liteattn"].
 
@@ -103,6 +136,8 @@ def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "
     fallback: what to do with an eligible self-attention SDPA call that has no skip state (its
               module was not routed by liteattn_ops.enable): "sdpa" leaves it (and warns once),
               "dense" uses the dense op, "error" raises.
+    use_int8: True sets `use_int8=True` on every liteattn node (the routed sites' and the dense
+              rewrites): the INT8 Q/K mode. False leaves each node as its site emitted it.
     """
     if cross not in ("sdpa", "dense"):
         raise ValueError(f"cross must be 'sdpa' or 'dense', got {cross!r}")
@@ -113,11 +148,13 @@ def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "
     report = PassReport(graph=name)
     graph = gm.graph
     for node in list(graph.nodes):
-        if _is_op(node, torch.ops.liteattn.sparse_attention):
-            report.rewritten.append((_module_path(node), "liteattn.sparse_attention"))
-            continue
-        if _is_op(node, torch.ops.liteattn.attention):
-            report.rewritten.append((_module_path(node), "liteattn.attention"))
+        label = _liteattn_label(node)
+        if label is not None:
+            if use_int8 and not uses_int8(node):
+                _set_int8(node)
+            if uses_int8(node):
+                report.int8.append(_module_path(node))
+            report.rewritten.append((_module_path(node), label))
             continue
         if not is_sdpa_node(node):
             continue
@@ -141,8 +178,10 @@ def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "
                 if not dense and warn_not_a_site:
                     warn_not_a_site_once()
             if dense:
-                _replace_with_dense(graph, node)
+                _replace_with_dense(graph, node, use_int8)
                 report.rewritten.append((path, "liteattn.attention"))
+                if use_int8:
+                    report.int8.append(path)
                 continue
         elif reason == GRAD:
             warn_grad_once()
@@ -156,6 +195,7 @@ def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "
     c["rewritten"] += sum(op == "liteattn.sparse_attention" for _, op in report.rewritten)
     c["dense"] += sum(op == "liteattn.attention" for _, op in report.rewritten)
     c["left"] += len(report.left)
+    c["int8"] += len(report.int8)
     for _, reason in report.left:
         c[f"left: {reason}"] += 1
     REPORTS.append(report)
@@ -163,12 +203,14 @@ def run_pass(gm: torch.fx.GraphModule, *, cross: str = "sdpa", fallback: str = "
     return report
 
 
-def _replace_with_dense(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-    """SDPA node -> liteattn.attention(q, k, v, scale)[0] (checked eligible: no mask, dropout, causal)."""
+def _replace_with_dense(graph: torch.fx.Graph, node: torch.fx.Node, use_int8: bool = False) -> None:
+    """SDPA node -> liteattn.attention(q, k, v, scale[, use_int8=True])[0] (checked eligible: no mask,
+    dropout, causal)."""
     args = {**dict(zip(SDPA_PARAMS, node.args)), **node.kwargs}
     with graph.inserting_before(node):
         pair = graph.call_function(torch.ops.liteattn.attention.default,
-                                   (args["query"], args["key"], args["value"], args.get("scale")))
+                                   (args["query"], args["key"], args["value"], args.get("scale")),
+                                   {"use_int8": True} if use_int8 else {})
         out = graph.call_function(operator.getitem, (pair, 0))
     out.meta.update(node.meta)
     node.replace_all_uses_with(out)

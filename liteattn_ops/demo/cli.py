@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forced", default=None,
                    help="live fractions to time with fixed skip states, comma-separated in (0, 1] "
                    "(default 0.75,0.5,0.25 for the Wan preset, none for the demo DiT)")
+    p.add_argument("--int8", action="store_true",
+                   help="INT8 Q/K mode of the liteattn op (enable(..., use_int8=True)); the dense run stays SDPA")
     p.add_argument("--sdpa-backend", default="auto", choices=("auto", "cudnn", "flash", "efficient", "math"),
                    help="SDPA backend tried first for the calls that stay SDPA (the dense run, and cross-attention "
                    "in both runs); auto: cuDNN first on CUDA, PyTorch's default on CPU")

@@ -283,14 +283,15 @@ class DemoRunner:
     def _enable(self, threshold: float, table) -> None:
         import liteattn_ops
 
-        self.sites = liteattn_ops.enable(self.model, threshold=threshold)
+        use_int8 = bool(getattr(self.args, "int8", False))
+        self.sites = liteattn_ops.enable(self.model, threshold=threshold, use_int8=use_int8)
         if table is not None:
             liteattn_ops.set_threshold(self.model, table)
         model = self.model
         if self.mode == "compile":
             from ..compile.dynamo_backend import backend
 
-            model = self._compile(backend())
+            model = self._compile(backend(use_int8=use_int8))
         self._lite_model = self._warm_up(model, "torch.compile(backend='liteattn')")
 
     def lite(self, threshold: Optional[float] = None, table=None) -> RunRecord:
@@ -407,6 +408,7 @@ class DemoRunner:
             "sdpa_backend": self.sdpa_order,
             "threshold": json_number(args.threshold) if getattr(args, "threshold_table", None) is None else "table",
             "thresholds_file": getattr(args, "thresholds", None),
+            "use_int8": bool(getattr(args, "int8", False)),
             "steps": args.steps,
             "warmup_steps": self.warm_steps,
             "frames": args.frames,

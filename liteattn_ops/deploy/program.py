@@ -19,12 +19,14 @@ What a program records. `export` writes a JSON-serialisable record under
 `run_decompositions()`, save/load and re-export) and, for AOTInductor packages, under the
 package metadata key "liteattn_ops":
 
-    {"format_version": 1, "liteattn_ops_version": "0.1.0",
+    {"format_version": 2, "liteattn_ops_version": "0.1.0",
      "states": [{"site": "blocks.0.attn", "state": "blocks.0.attn.state",
                  "q_shape": [B, H, S_q, D], "k_shape": [B, H, S_k, D], "dtype": "bfloat16",
-                 "device": "cuda", "tile": [BM, BN], "state_shape": [B, H, Mt, W]}, ...],
+                 "device": "cuda", "tile": [BM, BN], "state_shape": [B, H, Mt, W],
+                 "use_int8": false}, ...],                                            # INT8 Q/K mode
      "inputs": [{"shape": [...], "dtype": "bfloat16", "device": "cuda"}, ...],    # tensor inputs
-     "attention": {"rewritten": [[module path, op], ...], "left": [[module path, reason], ...]}}
+     "attention": {"rewritten": [[module path, op], ...], "left": [[module path, reason], ...],
+                   "int8": [module path of each call in INT8 Q/K mode, ...]}}
 
 `check_program` (called by `load` and `aoti_load_package`) compares it with this installation:
 a different FORMAT_VERSION (op schema or skip-state layout) or a different tile shape for a site's
@@ -60,9 +62,10 @@ from ..core.tiling import tile_shape
 
 log = logging.getLogger("liteattn_ops")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the exported-program contract: the op schemas and the skip-state layout. Bump it
-whenever either changes; programs recorded with another version are refused at load."""
+whenever either changes; programs recorded with another version are refused at load.
+2: head dim 64 uses 192 x 128 tiles (was 128 x 128); the ops take `use_int8`."""
 
 METADATA_KEY = "liteattn_ops"
 
@@ -85,7 +88,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-_ENABLE_OPTIONS = ("threshold", "must_do", "must_skip", "cross", "sites")
+_ENABLE_OPTIONS = ("threshold", "must_do", "must_skip", "cross", "sites", "use_int8")
 
 
 @contextlib.contextmanager
@@ -145,7 +148,9 @@ def _prepare(model: nn.Module, enable_options: dict) -> list[tuple[str, LiteAtte
 
 def _state_records(ep: torch.export.ExportedProgram) -> list[dict]:
     """One record per skip state the graph uses, read from the graph itself: which buffer, the
-    q/k shapes of the call, the tile shape and the state shape."""
+    q/k shapes of the call, the tile shape, the state shape and the mode (use_int8)."""
+    from ..compile.graph_pass import uses_int8
+
     inputs_to_buffers = ep.graph_signature.inputs_to_buffers
     records, seen = [], set()
     for node in ep.graph.nodes:
@@ -166,6 +171,7 @@ def _state_records(ep: torch.export.ExportedProgram) -> list[dict]:
             "site": name.rpartition(".")[0], "state": name, "q_shape": shape_q, "k_shape": shape_k,
             "dtype": _dtype_name(dtype), "device": qv.device.type, "tile": list(tile_shape(head_dim, dtype)),
             "state_shape": list(state_shape(shape_q[0], shape_q[1], shape_q[2], shape_k[2], head_dim, dtype)),
+            "use_int8": uses_int8(node),
         })
     return records
 
@@ -177,7 +183,7 @@ def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
 
     1. A model without LiteAttention sites is first routed with `liteattn_ops.enable(model, ...)`
        (the rewrite the "liteattn" compile backend uses); the options threshold, must_do,
-       must_skip, cross and sites go to enable(). A model with sites is used as it is.
+       must_skip, cross, sites and use_int8 go to enable(). A model with sites is used as it is.
     2. `model` runs once on (args, kwargs), without grad, so that every site sizes its skip states
        for these shapes; then the model's states are reset (a new video).
     3. torch.export.export(model, args, kwargs, dynamic_shapes=..., strict=..., **other options)
@@ -228,7 +234,8 @@ def export(model: nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
                 store[rec["state"]] = reset_state(store[rec["state"]].clone())   # fresh: every tile live
     ep.graph_module.meta.setdefault("custom", {})[METADATA_KEY] = {
         "format_version": FORMAT_VERSION, "liteattn_ops_version": _package_version(), "states": records,
-        "inputs": _input_specs(ep), "attention": {"rewritten": report.rewritten, "left": report.left},
+        "inputs": _input_specs(ep),
+        "attention": {"rewritten": report.rewritten, "left": report.left, "int8": report.int8},
     }
     log.info("liteattn_ops.export: skip states %s\n%s",
              {rec["state"]: tuple(rec["state_shape"]) for rec in records}, report.summary())

@@ -52,6 +52,13 @@ def _state_key(q, k) -> Optional[tuple]:
     return (batch, heads, seqlen_q, int(k.shape[2]), head_dim, q.dtype)
 
 
+def check_use_int8(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"use_int8 must be a bool (True: INT8 Q/K mode, see README 'INT8 Q/K mode'), got "
+                        f"{type(value).__name__} {value!r}")
+    return value
+
+
 def check_warmup_steps(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"warmup_steps must be an int >= 0 (dense calls at the start of each video), got {value!r}")
@@ -126,6 +133,8 @@ class LiteAttention(LazyModuleMixin, nn.Module):
         must_skip: key-token ranges whose tiles (entirely inside) are never computed.
         warmup_steps: the first `warmup_steps` calls of each state after a reset run dense
             (threshold -inf), chosen on the device: no recompile, no host sync.
+        use_int8: INT8 Q/K mode: scores from per-block int8 q and mean-smoothed k (the op's
+            `use_int8`; README "INT8 Q/K mode"). The skip state is the same as in bf16 mode.
 
     States are allocated at the first call for a shape (see the module docstring). Inference only.
     It is a lazy module only for Dynamo: Dynamo then calls `_infer_parameters` eagerly before it
@@ -137,12 +146,13 @@ class LiteAttention(LazyModuleMixin, nn.Module):
     _per_shape = False      # AttentionSite: one state per shape
 
     def __init__(self, threshold: ThresholdLike = -10.0, *, must_do: RangesLike = None,
-                 must_skip: RangesLike = None, warmup_steps: int = 0):
+                 must_skip: RangesLike = None, warmup_steps: int = 0, use_int8: bool = False):
         nn.Module.__init__(self)
         self._threshold = _threshold_values(threshold)
         self._must_do = _ranges_tensor("must_do", must_do)
         self._must_skip = _ranges_tensor("must_skip", must_skip)
         self.warmup_steps = check_warmup_steps(warmup_steps)
+        self.use_int8 = check_use_int8(use_int8)
         self.register_buffer("state", None, persistent=False)
         self.register_buffer(THRESHOLD_BUFFER, None, persistent=False)
         self.register_buffer("must_do_ranges", None, persistent=False)
@@ -358,7 +368,7 @@ class LiteAttention(LazyModuleMixin, nn.Module):
             # Dense for the first calls after a reset, decided on the device (no recompile).
             thr = torch.where(counter < self.warmup_steps, float("-inf"), thr)
         out, lse = torch.ops.liteattn.sparse_attention(
-            q, k, v, state, thr, self.must_do_ranges, self.must_skip_ranges, scale)
+            q, k, v, state, thr, self.must_do_ranges, self.must_skip_ranges, scale, **self._mode())
         if not exporting:  # an exported program keeps only the states as mutated buffers
             counter.add_(1)
         self._current = name
@@ -372,6 +382,11 @@ class LiteAttention(LazyModuleMixin, nn.Module):
         out, lse = self._sparse(q, k, v, scale, 0)
         return (out, lse) if return_lse else out
 
+    def _mode(self) -> dict:
+        """Keyword arguments of the op for this module's mode: `use_int8=True` only when set, so a
+        bf16-mode graph reads as before."""
+        return {"use_int8": True} if self.use_int8 else {}
+
     def _extra_stats(self) -> dict:
         """More entries for stats(model) (routed sites add their dispatcher status)."""
         return {}
@@ -379,6 +394,7 @@ class LiteAttention(LazyModuleMixin, nn.Module):
     def extra_repr(self) -> str:
         thr = self._threshold[0] if len(self._threshold) == 1 else self._threshold
         extra = f", warmup_steps={self.warmup_steps}" if self.warmup_steps else ""
+        extra += ", use_int8=True" if self.use_int8 else ""
         return f"threshold={thr}{extra}"
 
 

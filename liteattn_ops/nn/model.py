@@ -90,7 +90,7 @@ def set_threshold(model: nn.Module, value: Union[ThresholdLike, Mapping[str, Thr
 def stats(model: nn.Module) -> dict[str, dict]:
     """Per site: live fraction overall and per head of its most recent state (host floats: this
     synchronises), calls since the last reset (counted on the device, compiled runs included),
-    threshold, and for routed sites whether diffusers' dispatcher bypasses them. Sites not called
+    threshold, use_int8 (the INT8 Q/K mode), and for routed sites whether diffusers' dispatcher bypasses them. Sites not called
     yet report None."""
     report = {}
     for name, site in _sites_or_raise(model):
@@ -101,6 +101,7 @@ def stats(model: nn.Module) -> dict[str, dict]:
             "live_fraction_per_head": None if mask is None else mask.mean(dim=(0, 2, 3)).tolist(),
             "calls": site.calls,
             "threshold": site.threshold,
+            "use_int8": site.use_int8,
             **site._extra_stats(),
         }
     return report

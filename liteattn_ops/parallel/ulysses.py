@@ -212,14 +212,16 @@ class UlyssesLiteAttention(LiteAttention):
             its own H/P), log2 units, <= 0.
         must_do / must_skip: key-token ranges in the whole sequence.
         group: ProcessGroup or 1-D DeviceMesh (default: the default group), fixed for the module.
+        use_int8: INT8 Q/K mode (as LiteAttention; every rank holds the whole sequence of its heads,
+            so the K smoothing mean is the one a single GPU computes).
 
     It is a LiteAttention, so liteattn_ops.reset / stats / set_threshold see it; its `state`,
     `live_mask()` and `live_fraction(per_head=True)` cover this rank's heads, [rank*H/P, (rank+1)*H/P).
     """
 
     def __init__(self, threshold: ThresholdLike = -10.0, *, must_do: RangesLike = None,
-                 must_skip: RangesLike = None, group=None):
-        super().__init__(threshold, must_do=must_do, must_skip=must_skip)
+                 must_skip: RangesLike = None, group=None, use_int8: bool = False):
+        super().__init__(threshold, must_do=must_do, must_skip=must_skip, use_int8=use_int8)
         self.group = group
         self._shard: Optional[tuple[int, int]] = None   # (rank, P), known at the first call
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import (DEFAULT_BRANCH, LiteAttention, RangesLike, ThresholdLike, _ranges_tensor,
-                             _threshold_values, check_warmup_steps)
+                             _threshold_values, check_use_int8, check_warmup_steps)
 from .sites import SITE_ATTR, AttentionSite, RoleGroup, SiteSelector, check_cross, role_key
 
 log = logging.getLogger("liteattn_ops")
@@ -95,7 +95,7 @@ def find_attention_modules(model: nn.Module, sites: SiteSelector = None) -> list
 # ------------------------------------------------------------------------------------------------
 
 def enable(model, threshold: ThresholdLike = -10.0, *, must_do: RangesLike = None, must_skip: RangesLike = None,
-           cross: str = "sdpa", sites: SiteSelector = None, warmup_steps: int = 0):
+           cross: str = "sdpa", sites: SiteSelector = None, warmup_steps: int = 0, use_int8: bool = False):
     """Route the SDPA calls of `model` to LiteAttention, eagerly and under torch.compile.
 
     `model`: an nn.Module (returns the names of the routed modules), or a diffusers
@@ -107,18 +107,19 @@ def enable(model, threshold: ThresholdLike = -10.0, *, must_do: RangesLike = Non
     cross-attention (S_q != S_k) is left to SDPA (`cross="sdpa"`) or runs the dense op
     (`cross="dense"`); ineligible calls are left alone with a reason (`report(model)`).
     `warmup_steps=k`: the first k calls of every state after a reset are dense (k denoising steps
-    per branch). Calling enable again updates the options of the existing sites. Inference only:
-    with grad on, calls stay SDPA (warned once).
+    per branch). `use_int8=True`: the INT8 Q/K mode of the op, for the sparse and the dense calls
+    (README "INT8 Q/K mode"). Calling enable again updates the options of the existing sites.
+    Inference only: with grad on, calls stay SDPA (warned once).
     """
     from .pipelines import enable_pipeline, is_pipeline, route_cache_context
 
     if is_pipeline(model):
         return enable_pipeline(model, threshold=threshold, must_do=must_do, must_skip=must_skip, cross=cross,
-                               sites=sites, warmup_steps=warmup_steps)
+                               sites=sites, warmup_steps=warmup_steps, use_int8=use_int8)
     if not isinstance(model, nn.Module):
         raise TypeError(f"enable() takes a torch.nn.Module or a diffusers DiffusionPipeline, got {type(model).__name__}")
     names = enable_module(model, threshold, must_do=must_do, must_skip=must_skip, cross=cross, sites=sites,
-                          warmup_steps=warmup_steps)
+                          warmup_steps=warmup_steps, use_int8=use_int8)
     if names:
         route_cache_context(model)     # diffusers models: cache_context("uncond") selects a branch
     return names
@@ -126,11 +127,13 @@ def enable(model, threshold: ThresholdLike = -10.0, *, must_do: RangesLike = Non
 
 def enable_module(model: nn.Module, threshold: ThresholdLike = -10.0, *, must_do: RangesLike = None,
                   must_skip: RangesLike = None, cross: str = "sdpa", sites: SiteSelector = None,
-                  warmup_steps: int = 0, groups: Optional[dict] = None, prefix: str = "") -> list[str]:
+                  warmup_steps: int = 0, use_int8: bool = False, groups: Optional[dict] = None,
+                  prefix: str = "") -> list[str]:
     """enable() for one module. `groups` (role key -> RoleGroup) is shared by the modules of one
     root (a pipeline's transformers); by default the groups are this module's own."""
     check_cross(cross)
     check_warmup_steps(warmup_steps)
+    check_use_int8(use_int8)
     _threshold_values(threshold)
     _ranges_tensor("must_do", must_do)
     _ranges_tensor("must_skip", must_skip)
@@ -156,9 +159,10 @@ def enable_module(model: nn.Module, threshold: ThresholdLike = -10.0, *, must_do
             site.set_ranges(must_do, must_skip)
             site.cross = cross
             site.warmup_steps = warmup_steps
+            site.use_int8 = use_int8
         else:
             site = AttentionSite(threshold, must_do=must_do, must_skip=must_skip, cross=cross,
-                                 warmup_steps=warmup_steps)
+                                 warmup_steps=warmup_steps, use_int8=use_int8)
             module.add_module(SITE_ATTR, site)
             site.attach(module)
         site.routed_name = prefix + name

@@ -63,8 +63,9 @@ class AttentionSite(LiteAttention):
     _per_shape = True
 
     def __init__(self, threshold: ThresholdLike = -10.0, *, must_do: RangesLike = None,
-                 must_skip: RangesLike = None, cross: str = "sdpa", warmup_steps: int = 0):
-        super().__init__(threshold, must_do=must_do, must_skip=must_skip, warmup_steps=warmup_steps)
+                 must_skip: RangesLike = None, cross: str = "sdpa", warmup_steps: int = 0, use_int8: bool = False):
+        super().__init__(threshold, must_do=must_do, must_skip=must_skip, warmup_steps=warmup_steps,
+                         use_int8=use_int8)
         self.cross = check_cross(cross)
         self.decisions: dict[int, dict] = {}     # slot -> {"op" or "left": ..., "shapes": ...}
         self.bypassed: Optional[str] = None      # the diffusers attention backend that bypasses it
@@ -181,7 +182,7 @@ class AttentionSite(LiteAttention):
         if k.shape[2] != q.shape[2]:
             if not torch.compiler.is_compiling():
                 self._note(slot, None, q, k, op="liteattn.attention")
-            return torch.ops.liteattn.attention(q, k, v, scale)[0]
+            return torch.ops.liteattn.attention(q, k, v, scale, **self._mode())[0]
         if not torch.compiler.is_compiling():
             self._note(slot, None, q, k)
         return self._sparse(q, k, v, scale, slot)[0]
