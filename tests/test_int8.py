@@ -234,8 +234,8 @@ def test_skipping_on_local_inputs():
 # ------------------------------------------------------------------------------------------------
 
 def test_opcheck():
-    q, k, v = _inputs(2, 1, 150, 150, 64, torch.bfloat16)
-    state = new_state(2, 1, 150, 150, 64, torch.bfloat16)
+    q, k, v = _inputs(1, 1, 150, 150, 64, torch.bfloat16)
+    state = new_state(1, 1, 150, 150, 64, torch.bfloat16)
     torch.library.opcheck(sparse_attention.default, (q, k, v, state, torch.full((1,), -2.0), torch.tensor([[0, 10]]),
                                                      None, 0.2, True))
     torch.library.opcheck(attention.default, (q, k, v, None, True))
@@ -403,3 +403,9 @@ def test_export_round_trip(tmp_path):
     (got_state,) = liteattn_ops.exported_states(module).values()
     (want_state,) = _states(eager).values()
     assert torch.equal(got_state, want_state)
+
+
+def test_demo_flag():
+    from liteattn_ops.demo import parse_args
+
+    assert parse_args(["--int8"]).int8 is True and parse_args([]).int8 is False
