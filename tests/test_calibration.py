@@ -101,10 +101,11 @@ def make_run(steps=3, batch=1, seed=0):
     return run
 
 
-def measured_errors(model, run, metric="l1"):
+def measured_errors(model, run, metric="l1", site_errors=None):
     """Run `run(model)` and measure, independently of the calibration code, every call's relative
     error against PyTorch's dense SDPA on the same inputs: {site: [per-call (H,) errors (max over
-    the batch)]}, and the final live fraction per site and head."""
+    the batch)]}, and the final live fraction per site and head. `site_errors`, a dict, receives
+    {site: [per-call l1 error of the site's whole output, mean over the batch]}."""
     errors = {}
     handles = []
     for name, site in liteattn_ops.attention_sites(model):
@@ -120,6 +121,9 @@ def measured_errors(model, run, metric="l1"):
             else:
                 raise NotImplementedError(metric)
             errors.setdefault(name, []).append(err.amax(0))
+            if site_errors is not None:
+                whole = (out - dense).abs().sum((1, 2, 3)) / dense.abs().sum((1, 2, 3))
+                site_errors.setdefault(name, []).append(float(whole.mean()))
 
         handles += [site.register_forward_pre_hook(pre), site.register_forward_hook(post)]
     liteattn_ops.reset(model)
@@ -133,27 +137,10 @@ def measured_errors(model, run, metric="l1"):
 
 
 def site_errors(model, run):
-    """Run `run(model)`; every call's l1 error of each site's whole output (all heads) against
-    dense SDPA, mean over the batch: {site: [per-call floats]} (independent of the calibration)."""
-    errors, handles = {}, []
-    for name, site in liteattn_ops.attention_sites(model):
-        def pre(mod, args, name=name):
-            mod._cal_inputs = args[:3]
-
-        def post(mod, args, out, name=name):
-            q, k, v = mod._cal_inputs
-            dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-            err = (out.float() - dense).abs().sum((1, 2, 3)) / dense.abs().sum((1, 2, 3))
-            errors.setdefault(name, []).append(float(err.mean()))
-
-        handles += [site.register_forward_pre_hook(pre), site.register_forward_hook(post)]
-    liteattn_ops.reset(model)
-    try:
-        run(model)
-    finally:
-        for h in handles:
-            h.remove()
-    return errors
+    """{site: [per-call l1 error of the site's whole output against dense SDPA, mean over the batch]}."""
+    out = {}
+    measured_errors(model, run, site_errors=out)
+    return out
 
 
 BUDGETS = (0.005, 0.02, 0.08)
@@ -171,7 +158,8 @@ def calibrated():
     fresh = {}
     for b, table in tables.items():   # one fresh run per table, measured independently
         liteattn_ops.set_threshold(model, table)
-        fresh[b] = (*measured_errors(model, run), site_errors(model, run))
+        whole = {}
+        fresh[b] = (*measured_errors(model, run, site_errors=whole), whole)
     return model, run, tables, fresh
 
 

@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--cap", type=float, default=None, help="global allocation: per-call cap as a multiple of the budget")
     p.add_argument("--passes", type=int, default=None, help="generations per calibration (global: 2 or 3; site: 1 or 2)")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=0,
+                   help="dense warm-up calls per state (liteattn_ops.enable(..., warmup_steps=K)), for the "
+                        "calibration and the uniform sweep alike")
     p.add_argument("--resolution", default="64x64")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--device", default="cpu")
@@ -50,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--uniform", default="-14,-12,-10,-8,-6,-5,-4,-3,-2",
                    help="uniform thresholds of the --compare sweep")
     p.add_argument("--out", default="out/calibration")
+    p.add_argument("--write-default", action="store_true",
+                   help="also write the table (one --budget) as the demo's default: <checkpoint stem>_thresholds.json "
+                        "beside the shipped checkpoint, which python -m liteattn_ops.demo then uses")
     args = p.parse_args(argv)
     try:
         args.budgets = [] if args.budget == "none" else [float(b) for b in args.budget.split(",") if b.strip()]
@@ -63,6 +69,8 @@ def parse_args(argv=None):
         p.error(f"--allocation must be global, site or global,site; got {args.allocation!r}")
     if args.budget != "none" and (not args.budgets or any(not 0 < b < math.inf for b in args.budgets)):
         p.error(f"--budget must be positive numbers, got {args.budget!r}")
+    if args.write_default and len(args.budgets) != 1:
+        p.error("--write-default needs exactly one --budget")
     if any(u > 0 for u in args.uniform):
         p.error("--uniform thresholds must be <= 0")
     return args
@@ -97,6 +105,19 @@ class DemoRun:
 
     def frames(self, video):
         return ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()
+
+
+def _generation_record(args, demo) -> dict:
+    """What the table was calibrated on, beyond the model class: the checkpoint (with its hash, so
+    a retrained checkpoint is told apart) and the generation."""
+    import hashlib
+
+    from ..demo.models import CHECKPOINT
+
+    digest = hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest() if CHECKPOINT.is_file() else None
+    return {"checkpoint": CHECKPOINT.name, "checkpoint_sha256": digest, "generation": {
+        "steps": args.steps, "frames": args.frames, "resolution": f"{args.height}x{args.width}", "seed": args.seed,
+        "label": args.label, "warmup_steps": args.warmup, "device": str(demo.device)}}
 
 
 def _quality(ref, test) -> dict:
@@ -200,8 +221,8 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     demo = DemoRun(args)
     model = demo.model
-    liteattn_ops.enable(model, threshold=-math.inf)
-    report = {"criterion": args.criterion, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    liteattn_ops.enable(model, threshold=-math.inf, warmup_steps=args.warmup)
+    report = {"criterion": args.criterion, "warmup_steps": args.warmup, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                          f"{args.device}" + (f" ({torch.cuda.get_device_name()})" if demo.device.type == "cuda" else ""),
               "command": "python -m liteattn_ops.calibration " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -230,7 +251,14 @@ def main(argv=None) -> int:
             wall = time.perf_counter() - t0 + (prof.wall_s if prof is not None else 0.0)
             last_pass_video = demo.last_video
             name = f"thresholds_{budget:g}.json" if allocation == "global" else f"thresholds_{budget:g}_{allocation}.json"
+            table.calibration.update(_generation_record(args, demo))
             path = table.save(out / name)
+            if args.write_default:
+                from ..demo.models import CHECKPOINT
+
+                default = table.save(CHECKPOINT.with_name(CHECKPOINT.stem + "_thresholds.json"))
+                report["default_table"] = str(default)
+                print(f"the demo's default table: {default}", flush=True)
             entry = {"budget": budget, "allocation": allocation, "table": str(path),
                      "calibration_wall_s": round(wall, 2), "calibration": table.calibration,
                      "sites": {n: {"thresholds": e.thresholds, "live_fraction": e.live_fraction,
@@ -325,6 +353,7 @@ def markdown(report: dict) -> str:
         lines.append("")
     lines += [f"Calibration of the demo DiT — {report['date']}, {report['machine']}",
               f"`{report['command']}`, {report['tokens']} tokens, {report['steps']} steps, "
+              f"warm-up {report.get('warmup_steps', 0)}, "
               f"total {report.get('total_wall_s', 0):.0f} s", ""]
     if report.get("uniform"):
         lines += ["| run | live at end | computed | PSNR (dB) | SSIM | factor at equal PSNR, end (interp / best) | "

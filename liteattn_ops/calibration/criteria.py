@@ -8,6 +8,9 @@ within the budget); the table gives the fraction of tiles each leaves live. "max
 "mass" the prototype of `margins.analyse_call(criterion="mass")`: per query tile, remove the tiles
 of smallest worst-row softmax mass while their masses add up to <= 2^thr. The trajectory version
 (a whole generation of the demo DiT) is `python -m liteattn_ops.calibration --criterion mass --compare`.
+
+The measurement of calibration against uniform thresholds on the demo DiT (BENCHMARKS.md,
+"Calibration") is `python -m liteattn_ops.calibration --compare --budget 0.01,0.03,0.1 [--device cuda]`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 
 import torch
 
+from ..core.tiling import tile_shape
 from .margins import analyse_call, relative_error, threshold_grid
 
 
@@ -24,8 +28,8 @@ def live_at_budget(q, k, v, budgets, *, metric="l1", criterion="max") -> list[di
     """Per budget: per-head calibrated threshold, live fraction after the call, and error."""
     grid = threshold_grid()
     batch, heads = q.shape[:2]
-    bm = 128
-    live = torch.ones(batch, heads, math.ceil(q.shape[2] / bm), math.ceil(k.shape[2] / bm), dtype=torch.bool,
+    bm, bn = tile_shape(q.shape[-1], q.dtype)
+    live = torch.ones(batch, heads, math.ceil(q.shape[2] / bm), math.ceil(k.shape[2] / bn), dtype=torch.bool,
                       device=q.device)
     a = analyse_call(q, k, v, live, metric=metric, criterion=criterion, grid=grid)
     rel = relative_error(a.err_num, a.err_ref, metric).amax(0)                     # (H, G)
