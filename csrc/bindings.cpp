@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "liteattn.h"
+#include "liteattn_kernels.h"  // generated: LITEATTN_INT8
 
 namespace py = pybind11;
 using Stride3 = std::tuple<int64_t, int64_t, int64_t>;
@@ -38,7 +39,8 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int batch, int heads, int seqlen_q,
          int seqlen_k, int head_dim, const std::string& dtype, Stride3 q_stride, Stride3 k_stride, Stride3 v_stride,
          Stride3 out_stride, float scale, uintptr_t state, uintptr_t threshold, uintptr_t must_do, int num_must_do,
-         uintptr_t must_skip, int num_must_skip, uintptr_t stream, uintptr_t schedule) {
+         uintptr_t must_skip, int num_must_skip, uintptr_t stream, uintptr_t schedule, bool int8, uintptr_t q_scale,
+         uintptr_t k_scale, uintptr_t q_mu) {
         liteattn::FwdArgs a;
         a.q = as_ptr<const void>(q);
         a.k = as_ptr<const void>(k);
@@ -64,6 +66,10 @@ PYBIND11_MODULE(_C, m) {
         a.num_must_skip = num_must_skip;
         a.stream = as_ptr<void>(stream);
         a.schedule = as_ptr<int32_t>(schedule);
+        a.int8 = int8;
+        a.q_scale = as_ptr<const float>(q_scale);
+        a.k_scale = as_ptr<const float>(k_scale);
+        a.q_mu = as_ptr<const float>(q_mu);
         py::gil_scoped_release release;
         liteattn::forward(a);
       },
@@ -71,11 +77,53 @@ PYBIND11_MODULE(_C, m) {
       py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"), py::arg("dtype"), py::arg("q_stride"),
       py::arg("k_stride"), py::arg("v_stride"), py::arg("out_stride"), py::arg("scale"), py::arg("state"),
       py::arg("threshold"), py::arg("must_do"), py::arg("num_must_do"), py::arg("must_skip"),
-      py::arg("num_must_skip"), py::arg("stream"), py::arg("schedule") = uintptr_t(0),
+      py::arg("num_must_skip"), py::arg("stream"), py::arg("schedule") = uintptr_t(0), py::arg("int8") = false,
+      py::arg("q_scale") = uintptr_t(0), py::arg("k_scale") = uintptr_t(0), py::arg("q_mu") = uintptr_t(0),
       "Forward attention. state == 0 runs the dense path; otherwise the skip state (B, H, Mt, W) int32 is read "
       "and updated in place. schedule (skip path, optional): B*H*Mt int32 of device scratch for the "
-      "heaviest-first query-tile order; 0 runs the query tiles in natural order. Raises ValueError on bad "
-      "arguments.");
+      "heaviest-first query-tile order; 0 runs the query tiles in natural order. int8=True: INT8 Q/K mode, q and k "
+      "are the int8 (B, H, S, D) buffers of quantize_qk (strides in bytes), q_scale / k_scale / q_mu its float32 "
+      "outputs, dtype that of v and out. Raises ValueError on bad arguments.");
+
+#if LITEATTN_INT8
+  m.def(
+      "quantize_qk",
+      [](uintptr_t q, uintptr_t k, int batch, int heads, int seqlen_q, int seqlen_k, int head_dim,
+         const std::string& dtype, Stride3 q_stride, Stride3 k_stride, uintptr_t q8, uintptr_t k8, uintptr_t q_scale,
+         uintptr_t k_scale, uintptr_t k_mean, uintptr_t q_mu, uintptr_t partial, uintptr_t stream) {
+        liteattn::QuantArgs a;
+        a.q = as_ptr<const void>(q);
+        a.k = as_ptr<const void>(k);
+        a.batch = batch;
+        a.heads = heads;
+        a.seqlen_q = seqlen_q;
+        a.seqlen_k = seqlen_k;
+        a.head_dim = head_dim;
+        a.dtype = parse_dtype(dtype);
+        a.q_stride = to_array(q_stride);
+        a.k_stride = to_array(k_stride);
+        a.q8 = as_ptr<int8_t>(q8);
+        a.k8 = as_ptr<int8_t>(k8);
+        a.q_scale = as_ptr<float>(q_scale);
+        a.k_scale = as_ptr<float>(k_scale);
+        a.k_mean = as_ptr<float>(k_mean);
+        a.q_mu = as_ptr<float>(q_mu);
+        a.partial = as_ptr<float>(partial);
+        a.stream = as_ptr<void>(stream);
+        py::gil_scoped_release release;
+        liteattn::quantize_qk(a);
+      },
+      py::arg("q"), py::arg("k"), py::arg("batch"), py::arg("heads"), py::arg("seqlen_q"), py::arg("seqlen_k"),
+      py::arg("head_dim"), py::arg("dtype"), py::arg("q_stride"), py::arg("k_stride"), py::arg("q8"), py::arg("k8"),
+      py::arg("q_scale"), py::arg("k_scale"), py::arg("k_mean"), py::arg("q_mu"), py::arg("partial"), py::arg("stream"),
+      "INT8 Q/K pre-pass (out/INT8_SPEC.md steps 1-2) on `stream`: k's smoothing mean into k_mean (B, H, D) "
+      "float32, q per BM-row block and k - mean per BN-row block into int8 q8 / k8 (B, H, S, D) contiguous with "
+      "float32 scales q_scale (B, H, Mt) and k_scale (B, H, Nt), and q . mean per query row into q_mu (B, H, S_q) "
+      "float32 (the kernel's LSE correction). partial: device scratch of "
+      "B * H * INT8_MEAN_MAX_SPLITS * head_dim float32. Raises ValueError on bad arguments.");
+  m.attr("INT8_MEAN_MAX_SPLITS") = liteattn::kInt8MeanMaxSplits;
+#endif
+  m.attr("HAS_INT8") = bool(LITEATTN_INT8);
 
   m.def(
       "tile_shape",

@@ -1,6 +1,7 @@
 // Epilogue stage: O / row sum from the accumulator registers into (B, S, H, D) memory (4-byte
 // stores), LSE in natural-log units. Rows past S_q are not written; a row with no visited tile
-// gets O = 0 and LSE = -inf.
+// gets O = 0 and LSE = -inf. INT8 mode: lse_bias_log2 (log2 units) is added to each row's LSE
+// (the smoothing's per-row constant q . mu * scale * log2 e, which softmax ignores).
 #pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_conversion.h>
@@ -13,14 +14,18 @@ namespace liteattn {
 template <class Tr, class TensorO>
 __device__ __forceinline__ void store_output(typename Tr::Params const& p, QueryTile tile, int row0,
                                              const bool (&row_valid)[2], int lane, OnlineSoftmax const& softmax,
-                                             TensorO const& tOrO) {
+                                             TensorO const& tOrO, const float (&lse_bias_log2)[2]) {
   using Element = typename Tr::Element;
   float inv_sum[2], lse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = quad_sum(softmax.row_sum[r]);
     inv_sum[r] = sum > 0.f ? 1.f / sum : 0.f;
-    lse[r] = sum > 0.f ? (softmax.row_max[r] + log2f(sum)) * p.ln2 : -INFINITY;
+    if constexpr (Tr::kInt8) {
+      lse[r] = sum > 0.f ? (softmax.row_max[r] + log2f(sum) + lse_bias_log2[r]) * p.ln2 : -INFINITY;
+    } else {
+      lse[r] = sum > 0.f ? (softmax.row_max[r] + log2f(sum)) * p.ln2 : -INFINITY;
+    }
   }
   Element* out = p.out + tile.b * p.out_stride_b + tile.h * p.out_stride_h;
   cutlass::NumericArrayConverter<Element, float, 2> convert_pair;

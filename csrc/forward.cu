@@ -35,14 +35,22 @@ Variant variant_of_call(int head_dim) {
   return v;
 }
 
-template <DType kDType, int kHeadDim, bool kSkip>
+template <DType kDType, int kHeadDim, bool kSkip, bool kInt8>
 void run_variant(const FwdArgs& a, const Variant& v) {
   constexpr bool kDefault = ping_pong_default(kHeadDim);
 #if LITEATTN_AB_VARIANTS
-  if (v.ping_pong != kDefault) return run_fwd<kDType, kHeadDim, kSkip, !kDefault>(a);
+  if (v.ping_pong != kDefault) return run_fwd<kDType, kHeadDim, kSkip, !kDefault, kInt8>(a);
 #endif
   (void)v;
-  run_fwd<kDType, kHeadDim, kSkip, kDefault>(a);
+  run_fwd<kDType, kHeadDim, kSkip, kDefault, kInt8>(a);
+}
+
+template <DType kDType, int kHeadDim, bool kSkip>
+void run_mode(const FwdArgs& a, const Variant& v) {
+#if LITEATTN_INT8
+  if (a.int8) return run_variant<kDType, kHeadDim, kSkip, /*kInt8=*/true>(a, v);
+#endif
+  run_variant<kDType, kHeadDim, kSkip, /*kInt8=*/false>(a, v);
 }
 
 }  // namespace
@@ -71,12 +79,25 @@ void forward(const FwdArgs& a) {
   require(a.q && a.k && a.v && a.out && a.lse, "q, k, v, out and lse must be non-null device pointers");
   const int eb = element_bytes(a.dtype);
   const std::array<int64_t, 3> q_sizes{a.batch, a.heads, a.seqlen_q}, k_sizes{a.batch, a.heads, a.seqlen_k};
-  require(tma_compatible(reinterpret_cast<uint64_t>(a.q), a.q_stride, q_sizes, eb),
-          "q must have a 16-byte aligned address and (b, h, s) strides that are positive multiples of 8 "
-          "elements (TMA); copy it to contiguous memory");
-  require(tma_compatible(reinterpret_cast<uint64_t>(a.k), a.k_stride, k_sizes, eb),
-          "k must have a 16-byte aligned address and (b, h, s) strides that are positive multiples of 8 "
-          "elements (TMA); copy it to contiguous memory");
+  if (a.int8) {
+    require(LITEATTN_INT8, "this build has no INT8 Q/K kernels (cmake -DLITEATTN_BUILD_INT8=OFF)");
+    require(a.q_scale && a.k_scale && a.q_mu,
+            "INT8 mode: q_scale, k_scale and q_mu must be non-null float32 device pointers");
+    require(reinterpret_cast<uint64_t>(a.q_scale) % 4 == 0 && reinterpret_cast<uint64_t>(a.k_scale) % 4 == 0 &&
+                reinterpret_cast<uint64_t>(a.q_mu) % 4 == 0,
+            "INT8 mode: q_scale, k_scale and q_mu must be 4-byte aligned float32");
+    require(tma_compatible(reinterpret_cast<uint64_t>(a.q), a.q_stride, q_sizes, 1) &&
+                tma_compatible(reinterpret_cast<uint64_t>(a.k), a.k_stride, k_sizes, 1),
+            "INT8 mode: q and k must be int8 buffers with a 16-byte aligned address and (b, h, s) strides that are "
+            "positive multiples of 16 (quantize_qk writes them so)");
+  } else {
+    require(tma_compatible(reinterpret_cast<uint64_t>(a.q), a.q_stride, q_sizes, eb),
+            "q must have a 16-byte aligned address and (b, h, s) strides that are positive multiples of 8 "
+            "elements (TMA); copy it to contiguous memory");
+    require(tma_compatible(reinterpret_cast<uint64_t>(a.k), a.k_stride, k_sizes, eb),
+            "k must have a 16-byte aligned address and (b, h, s) strides that are positive multiples of 8 "
+            "elements (TMA); copy it to contiguous memory");
+  }
   require(tma_compatible(reinterpret_cast<uint64_t>(a.v), a.v_stride, k_sizes, eb),
           "v must have a 16-byte aligned address and (b, h, s) strides that are positive multiples of 8 "
           "elements (TMA); copy it to contiguous memory");
@@ -104,8 +125,8 @@ void forward(const FwdArgs& a) {
   // One case per (head_dim, dtype) of tile_shapes.json.
 #define LITEATTN_DISPATCH_CASE(HEAD_DIM, DTYPE)                                      \
   if (a.head_dim == HEAD_DIM && a.dtype == DType::DTYPE) {                           \
-    if (a.state) return run_variant<DType::DTYPE, HEAD_DIM, /*kSkip=*/true>(call, variant); \
-    return run_variant<DType::DTYPE, HEAD_DIM, /*kSkip=*/false>(call, variant);    \
+    if (a.state) return run_mode<DType::DTYPE, HEAD_DIM, /*kSkip=*/true>(call, variant); \
+    return run_mode<DType::DTYPE, HEAD_DIM, /*kSkip=*/false>(call, variant);    \
   }
   LITEATTN_FOR_EACH_KERNEL(LITEATTN_DISPATCH_CASE)
 #undef LITEATTN_DISPATCH_CASE

@@ -29,12 +29,21 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   TileVote<Tr::kSkip> vote;
   if constexpr (Tr::kSkip) vote = {p.threshold[tile.h], {row_valid[0], row_valid[1]}, ss.warp_keep[thread / 32], lane};
 
+  // INT8 mode: the LSE correction of this thread's two rows, loaded before the mainloop (its latency hides there).
+  float lse_bias_log2[2] = {0.f, 0.f};
+  if constexpr (Tr::kInt8) {
+    const float* q_mu = p.q_mu + (int64_t(tile.b) * p.heads + tile.h) * p.seqlen_q;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (row_valid[r]) lse_bias_log2[r] = q_mu[row0 + 8 * r] * p.scale_log2;
+  }
+
   typename Tr::TiledMmaPV mma_pv;
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kD>>{});
   clear(tOrO);
   OnlineSoftmax softmax;
   consumer_mainloop<Tr>(p, ss, tile, warpgroup, t, softmax, vote, tOrO);
-  store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO);
+  store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 
   if constexpr (Tr::kSkip) {
     // Every consumer warp's verdicts are in ss.warp_keep (CUTLASS's bar.sync has no memory clobber).

@@ -19,15 +19,16 @@ inline void check_cuda(cudaError_t err, const char* what) {
 // descriptor, which wants multiples of 16 bytes: give it a harmless valid one.
 inline int64_t tma_stride(int64_t stride, int size, int64_t fallback) { return size == 1 ? fallback : stride; }
 
-template <DType kDType, int kHeadDim, bool kSkip, bool kPingPong>
+template <DType kDType, int kHeadDim, bool kSkip, bool kPingPong, bool kInt8>
 void run_fwd(const FwdArgs& a) {
   using namespace cute;
-  using Tr = FwdTraits<kDType, kHeadDim, kSkip, kPingPong>;
+  using Tr = FwdTraits<kDType, kHeadDim, kSkip, kPingPong, kInt8>;
   using Element = typename Tr::Element;
+  using ElementQK = typename Tr::ElementQK;  // int8 in INT8 mode: q and k are the pre-pass's int8 buffers
   constexpr int64_t kD = kHeadDim;
 
   auto rows = [&](const void* ptr, const std::array<int64_t, 3>& st, int seqlen) {
-    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)),
+    return make_tensor(make_gmem_ptr(static_cast<ElementQK const*>(ptr)),
                        make_layout(make_shape(int32_t(seqlen), int32_t(kD), int32_t(a.heads), int32_t(a.batch)),
                                    make_stride(tma_stride(st[2], seqlen, kD), _1{}, tma_stride(st[1], a.heads, kD),
                                                tma_stride(st[0], a.batch, kD))));
@@ -66,6 +67,9 @@ void run_fwd(const FwdArgs& a) {
   p.num_must_do = a.num_must_do;
   p.must_skip = a.must_skip;
   p.num_must_skip = a.num_must_skip;
+  p.q_scale = a.q_scale;
+  p.k_scale = a.k_scale;
+  p.q_mu = a.q_mu;
   const ScheduleScope scope = schedule_scope(a.batch, a.heads, p.num_m_tiles, a.seqlen_k, kHeadDim);
   if (kSkip && a.schedule != nullptr && scope != ScheduleScope::kNone) {
     const bool global = scope == ScheduleScope::kGlobal;
@@ -88,10 +92,10 @@ void run_fwd(const FwdArgs& a) {
 }  // namespace liteattn
 
 // The generated instantiation files (CMakeLists.txt) use these: the default variant, and the
-// other ping-pong setting for A/B builds.
-#define LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, PING_PONG) \
-  template void liteattn::run_fwd<liteattn::DType::DTYPE, HEAD_DIM, SKIP, PING_PONG>(const liteattn::FwdArgs&);
-#define LITEATTN_INSTANTIATE_FWD_DEFAULT(DTYPE, HEAD_DIM, SKIP) \
-  LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, liteattn::ping_pong_default(HEAD_DIM))
-#define LITEATTN_INSTANTIATE_FWD_ALTERNATIVE(DTYPE, HEAD_DIM, SKIP) \
-  LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, !liteattn::ping_pong_default(HEAD_DIM))
+// other ping-pong setting for A/B builds; INT8 is true for the INT8 Q/K mode.
+#define LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, PING_PONG, INT8) \
+  template void liteattn::run_fwd<liteattn::DType::DTYPE, HEAD_DIM, SKIP, PING_PONG, INT8>(const liteattn::FwdArgs&);
+#define LITEATTN_INSTANTIATE_FWD_DEFAULT(DTYPE, HEAD_DIM, SKIP, INT8) \
+  LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, liteattn::ping_pong_default(HEAD_DIM), INT8)
+#define LITEATTN_INSTANTIATE_FWD_ALTERNATIVE(DTYPE, HEAD_DIM, SKIP, INT8) \
+  LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, !liteattn::ping_pong_default(HEAD_DIM), INT8)

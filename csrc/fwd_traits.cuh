@@ -2,6 +2,8 @@
 // budgets, shared-memory layouts, the TMA copy types and the kernel parameters. Every stage
 // file (mainloop, softmax, skip_state, epilogue, tile_scheduler) takes its sizes from here.
 #pragma once
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -16,15 +18,29 @@ template <DType kDType> struct ElementOf;
 template <> struct ElementOf<DType::kBFloat16> { using type = cutlass::bfloat16_t; };
 template <> struct ElementOf<DType::kFloat16> { using type = cutlass::half_t; };
 
+// The widest K-major wgmma swizzle atom whose row (128, 64 or 32 bytes) divides a row of kRowBytes bytes:
+// SW128 for 16-bit rows of 64 or 128 elements and for int8 rows of 128; SW64 for int8 rows of 64.
+template <class T, int kRowBytes>
+using KMajorAtom = std::conditional_t<
+    kRowBytes % 128 == 0, cute::GMMA::Layout_K_SW128_Atom<T>,
+    std::conditional_t<kRowBytes % 64 == 0, cute::GMMA::Layout_K_SW64_Atom<T>, cute::GMMA::Layout_K_SW32_Atom<T>>>;
+
 // kPingPong: the consumer warpgroups take turns to issue their GEMMs (named barriers, see
 // named_barriers.cuh), so one warpgroup's softmax runs while another's GEMMs use the tensor cores.
-template <DType kDType_, int kHeadDim_, bool kSkip_, bool kPingPong_>
+// kInt8: INT8 Q/K mode (out/INT8_SPEC.md): Q and K arrive as int8 (the pre-pass, int8_prepass.cu, wrote them
+// with per-block scales), S = Q K^T is an s8 x s8 -> s32 wgmma and the scores are scaled per tile pair
+// (int8_scores.cuh); V, P, O and everything after the scores are as in the 16-bit mode.
+template <DType kDType_, int kHeadDim_, bool kSkip_, bool kPingPong_, bool kInt8_>
 struct FwdTraits {
   static constexpr DType kDType = kDType_;
   static constexpr int kD = kHeadDim_;
   static constexpr bool kSkip = kSkip_;
   static constexpr bool kPingPong = kPingPong_;
-  using Element = typename ElementOf<kDType>::type;
+  static constexpr bool kInt8 = kInt8_;
+  using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
+  using ElementQK = std::conditional_t<kInt8, int8_t, Element>;  // Q and K in shared memory
+  using AccumQK = std::conditional_t<kInt8, int32_t, float>;     // S = Q K^T accumulator
+  static_assert(!kInt8 || kD % 32 == 0, "INT8 mode: the s8 wgmma takes K = 32 per instruction");
 
   // Tile shape: the shared table (liteattn_ops/core/tile_shapes.json) decides.
   static constexpr int kBM = tile_shape(kD, kDType).bm;
@@ -56,21 +72,20 @@ struct FwdTraits {
 
   // Shared-memory tiles. Q and K are K-major (head dim contiguous); V is stored
   // transposed, (D, BN) with D contiguous, the MN-major B operand of O += P V.
-  using SmemLayoutQ = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
-                                                   cute::Shape<cute::Int<kBM>, cute::Int<kD>>{}));
-  using SmemLayoutKStage = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
-                                                        cute::Shape<cute::Int<kBN>, cute::Int<kD>>{}));
-  using SmemLayoutK = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
+  using AtomQK = KMajorAtom<ElementQK, kD * int(sizeof(ElementQK))>;
+  using SmemLayoutQ = decltype(cute::tile_to_shape(AtomQK{}, cute::Shape<cute::Int<kBM>, cute::Int<kD>>{}));
+  using SmemLayoutKStage = decltype(cute::tile_to_shape(AtomQK{}, cute::Shape<cute::Int<kBN>, cute::Int<kD>>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(AtomQK{},
                                                    cute::Shape<cute::Int<kBN>, cute::Int<kD>, cute::Int<kStages>>{}));
   using SmemLayoutVtStage = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<Element>{},
                                                          cute::Shape<cute::Int<kD>, cute::Int<kBN>>{}));
   using SmemLayoutVt = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<Element>{},
                                                     cute::Shape<cute::Int<kD>, cute::Int<kBN>, cute::Int<kStages>>{}));
 
-  // Per-warpgroup GEMMs: S = Q K^T (64 x BN, both operands in smem) and
+  // Per-warpgroup GEMMs: S = Q K^T (64 x BN, both operands in smem; s8 x s8 -> s32 in INT8 mode) and
   // O += P V (64 x D, P from registers).
   using TiledMmaQK = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kBN>, cute::Int<kD>>>()));
+      cute::GMMA::ss_op_selector<ElementQK, ElementQK, AccumQK, cute::Shape<cute::_64, cute::Int<kBN>, cute::Int<kD>>>()));
   using TiledMmaPV = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kD>, cute::Int<kBN>>,
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
@@ -81,20 +96,26 @@ struct FwdTraits {
   using GmemLayoutColMajor = cute::Layout<cute::Shape<int32_t, int32_t, int32_t, int32_t>,
                                           cute::Stride<cute::_1, int64_t, int64_t, int64_t>>;
   using GmemPtr = decltype(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)));
+  using GmemPtrQK = decltype(cute::make_gmem_ptr(static_cast<ElementQK const*>(nullptr)));
   using TmaQ = decltype(cute::make_tma_copy(cute::SM90_TMA_LOAD{},
-                                            cute::make_tensor(GmemPtr{}, GmemLayoutRowMajor{}), SmemLayoutQ{}));
+                                            cute::make_tensor(GmemPtrQK{}, GmemLayoutRowMajor{}), SmemLayoutQ{}));
   using TmaK = decltype(cute::make_tma_copy(cute::SM90_TMA_LOAD{},
-                                            cute::make_tensor(GmemPtr{}, GmemLayoutRowMajor{}), SmemLayoutKStage{}));
+                                            cute::make_tensor(GmemPtrQK{}, GmemLayoutRowMajor{}), SmemLayoutKStage{}));
   using TmaVt = decltype(cute::make_tma_copy(cute::SM90_TMA_LOAD{},
                                              cute::make_tensor(GmemPtr{}, GmemLayoutColMajor{}), SmemLayoutVtStage{}));
 
-  static constexpr uint32_t kQBytes = cute::cosize_v<SmemLayoutQ> * sizeof(Element);
-  static constexpr uint32_t kKVStageBytes = cute::cosize_v<SmemLayoutKStage> * sizeof(Element);
+  // Bytes each TMA load lands (the transaction counts of the *_full barriers; out-of-bounds rows count too).
+  static constexpr uint32_t kQBytes = cute::cosize_v<SmemLayoutQ> * sizeof(ElementQK);
+  static constexpr uint32_t kKStageBytes = cute::cosize_v<SmemLayoutKStage> * sizeof(ElementQK);
+  static constexpr uint32_t kVStageBytes = cute::cosize_v<SmemLayoutVtStage> * sizeof(Element);
+  static_assert(kQBytes == uint32_t(kBM) * kD * sizeof(ElementQK) && kKStageBytes == uint32_t(kBN) * kD * sizeof(ElementQK) &&
+                    kVStageBytes == uint32_t(kBN) * kD * sizeof(Element),
+                "a TMA box is exactly one tile");
   static constexpr int kStateWords = kSkip ? kMaxStateWords : 1;
 
   struct SharedStorage {
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
-    cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    cute::array_aligned<ElementQK, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<ElementQK, cute::cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cute::cosize_v<SmemLayoutVt>, 1024> v;
     // Pipeline barriers (mainloop.cuh): *_full complete when TMA has landed the bytes,
     // *_empty when every consumer warp is done reading the stage.
@@ -133,6 +154,9 @@ struct FwdTraits {
     const int32_t* must_skip = nullptr;
     int num_must_skip = 0;
     const int32_t* schedule = nullptr;  // tile_scheduler.cuh: (B, H, Mt) query-tile order, or null
+    const float* q_scale = nullptr;     // INT8 mode: (B, H, Mt) per query block
+    const float* k_scale = nullptr;     // INT8 mode: (B, H, Nt) per key block
+    const float* q_mu = nullptr;        // INT8 mode: (B, H, S_q) q[i] . mu, added (x scale) to the LSE
   };
 };
 

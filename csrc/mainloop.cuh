@@ -7,6 +7,7 @@
 #include <cutlass/numeric_conversion.h>
 
 #include "fwd_traits.cuh"
+#include "int8_scores.cuh"
 #include "named_barriers.cuh"
 #include "skip_state.cuh"
 #include "softmax.cuh"
@@ -57,6 +58,14 @@ __device__ __forceinline__ void convert_fragment(Src const& src, Dst& dst) {
       convert(*reinterpret_cast<cutlass::Array<float, kN> const*>(src.data()));
 }
 
+// The float fragment the softmax works on: the S accumulator itself (float), or a float view of the int32
+// accumulator's registers (INT8 mode, after int8_accumulator_to_magic).
+template <class Frag>
+__device__ __forceinline__ decltype(auto) float_scores(Frag& acc) {
+  if constexpr (std::is_same_v<typename Frag::value_type, float>) return (acc);
+  else return cute::recast<float>(acc);
+}
+
 // Producer (one thread): Q of query tile m, then K and V^T of each visited tile, in the order of
 // the contract, into the ring.
 template <class Tr>
@@ -85,10 +94,10 @@ __device__ __forceinline__ void producer_load(typename Tr::Params const& p, type
   for (TileOrder<Tr::kSkip> tiles(ss.visit, ss.order, n0, p.num_n_tiles); tiles.more(); tiles.advance()) {
     const int n = tiles.current();
     ss.k_empty[write.stage].wait(write.phase ^ 1);
-    ss.k_full[write.stage].arrive_and_expect_tx(Tr::kKVStageBytes);
+    ss.k_full[write.stage].arrive_and_expect_tx(Tr::kKStageBytes);
     copy(p.tma_k.with(reinterpret_cast<uint64_t&>(ss.k_full[write.stage])), tKg(_, n), tKs(_, write.stage));
     ss.v_empty[write.stage].wait(write.phase ^ 1);
-    ss.v_full[write.stage].arrive_and_expect_tx(Tr::kKVStageBytes);
+    ss.v_full[write.stage].arrive_and_expect_tx(Tr::kVStageBytes);
     copy(p.tma_vt.with(reinterpret_cast<uint64_t&>(ss.v_full[write.stage])), tVg(_, n), tVs(_, write.stage));
     write.advance(Tr::kStages);
   }
@@ -123,27 +132,42 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   Tensor tSrK = thr_qk.partition_fragment_B(sK);    // (MMA, N, K, stage)
   Tensor tOrVt = thr_pv.partition_fragment_B(sVt);  // (MMA, N, K, stage)
 
+  // INT8 mode: the multiplier of tile n's scores is (q_scale[m] * k_scale[n]) * scale_log2 (int8_scores.cuh);
+  // k_scale is loaded one tile ahead. The 16-bit mode's policy is the constant scale_log2.
+  KScaleReader<Tr::kInt8> k_scales(p, tile);
+  float q_scale = 0.f;
+  if constexpr (Tr::kInt8) q_scale = p.q_scale[(int64_t(tile.b) * p.heads + tile.h) * p.num_m_tiles + tile.m];
+  auto scores_of = [&](float k_scale) {
+    if constexpr (Tr::kInt8) return Int8Scores::make(q_scale, k_scale, p.scale_log2);
+    else return RawScores{p.scale_log2};
+  };
+
+  // S accumulator (float, or int32 in INT8 mode) and the float fragment the softmax works on: the accumulator
+  // itself, or in INT8 mode a float view of its registers (after int8_accumulator_to_magic).
+  Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBN>>{});
+  auto&& tSrSf = float_scores(tSrS);
+
   // One tile's softmax step on S (in registers): mask, tile max, running max and sum,
   // probabilities in place. Returns this thread's vote (skip path) and the factor that rescales
   // the old O. Only the last tile of a sequence whose length is not a multiple of BN needs the mask.
   const int masked_tile = p.seqlen_k % kBN ? p.num_n_tiles - 1 : -1;
-  auto softmax_step = [&](auto& tSrS, int n, float (&correction)[2]) {
+  auto softmax_step = [&](int n, auto const& scores, float (&correction)[2]) {
+    if constexpr (Tr::kInt8) int8_accumulator_to_magic(tSrS);
     float tile_max[2];
     if constexpr (Tr::kMaskOnBranch) {
       if (n == masked_tile) {
-        softmax.template tile_max</*kMask=*/true>(tSrS, lane, p.seqlen_k - n * kBN, p.scale_log2, tile_max);
+        softmax.template tile_max</*kMask=*/true>(tSrSf, lane, p.seqlen_k - n * kBN, scores, tile_max);
       } else {
-        softmax.template tile_max</*kMask=*/false>(tSrS, lane, kBN, p.scale_log2, tile_max);
+        softmax.template tile_max</*kMask=*/false>(tSrSf, lane, kBN, scores, tile_max);
       }
     } else {
-      softmax.template tile_max</*kMask=*/true>(tSrS, lane, p.seqlen_k - n * kBN, p.scale_log2, tile_max);
+      softmax.template tile_max</*kMask=*/true>(tSrSf, lane, p.seqlen_k - n * kBN, scores, tile_max);
     }
     const float old_max[2] = {softmax.row_max[0], softmax.row_max[1]};
-    softmax.update(tSrS, tile_max, p.scale_log2, correction);
+    softmax.update(tSrSf, tile_max, scores, correction);
     return vote.keeps(tile_max, old_max, softmax.row_sum);
   };
 
-  Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBN>>{});
   Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
   PipelineState k_read, v_read;
   ss.q_full.wait(0);
@@ -154,40 +178,44 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   // First tile: S only.
   ss.k_full[k_read.stage].wait(k_read.phase);
   int n = tiles.current();
+  float k_scale = k_scales.load(n);
   tiles.advance();
   Turn::wait(warpgroup);
   warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
   Turn::pass(warpgroup);
+  float k_scale_next = k_scales.load(tiles.more() ? tiles.current() : n);
   warpgroup_wait<0>();
   warpgroup_fence_operand(tSrS);
   release(ss.k_empty[k_read.stage], lane);
   k_read.advance(Tr::kStages);
   float correction[2];
-  vote.record(n, softmax_step(tSrS, n, correction));
-  convert_fragment<Element>(tSrS, tOrP);
+  vote.record(n, softmax_step(n, scores_of(k_scale), correction));
+  convert_fragment<Element>(tSrSf, tOrP);
 
   // Steady state: S(n) and O += P(n-1) V(n-1).
   while (tiles.more()) {
     ss.k_full[k_read.stage].wait(k_read.phase);
     n = tiles.current();
+    k_scale = k_scale_next;
     Turn::wait(warpgroup);
     warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
     ss.v_full[v_read.stage].wait(v_read.phase);
     warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
     Turn::pass(warpgroup);
     tiles.advance();  // the next tile's arithmetic runs while the tensor cores work
+    k_scale_next = k_scales.load(tiles.more() ? tiles.current() : n);
     warpgroup_wait<1>();  // S(n) is ready; O += P V may still run
     warpgroup_fence_operand(tSrS);
     release(ss.k_empty[k_read.stage], lane);
     k_read.advance(Tr::kStages);
-    const bool keep = softmax_step(tSrS, n, correction);
+    const bool keep = softmax_step(n, scores_of(k_scale), correction);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     warpgroup_fence_operand(tOrP);
     release(ss.v_empty[v_read.stage], lane);
     v_read.advance(Tr::kStages);
     rescale_rows(tOrO, correction);
-    convert_fragment<Element>(tSrS, tOrP);
+    convert_fragment<Element>(tSrSf, tOrP);
     vote.record(n, keep);
   }
 

@@ -1,5 +1,7 @@
 // Softmax stage: the online softmax over the wgmma accumulator of one consumer warpgroup
-// (64 rows): tile row max, running max and sum, probabilities, O rescale.
+// (64 rows): tile row max, running max and sum, probabilities, O rescale. A score policy says how
+// the accumulator values map to log2 units: RawScores here (bf16/fp16 Q K^T: s * scale * log2 e),
+// Int8Scores in int8_scores.cuh (INT8 mode).
 // Fragment layout of a 64xN fp32 wgmma accumulator (and of the 16-bit A operand built
 // from it): value i of a thread sits at row  warp*16 + lane/4 + 8*((i>>1)&1),
 // column (i>>2)*8 + 2*(lane%4) + (i&1). So each thread holds two rows, and a row's
@@ -22,6 +24,14 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Score policy of the bf16/fp16 path: the accumulator holds q.k; log2 units are s * scale_log2.
+struct RawScores {
+  float scale_log2;
+  __device__ __forceinline__ float max_to_log2(float max) const { return max * scale_log2; }
+  __device__ __forceinline__ float exp_scale() const { return scale_log2; }
+  __device__ __forceinline__ float exp_bias(float row_max) const { return -row_max; }
+};
+
 // Running state of the two rows a thread owns. `row_max` is in log2 units
 // (score * scale * log2 e); `row_sum` is this thread's partial sum (quad-reduced only at
 // the end).
@@ -31,8 +41,8 @@ struct OnlineSoftmax {
 
   // With kMask, masks columns >= valid_cols when valid_cols < BN (a partial last tile);
   // returns the per-row tile max in log2 units.
-  template <bool kMask, class Frag>
-  __device__ __forceinline__ void tile_max(Frag& s, int lane, int valid_cols, float scale_log2,
+  template <bool kMask, class Scores, class Frag>
+  __device__ __forceinline__ void tile_max(Frag& s, int lane, int valid_cols, Scores const& scores,
                                            float (&tile_max_log2)[2]) {
     constexpr int kN = decltype(cute::size(s))::value;
     if (kMask && valid_cols < 2 * kN) {  // BN = 2 * kN columns
@@ -44,13 +54,13 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int i = 0; i < kN; ++i) mx[frag_row_half(i)] = fmaxf(mx[frag_row_half(i)], s(i));
 #pragma unroll
-    for (int r = 0; r < 2; ++r) tile_max_log2[r] = quad_max(mx[r]) * scale_log2;
+    for (int r = 0; r < 2; ++r) tile_max_log2[r] = scores.max_to_log2(quad_max(mx[r]));
   }
 
   // Updates the running max with the tile max, turns s into probabilities
-  // exp2(s*scale_log2 - max) and returns the factor that rescales the old O and sums.
-  template <class Frag>
-  __device__ __forceinline__ void update(Frag& s, const float (&tile_max_log2)[2], float scale_log2,
+  // exp2(s*scale_log2 - max) (RawScores) and returns the factor that rescales the old O and sums.
+  template <class Scores, class Frag>
+  __device__ __forceinline__ void update(Frag& s, const float (&tile_max_log2)[2], Scores const& scores,
                                          float (&correction)[2]) {
     constexpr int kN = decltype(cute::size(s))::value;
 #pragma unroll
@@ -60,10 +70,11 @@ struct OnlineSoftmax {
       row_max[r] = new_max;
       row_sum[r] *= correction[r];
     }
+    const float bias[2] = {scores.exp_bias(row_max[0]), scores.exp_bias(row_max[1])};
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
       const int r = frag_row_half(i);
-      s(i) = exp2f(fmaf(s(i), scale_log2, -row_max[r]));
+      s(i) = exp2f(fmaf(s(i), scores.exp_scale(), bias[r]));
       row_sum[r] += s(i);
     }
   }

@@ -1,6 +1,6 @@
 """Benchmark of the liteattn kernel against its peers on one GPU (H200).
 
-    python tools/bench.py [--shapes S,H,D ...] [--only ours,sdpa,flex] [--json bench.json] [--ceilings]
+    python tools/bench.py [--shapes S,H,D ...] [--only ours,ours_int8,sdpa,flex] [--json bench.json] [--ceilings]
                           [--variants default,nopp,...] [--graph-shapes S,H,D ...]
 
 For each (S, H, D) at B = 1, bf16, q/k/v in the (B, S, H, D) memory layout of a DiT:
@@ -10,6 +10,9 @@ For each (S, H, D) at B = 1, bf16, q/k/v in the (B, S, H, D) memory layout of a 
   ours forced f, heavy-first live counts fall linearly over the query tiles (mean f)
   ours forced f, heavy-last  ... rise linearly
   ours structured            local (3-D grid) q/k, thr = -10, state settled over 4 calls
+  ours_int8 ...              the same rows in INT8 Q/K mode (issue 12; liteattn_ops.core.int8_cuda.launch_int8,
+                             what the ops call with use_int8=True): every time includes the pre-pass;
+  ours_int8 prepass          the pre-pass alone (K mean + quantization of q and k)
   sdpa FLASH / CUDNN         F.scaled_dot_product_attention with one backend
   flex dense / flex forced   FlexAttention (compiled), dense and with the block mask of the
                              forced 50 % balanced state
@@ -89,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="*", default=None, help="S,H,D triples (default: the six of issue 10)")
     parser.add_argument("--graph-shapes", nargs="*", default=None,
                         help="S,H,D triples timed as CUDA-graph replays (default: the two small ones)")
-    parser.add_argument("--only", default="ours,sdpa,flex", help="comma list of ours, sdpa, flex")
+    parser.add_argument("--only", default="ours,sdpa,flex", help="comma list of ours, ours_int8, sdpa, flex")
     parser.add_argument("--fractions", default="0.75,0.5,0.25")
     parser.add_argument("--kinds", default="balanced,heavy-first,heavy-last")
     parser.add_argument("--no-structured", action="store_true")
@@ -157,12 +160,13 @@ def main(argv=None):
         block_m, block_n = tile_shape(head_dim, dtype)
         m_tiles, n_tiles = num_tiles(seqlen, block_m), num_tiles(seqlen, block_n)
         no_thr = torch.full((heads,), -math.inf, device=dev)
-        if "ours" in only:
-            forced = []
+        forced = []
+        if "ours" in only or "ours_int8" in only:
             for fraction in shape_fractions:
                 for kind in shape_kinds:
                     live = forced_live(1, heads, m_tiles, n_tiles, fraction, kind, gen)
                     forced.append((kind, fraction, pack_bits(live).to(dev), live.float().mean().item()))
+        if "ours" in only:
             for variant in variants:
                 os.environ["LITEATTN_VARIANT"] = variant
                 tag = None if variants == ["default"] else variant
@@ -184,7 +188,30 @@ def main(argv=None):
                 fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
                 record(shape, "ours structured thr=-10", ms, fraction)
                 del sq, sk, sv
-            del forced
+        if "ours_int8" in only:
+            from liteattn_ops.core.int8_cuda import launch_int8, quantize
+
+            def int8_call(a, b, c, st=None, thr=None):
+                return lambda: launch_int8(a, b, c, st, thr, None, None, None)
+
+            record(shape, "ours_int8 prepass", timer(lambda: quantize(q, k), flop))
+            record(shape, "ours_int8 dense", timer(int8_call(q, k, v), flop))
+            state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
+            record(shape, "ours_int8 state f=1.00", timer(int8_call(q, k, v, state, no_thr), flop))
+            for kind, fraction, state, actual in forced:
+                record(shape, f"ours_int8 forced {kind} f={fraction:.2f}", timer(int8_call(q, k, v, state, no_thr), flop),
+                       actual)
+            if not args.no_structured and seqlen in GRIDS:
+                sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
+                state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
+                thr = torch.full((heads,), -10.0, device=dev)
+                for _ in range(4):
+                    launch_int8(sq, sk, sv, state, thr, None, None, None)
+                ms = do_bench(int8_call(sq, sk, sv, state, thr), flop)
+                fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
+                record(shape, "ours_int8 structured thr=-10", ms, fraction)
+                del sq, sk, sv
+        del forced
         if "sdpa" in only:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -222,17 +249,52 @@ def main(argv=None):
     print_summary(rows)
 
 
+INT8_TARGET = {128: 1.2, 64: 1.15}  # issue 12: INT8-QK mode (P.V in bf16) over our bf16 dense
+
+
+def print_int8_summary(mine, shape):
+    """INT8 mode of one shape: its dense time against our bf16 dense and cuDNN (same run), the pre-pass share,
+    and each sparse INT8 time over the INT8 dense time (target f + 0.01)."""
+    ours = {r["name"]: r for r in mine if r["name"].startswith("ours_int8") and r.get("variant") is None}
+    dense = ours.get("ours_int8 dense")
+    if dense is None:
+        return
+    parts = [f"{shape[0]}x{shape[1]}x{shape[2]} INT8", f"dense {dense['tflops']:.0f}"]
+    bf16 = next((r for r in mine if r["name"] == "ours dense" and r.get("variant") is None), None)
+    if bf16:
+        speedup = bf16["ms"] / dense["ms"]
+        target = INT8_TARGET.get(shape[2])
+        parts.append(f"x bf16 {speedup:.3f}" + ("" if target is None else (" ok" if speedup >= target else " MISS")))
+    cudnn = next((r for r in mine if r["name"] == "sdpa CUDNN_ATTENTION"), None)
+    if cudnn:
+        parts.append(f"/cuDNN {dense['tflops'] / cudnn['tflops']:.3f}")
+    prepass = ours.get("ours_int8 prepass")
+    if prepass:
+        parts.append(f"prepass {prepass['ms'] * 1e3:.0f} us ({100 * prepass['ms'] / dense['ms']:.1f} %)")
+    for name, r in ours.items():
+        if name in ("ours_int8 dense", "ours_int8 prepass") or "structured" in name:
+            continue
+        ratio = r["ms"] / dense["ms"]
+        target = 1.01 if "f=1.00" in name else r["live"] + 0.01
+        short = name.replace("ours_int8 ", "").replace("forced ", "").replace("balanced", "bal") \
+            .replace("heavy-first", "hf").replace("heavy-last", "hl")
+        parts.append(f"{short} {ratio:.3f}{'' if ratio <= target else '!'}")
+    print("  " + " | ".join(parts))
+
+
 def print_summary(rows):
     """Per shape and variant: dense TFLOP/s, its ratio to cuDNN (same run) and to the issue's FA3
     column, and each sparse time over the dense time with the target f + 0.01 (f = 1: <= 1.01)."""
-    print("\nsummary (t / t_dense; target: f = 1 <= 1.01, forced <= f + 0.01; dense >= 1.05 x FA3)")
+    print("\nsummary (t / t_dense; target: f = 1 <= 1.01, forced <= f + 0.01; dense >= 1.05 x FA3; "
+          "INT8 dense >= 1.2 x bf16 at d128, 1.15 x at d64)")
     shapes = sorted({(r["S"], r["H"], r["D"]) for r in rows if "S" in r}, key=lambda s: -s[0] * s[0] * s[1] * s[2])
     for shape in shapes:
         mine = [r for r in rows if (r.get("S"), r.get("H"), r.get("D")) == shape]
+        print_int8_summary(mine, shape)
         cudnn = next((r for r in mine if r["name"] == "sdpa CUDNN_ATTENTION"), None)
         fa3 = FA3_TFLOPS.get(shape)
         for variant in dict.fromkeys(r.get("variant") for r in mine if r["name"] == "ours dense"):
-            ours = {r["name"]: r for r in mine if r.get("variant") == variant and r["name"].startswith("ours")}
+            ours = {r["name"]: r for r in mine if r.get("variant") == variant and r["name"].startswith("ours ")}
             dense = ours.get("ours dense")
             if dense is None:
                 continue

@@ -7,8 +7,9 @@ Runs this file again under each tool (`compute-sanitizer --tool T ... python too
 head dims 64 and 128, bf16 and fp16, S not a multiple of the tile, cross-attention (S_q != S_k),
 batch > 1, more KV tiles than pipeline stages (ring wrap-around), must-do / must-skip ranges, a
 second call that reads the state the first one wrote, forced live sets with an empty row, and the
-device-side query-tile schedule (the op path) as well as natural order (direct _C calls). Each case
-also checks its output against the float32 reference. Needs a Hopper GPU and the built extension.
+device-side query-tile schedule (the op path) as well as natural order (direct _C calls), and the INT8
+Q/K mode (pre-pass + kernel, dense and skip with ranges, both head dims). Each case also checks its output
+against the float32 reference (INT8: against the INT8 emulation). Needs a Hopper GPU and the built extension.
 """
 
 from __future__ import annotations
@@ -110,6 +111,25 @@ def worker() -> int:
         ref, _, _ = reference.sparse_attention_reference(q, k, v, state, threshold)
         out, _ = direct(q, k, v, state, threshold)
         check(f"forced d{head_dim} natural order", out, ref)
+
+    # INT8 Q/K mode (pre-pass + kernel): dense, then 3 skip calls with ranges on the 2nd and 3rd.
+    if getattr(ext, "HAS_INT8", False):
+        from liteattn_ops.core.int8_cuda import launch_int8
+
+        for head_dim, dtype, sq, sk in [(64, torch.bfloat16, 129, 300), (128, torch.float16, 256, 700)]:
+            q, k, v = qkv(2, 2, sq, sk, head_dim, dtype)
+            out, _ = launch_int8(q, k, v, None, None, None, None, None)
+            ref, _ = reference.attention_reference(q, k, v, use_int8=True)
+            check(f"int8 dense d{head_dim} {str(dtype)[6:]} {sq}x{sk}", out, ref)
+            state = new_state(2, 2, sq, sk, head_dim, dtype, "cuda")
+            threshold = torch.tensor([-2.0, -math.inf], device="cuda")
+            must_do = torch.tensor([[0, 10], [200, 201]], device="cuda", dtype=torch.int32)
+            must_skip = torch.tensor([[128, 256], [650, 99999]], device="cuda", dtype=torch.int32)
+            for call in range(3):
+                ranges = (None, None) if call == 0 else (must_do, must_skip)
+                ref, _, _ = reference.sparse_attention_reference(q, k, v, state, threshold, *ranges, use_int8=True)
+                out, _ = launch_int8(q, k, v, state, threshold, *ranges, None)
+                check(f"int8 skip d{head_dim} {str(dtype)[6:]} {sq}x{sk} call {call}", out, ref)
 
     torch.cuda.synchronize()
     print(f"worker done: {len(failures)} failing cases", flush=True)
