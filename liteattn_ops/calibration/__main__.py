@@ -99,7 +99,8 @@ class DemoRun:
             if track is not None:
                 self.live_per_step.append(track())
 
-        with torch.no_grad():
+        # on CUDA the demo runs under bf16 autocast (the kernel takes bf16/fp16), as the demo's pipeline does
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             self.last_video = self.sample(model, self.noise, self.labels, steps=self.steps, callback=callback)
         return self.last_video
 
@@ -160,7 +161,8 @@ def _generate(demo: DemoRun, model, measure_errors: bool = False) -> dict:
                 if inputs is None or kwargs.get("left") is not None:
                     return
                 q, k, v = (t.float() for t in inputs[:3])
-                dense = F.scaled_dot_product_attention(q, k, v, scale=inputs[3])
+                with torch.autocast(q.device.type, enabled=False):
+                    dense = F.scaled_dot_product_attention(q, k, v, scale=inputs[3])
                 o = (out[0] if isinstance(out, tuple) else out).float()
                 err = ((o - dense).abs().sum((1, 2, 3)) / dense.abs().sum((1, 2, 3))).max()
                 errors.setdefault(name, []).append(float(err))

@@ -226,9 +226,10 @@ class _Calibrator:
         if self.mode == "profile":
             return self._profile_call(site, key, q, k, v, live, scale)
         t0 = time.perf_counter()
-        a = analyse_call(q, k, v, live, must_do=getattr(site.module, "must_do_ranges", None),
-                         must_skip=getattr(site.module, "must_skip_ranges", None), scale=scale,
-                         metric=self.metric, grid=self.grid, criterion=self.criterion)
+        with torch.autocast(q.device.type, enabled=False):   # the analysis is float32 (inside a bf16 autocast too)
+            a = analyse_call(q, k, v, live, must_do=getattr(site.module, "must_do_ranges", None),
+                             must_skip=getattr(site.module, "must_skip_ranges", None), scale=scale,
+                             metric=self.metric, grid=self.grid, criterion=self.criterion)
         rel = relative_error(a.err_num, a.err_ref, self.metric)                     # (B, H, G)
         rel_site = relative_error(a.err_num.sum(1, keepdim=True), a.err_ref.sum(1, keepdim=True), self.metric)  # (B, 1, G)
         rel_for = rel_site if self.granularity == "layer" else rel
@@ -268,9 +269,10 @@ class _Calibrator:
         prev = site.keys.get(key)
         if prev is None:
             prev = torch.full(live.shape, math.inf, device=q.device)
-        a = analyse_call(q, k, v, live, must_do=getattr(site.module, "must_do_ranges", None),
-                         must_skip=getattr(site.module, "must_skip_ranges", None), scale=scale,
-                         metric=self.metric, grid=self.grid, criterion=self.criterion, removal_key=prev)
+        with torch.autocast(q.device.type, enabled=False):   # the analysis is float32 (inside a bf16 autocast too)
+            a = analyse_call(q, k, v, live, must_do=getattr(site.module, "must_do_ranges", None),
+                             must_skip=getattr(site.module, "must_skip_ranges", None), scale=scale,
+                             metric=self.metric, grid=self.grid, criterion=self.criterion, removal_key=prev)
         rel = relative_error(a.err_num, a.err_ref, self.metric)                     # (B, H, G)
         ref = a.err_ref                                                             # (B, H)
         share = ref / ref.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
