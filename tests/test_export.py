@@ -20,7 +20,9 @@ from liteattn_ops.core import reference, tiling
 
 import liteattn_ops.deploy.program as lx
 
-DIM, HEADS, SEQ = 128, 2, 300        # head_dim 64; 128x128 tiles -> Mt = Nt = 3
+DIM, HEADS, SEQ = 128, 2, 300        # head_dim 64
+BM, BN = tiling.tile_shape(DIM // HEADS, torch.bfloat16)
+MT = -(-SEQ // BM)                   # query tiles of the state (2 with 192 x 128 tiles)
 STEPS = 4
 
 
@@ -151,7 +153,7 @@ def test_export_graph_calls_op_with_state_buffers(program):
     assert meta["format_version"] == lx.FORMAT_VERSION
     assert [rec["state"] for rec in meta["states"]] == STATE_NAMES
     assert meta["states"][0]["site"] == "blocks.0.attn"
-    assert meta["states"][0]["tile"] == [128, 128] and meta["states"][0]["state_shape"] == [1, HEADS, 3, 1]
+    assert meta["states"][0]["tile"] == [BM, BN] and meta["states"][0]["state_shape"] == [1, HEADS, MT, 1]
     assert [path for path, _ in meta["attention"]["rewritten"]] == ["blocks.0.attn", "blocks.1.attn"]
     assert meta["inputs"] == [{"shape": [1, SEQ, DIM], "dtype": "float32", "device": "cpu"},
                               {"shape": [1], "dtype": "float32", "device": "cpu"}]
@@ -262,9 +264,9 @@ def sdpa_net():
     return net
 
 
-def sdpa_inputs(steps=3):
+def sdpa_inputs(steps=3, seq=SEQ):
     ctx = torch.randn(1, 40, DIM, generator=torch.Generator().manual_seed(4))
-    return [(x * 4, ctx) for x, _ in make_inputs(steps)]
+    return [(x * 4, ctx) for x, _ in make_inputs(steps, seq)]
 
 
 def _ops_in(ep):
@@ -279,10 +281,12 @@ def _program_states(ep):
 
 def test_export_must_do_must_skip_threshold_reach_the_sites():
     """export(..., threshold=, must_do=, must_skip=) routes the SDPA model with these options: the
-    program drops tiles (threshold 0), never drops the must-do tile 0, never visits the must-skip
-    tile 2, and its outputs and states equal an eager model enabled with the same options."""
-    calls = sdpa_inputs()
-    options = dict(threshold=0.0, must_do=[(0, 128)], must_skip=[(256, SEQ)])
+    program drops tiles (threshold 0), never drops the must-do key tile 0, never visits the
+    must-skip key tile 2, and its outputs and states equal an eager model enabled with the same
+    options. 700 tokens: 6 key tiles, so tiles far from a query tile exist for either tile table."""
+    seq = 700
+    calls = sdpa_inputs(seq=seq)
+    options = dict(threshold=0.0, must_do=[(0, BN)], must_skip=[(2 * BN, 3 * BN)])
     ep = liteattn_ops.export(sdpa_net(), calls[0], **options)
     assert _ops_in(ep) == {"liteattn.sparse_attention": 2, "liteattn.attention.default": 0,
                            "aten.scaled_dot_product_attention": 1}
@@ -296,10 +300,10 @@ def test_export_must_do_must_skip_threshold_reach_the_sites():
             torch.testing.assert_close(module(*args), eager_model(*args), rtol=0, atol=0)
     eager_states = {name.split(".")[0]: site for name, site in liteattn_ops.attention_sites(eager_model)}
     for name, state in states.items():
-        live = liteattn_ops.live_mask(state, SEQ, 64, torch.float32)
+        live = liteattn_ops.live_mask(state, seq, 64, torch.float32)
         assert bool(live[..., 0].all()), f"{name}: a must-do tile left the live set"
         assert not bool(live[..., 2].any()), f"{name}: a must-skip tile is live"
-        assert not bool(live[..., 1].all()), f"{name}: threshold 0 dropped nothing"
+        assert not bool(live[..., 3:].all()), f"{name}: threshold 0 dropped nothing"
         assert torch.equal(live, eager_states[name].live_mask()), name
 
 
@@ -463,7 +467,7 @@ def test_load_rejects_program_with_other_tile_shape(monkeypatch, inputs, tmp_pat
     ep = _export_with(monkeypatch, model, inputs[0], table=table)
     assert liteattn_ops.exported_states(ep)[STATE_NAMES[0]].shape == (1, HEADS, 5, 1)
     torch.export.save(ep, tmp_path / "old.pt2")
-    with pytest.raises(lx.ProgramMismatchError, match=r"'blocks.0.attn.state' was exported with 64x64 tiles .* uses 128x128.*Re-export"):
+    with pytest.raises(lx.ProgramMismatchError, match=rf"'blocks.0.attn.state' was exported with 64x64 tiles .* uses {BM}x{BN}.*Re-export"):
         liteattn_ops.load(tmp_path / "old.pt2")
     module = torch.export.load(tmp_path / "old.pt2").module()
     with torch.no_grad(), pytest.raises(ValueError, match=r"state of shape \(1, 2, 5, 1\) does not match"):
@@ -473,7 +477,7 @@ def test_load_rejects_program_with_other_tile_shape(monkeypatch, inputs, tmp_pat
 def test_load_rejects_program_with_other_format_version(monkeypatch, inputs, tmp_path):
     ep = _export_with(monkeypatch, make_model(), inputs[0], version=lx.FORMAT_VERSION + 1)
     torch.export.save(ep, tmp_path / "future.pt2")
-    with pytest.raises(lx.ProgramMismatchError, match="format version 2.*format version 1"):
+    with pytest.raises(lx.ProgramMismatchError, match=f"format version {lx.FORMAT_VERSION + 1}.*format version {lx.FORMAT_VERSION}"):
         liteattn_ops.load(tmp_path / "future.pt2")
     plain = torch.export.export(nn.Linear(4, 4), (torch.randn(2, 4),))
     with pytest.raises(lx.ProgramMismatchError, match="no liteattn_ops record"):
@@ -633,7 +637,7 @@ def test_cuda_export_save_load_aoti(tmp_path, aoti_loads):
     path = liteattn_ops.aoti_compile_and_package(program, package_path=tmp_path / "model_cuda.pt2")
     runner = liteattn_ops.aoti_load_package(path)
     assert all(t.is_cuda for t in runner.states.values())
-    previous = {name: torch.ones(1, HEADS, 3, 3, dtype=torch.bool, device="cuda") for name in STATE_NAMES}
+    previous = {name: torch.ones(1, HEADS, MT, -(-SEQ // BN), dtype=torch.bool, device="cuda") for name in STATE_NAMES}
     runner_live = []
     with torch.no_grad():
         for i, args in enumerate(inputs):

@@ -68,6 +68,7 @@ def test_denoising_loop_on_structured_inputs():
     its scores is at most thr[h] (log2 units) above its row's max over the visited tiles."""
     q0, k0, v0 = _grid_inputs()
     batch, heads, seqlen, head_dim = q0.shape
+    bm, bn = liteattn_ops.tile_shape(head_dim, torch.float32)
     thresholds = torch.tensor([-6.0, -10.0, -14.0])   # heads with different thresholds
     state = new_state(batch, heads, seqlen, seqlen, head_dim, torch.float32)
     previous = live_mask(state, seqlen, head_dim, torch.float32)
@@ -86,11 +87,11 @@ def test_denoising_loop_on_structured_inputs():
 
         # Scores in log2 units minus the row max over visited columns, maxed per (tile row, tile col).
         scores = (q @ k.transpose(-1, -2)) * (math.log2(math.e) / math.sqrt(head_dim))
-        allowed = previous.repeat_interleave(128, 2)[:, :, :seqlen].repeat_interleave(128, 3)[..., :seqlen]
+        allowed = previous.repeat_interleave(bm, 2)[:, :, :seqlen].repeat_interleave(bn, 3)[..., :seqlen]
         rel = scores - scores.masked_fill(~allowed, -math.inf).amax(-1, keepdim=True)
-        tiles = math.ceil(seqlen / 128)
-        rel = torch.nn.functional.pad(rel, (0, tiles * 128 - seqlen) * 2, value=-math.inf)
-        tile_rel = rel.view(batch, heads, tiles, 128, tiles, 128).amax((3, 5))        # (B, H, Mt, Nt)
+        mt, nt = math.ceil(seqlen / bm), math.ceil(seqlen / bn)
+        rel = torch.nn.functional.pad(rel, (0, nt * bn - seqlen, 0, mt * bm - seqlen), value=-math.inf)
+        tile_rel = rel.view(batch, heads, mt, bm, nt, bn).amax((3, 5))                 # (B, H, Mt, Nt)
         dropped = previous & ~current
         limit = thresholds.view(1, heads, 1, 1).expand_as(tile_rel)
         assert bool((tile_rel[dropped] <= limit[dropped] + 1e-4).all()), f"step {step}: a tile above the threshold was dropped"
@@ -127,8 +128,10 @@ def test_must_do_and_must_skip():
 def test_must_do_restores_removed_tiles():
     q, k, v = _grid_inputs(batch=1)
     seqlen = q.shape[2]
-    state = pack_bits(torch.zeros(1, 3, 18, 18, dtype=torch.bool) | torch.eye(18, dtype=torch.bool))
-    sparse_attention(q, k, v, state, torch.full((3,), -math.inf), torch.tensor([[129, 130]]), None)
+    bm, bn = liteattn_ops.tile_shape(64, torch.float32)
+    mt, nt = math.ceil(seqlen / bm), math.ceil(seqlen / bn)
+    state = pack_bits(torch.zeros(1, 3, mt, nt, dtype=torch.bool) | torch.eye(mt, nt, dtype=torch.bool))
+    sparse_attention(q, k, v, state, torch.full((3,), -math.inf), torch.tensor([[bn + 1, bn + 2]]), None)
     assert bool(live_mask(state, seqlen, 64, torch.float32)[..., 1].all())
 
 
@@ -190,7 +193,7 @@ def _call(**changes):
     (dict(q=torch.randn(1, 2, 64, 200).transpose(-1, -2)), ValueError, "contiguous last dim"),
     (dict(q=torch.randn(2, 200, 64)), ValueError, "must be 4-D"),
     (dict(q=torch.randn(1, 2, 200, 64, device="meta")), ValueError, "q is on"),
-    (dict(state=new_state(1, 2, 300, 200, 64, torch.float32)), ValueError, "state of shape"),
+    (dict(state=new_state(1, 2, 500, 200, 64, torch.float32)), ValueError, "state of shape"),
     (dict(state=new_state(1, 2, 200, 200, 64, torch.float32).long()), TypeError, "int32 bitmask"),
     (dict(threshold=torch.tensor([-1.0, 0.5])), ValueError, "threshold values must be <= 0"),
     (dict(threshold=torch.tensor([-1.0, float("nan")])), ValueError, "threshold values"),

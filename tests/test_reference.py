@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import liteattn_ops
 from liteattn_ops.core.reference import first_tile, range_tiles, sparse_attention_reference
+from liteattn_ops.core.tiling import tile_shape
 from liteattn_ops.core.state import new_state, pack_bits, unpack_bits
 from liteattn_ops.testing import assert_lse_close, local_qkv
 
@@ -115,7 +116,8 @@ def test_must_do_wins_over_must_skip():
     state = new_state(1, 2, 384, 384, 64, torch.float32)
     must_do, must_skip = torch.tensor([[100, 101]]), torch.tensor([[0, 256]])   # tile 0: both; tile 1: skip
     out, lse, after = sparse_attention_reference(q, k, v, state, torch.full((2,), -math.inf), must_do, must_skip)
-    visited = torch.tensor([True, False, True]).expand(1, 2, 3, 3)
+    m_tiles = math.ceil(384 / tile_shape(64, torch.float32)[0])
+    visited = torch.tensor([True, False, True]).expand(1, 2, m_tiles, 3)
     assert torch.equal(unpack_bits(after, 3), visited)
     want_out, want_lse = masked_attention(q, k, v, visited)
     torch.testing.assert_close(out, want_out.float(), atol=1e-5, rtol=1e-4)
@@ -134,10 +136,12 @@ def test_non_finite_scores_never_make_a_tile_negligible():
     state = new_state(1, 2, 640, 640, 64, torch.float32)
     threshold = torch.full((2,), -8.0)
     _, _, after = sparse_attention_reference(q, k, v, state, threshold)
-    live = unpack_bits(after, 5)
-    n0 = first_tile(128, 128, 640, 640).tolist()
-    for m in range(5):
-        order = [(n0[m] + j) % 5 for j in range(5)]
+    bm, bn = tile_shape(64, torch.float32)
+    nt = 640 // bn
+    live = unpack_bits(after, nt)
+    n0 = first_tile(bm, bn, 640, 640).tolist()
+    for m in range(math.ceil(640 / bm)):
+        order = [(n0[m] + j) % nt for j in range(nt)]
         assert bool(live[:, :, m, order[order.index(0):]].all()), f"query tile {m}: a tile after the +inf key was dropped"
     assert torch.equal(after, literal_reference(q, k, v, state, threshold)[2])
     # NaN scores: the same rule, in both implementations.
