@@ -12,8 +12,12 @@ prose form; every rounding below is the one the CUDA kernel makes.
    scale = amax / 127 (one float32 division). amax not finite (an inf or NaN in the block):
    scale NaN, int8 values 0.
 3. Scores in log2 units: s[i, j] = float32(int32 q8[i] . k8[j]) * ((q_scale[m] * k_scale[n]) *
-   scale_log2), two float32 multiplies in that order, scale_log2 = float32(scale * log2(e))
-   computed in double and rounded once.
+   scale_log2), two float32 multiplies in that order, scale_log2 = float32(double(float32(scale))
+   * log2(e)): the kernel gets the scale as a float32 (bindings.cpp), widens it to double and
+   rounds the product once (fwd_launch.cuh).
+4. LSE correction: the smoothing takes the per-row constant scale * q[i] . mu out of the scores;
+   softmax ignores it, the LSE does not, so the LSE gets it back: lse = ln2 * (row max + log2(row
+   sum) + q_mu[i] * scale_log2), q_mu = query_mean_dots(q, mu) as the pre-pass computes it.
 
 Nothing loops over blocks. The int8 dot products are computed as a float32 matmul of the int8
 values: every partial sum is an integer below 127 * 127 * D < 2**24, so it is exact in any order.
@@ -30,7 +34,8 @@ from torch import Tensor
 from .tiling import num_tiles, tile_shape
 
 INT8_MAX = 127
-_LOG2E = math.log2(math.e)
+# fwd_launch.cuh: `const double log2e = 1.0 / std::log(2.0);` (the same double as math.log2(math.e)).
+_KERNEL_LOG2E = 1.0 / math.log(2.0)
 
 
 class QuantizedQK(NamedTuple):
@@ -45,9 +50,37 @@ class QuantizedQK(NamedTuple):
 
 
 def scale_log2(scale: float) -> float:
-    """The softmax scale in log2 units as the kernel holds it: float32(scale * log2(e)), the product
-    taken in double and rounded once."""
-    return float(torch.tensor(float(scale) * _LOG2E, dtype=torch.float64).to(torch.float32))
+    """The softmax scale in log2 units exactly as the kernel holds it (Params.scale_log2). The
+    binding takes `float scale`, so pybind11 rounds the Python float to float32; fwd_launch.cuh then
+    computes `static_cast<float>(double(a.scale) * log2e)` on the host: the float32 scale widened to
+    double, one double multiply by log2e = 1 / ln 2, one rounding to float32."""
+    scale32 = torch.tensor(float(scale), dtype=torch.float32).item()        # pybind11: (float) double
+    return float(torch.tensor(scale32 * _KERNEL_LOG2E, dtype=torch.float64).to(torch.float32))
+
+
+def query_mean_dots(q: Tensor, mu: Tensor) -> Tensor:
+    """q_mu (B, H, S_q) float32: q[i] . mu per query row, as the pre-pass (csrc/int8_prepass.cu,
+    quantize_kernel) computes it for the LSE correction: each group of 8 consecutive channels is one
+    fmaf chain from 0 in channel order, dot = fmaf(q[c], mu[c], dot); the D/8 group sums are then
+    added in float32 by a butterfly (xor-shuffle) reduction, i.e. a pairwise tree over adjacent
+    groups. The fmaf is emulated in float64 (the float32 product is exact there) and rounded to
+    float32 after every step, which differs from a true fma only when that double rounding hits a
+    float32 tie; so this matches the kernel bit for bit except at such ties (and denormal results,
+    which the kernel, built with --use_fast_math, flushes to zero)."""
+    qf = q.float()
+    batch, heads, seqlen, head_dim = qf.shape
+    groups = head_dim // 8
+    mu = mu.to(device=qf.device, dtype=torch.float32)
+    if head_dim % 8 or groups & (groups - 1):      # no kernel for such head dims: a plain dot product
+        return torch.einsum("bhsd,bhd->bhs", qf.double(), mu.double()).float()
+    x = qf.view(batch, heads, seqlen, groups, 8)
+    m = mu.view(batch, heads, 1, groups, 8).double()
+    acc = torch.zeros(batch, heads, seqlen, groups, dtype=torch.float32, device=qf.device)
+    for j in range(8):
+        acc = (x[..., j].double() * m[..., j] + acc.double()).float()
+    while acc.shape[-1] > 1:
+        acc = acc[..., 0::2] + acc[..., 1::2]
+    return acc[..., 0]
 
 
 def smoothing_mean(k: Tensor) -> Tensor:

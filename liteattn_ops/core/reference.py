@@ -18,8 +18,11 @@ for each (b, h, query tile m):
 6. use_int8=True (INT8 Q/K mode): the scores, in log2 units, are the int8 ones of
    liteattn_ops.core.quant (q per BM-row block, k smoothed by its per-channel mean then per BN-row
    block, int32 dot products times q_scale * k_scale * scale_log2); steps 1-5 apply to them
-   unchanged, with exp2 for the softmax and lse = ln2 * (row max + log2(row sum)). v, the
-   probabilities and the output are not quantized.
+   unchanged, with exp2 for the softmax. The lse is the true one: the smoothing removes the
+   per-row constant scale * q_i . mu from the scores, which softmax ignores, so it is added back,
+   as the kernel does: lse = ln2 * ((row max + log2(row sum)) + q_mu_i * scale_log2), float32, with
+   q_mu = quant.query_mean_dots(q, mu) (the pre-pass's summation order); rows with no visited tile
+   keep lse -inf. v, the probabilities and the output are not quantized.
 
 Nothing here loops over tiles: the running max in visit order is a cumulative max over a rotated
 tile axis. Query rows are processed in chunks only to bound memory.
@@ -95,6 +98,9 @@ def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_ski
     if use_int8:
         quantized = quant.quantize_qk(q, k, (block_m, block_n))
         keys = quant.padded_keys(quantized.k8, block_n)
+        # The LSE correction in log2 units, one float32 multiply (fwd_kernel.cuh: q_mu * scale_log2).
+        lse_bias_log2 = quant.query_mean_dots(q, quantized.mu) * torch.tensor(
+            quant.scale_log2(scale), dtype=torch.float32, device=device)
         qf = kf = None
     else:
         qf, kf = q.float(), k.float()
@@ -154,7 +160,10 @@ def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_ski
         probs = scores[..., :seqlen_k] if pad_k else scores
         chunk_out = torch.matmul(probs, vf) / row_sum.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
         out[:, :, row0:row1] = chunk_out.masked_fill(empty[..., None], 0.0).to(q.dtype)   # empty rows -> 0
-        chunk_lse = (row_max + torch.log2(row_sum)) * _LN2 if use_int8 else row_max + torch.log(row_sum)
+        if use_int8:   # epilogue.cuh: (row_max + log2(sum) + q_mu * scale_log2) * ln2, float32
+            chunk_lse = (row_max + torch.log2(row_sum) + lse_bias_log2[:, :, row0:row1]) * _LN2
+        else:
+            chunk_lse = row_max + torch.log(row_sum)
         lse[:, :, row0:row1] = chunk_lse.masked_fill(empty, -math.inf)
 
     negligible &= visited & ~do_tiles
