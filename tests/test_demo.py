@@ -23,8 +23,8 @@ from liteattn_ops.demo.quality import psnr_db, ssim
 from liteattn_ops.demo.timing import site_states
 
 REPO = Path(__file__).resolve().parents[1]
-SKIPPING = ["--device", "cpu", "--steps", "3", "--resolution", "64x64", "--frames", "4", "--quiet", "--no-warmup"]
-TINY = ["--device", "cpu", "--steps", "1", "--resolution", "32x32", "--frames", "4", "--quiet", "--no-profile",
+SKIPPING = ["--preset", "demo-dit", "--device", "cpu", "--steps", "3", "--resolution", "64x64", "--frames", "4", "--quiet", "--no-warmup"]
+TINY = ["--preset", "demo-dit", "--device", "cpu", "--steps", "1", "--resolution", "32x32", "--frames", "4", "--quiet", "--no-profile",
         "--no-warmup"]
 THRESHOLD = -2.0
 
