@@ -75,10 +75,11 @@ def test_demo_skips_tiles_and_matches_the_oracle(skipping_run, oracle):
     lite = report["liteattention"]
     assert report["threshold"] == THRESHOLD and report["tokens"] == 4 * 16 * 16
     assert all(v == [THRESHOLD] for v in lite["thresholds_per_layer"].values())
-    # the live fractions per step and layer are exactly the ones of the direct sampling
+    # the live fractions per step and layer are the ones of the direct sampling (the same live tiles; the
+    # fractions may differ in the last float32 bit, one is a mean over the state, the other over its heads)
     got = [r["live_fraction_per_layer"] for r in lite["per_step"]]
-    assert got == oracle["per_step"]
-    assert lite["final_per_layer"] == oracle["per_step"][-1]
+    assert got == [pytest.approx(step, rel=0, abs=1e-6) for step in oracle["per_step"]]
+    assert lite["final_per_layer"] == pytest.approx(oracle["per_step"][-1], rel=0, abs=1e-6)
     # tiles really were skipped, and fewer are live after each step
     assert lite["final_live_fraction"] < 0.95
     fractions = [r["live_fraction"] for r in lite["per_step"]]
@@ -346,14 +347,14 @@ def test_sweep_tool_uses_the_runner_and_skips_tiles(tmp_path, oracle):
     finally:
         sys.path.pop(0)
     out = tmp_path / "sweep"
-    rc = sweep.main(["--device", "cpu", f"--thresholds={THRESHOLD}", "--steps", "3", "--resolution", "64x64",
+    rc = sweep.main(["--preset", "demo-dit", "--device", "cpu", f"--thresholds={THRESHOLD}", "--steps", "3", "--resolution", "64x64",
                      "--frames", "4", "--quiet", "--no-profile", "--no-warmup", "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "sweep.json").read_text())
     assert [r["threshold"] for r in result["rows"]] == [THRESHOLD]
     (second,) = result["rows"]
     # the row is the oracle's run: same live fractions, same quality
-    assert second["final_per_layer"] == oracle["per_step"][-1]
+    assert second["final_per_layer"] == pytest.approx(oracle["per_step"][-1], rel=0, abs=1e-6)
     assert second["final_live_fraction"] < 0.95
     assert second["psnr_db"] == pytest.approx(psnr_db(oracle["dense"], oracle["lite"]), abs=0.01)
     assert "| threshold |" in (out / "sweep.md").read_text()

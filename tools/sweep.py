@@ -41,11 +41,12 @@ def parse_args(argv=None):
                    help="comma-separated thresholds in log2 units (<= 0; -inf never skips)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--resolution", default=None, help="HxW (default: the demo's, 64x64 on CPU, 128x128 on CUDA)")
-    p.add_argument("--frames", type=int, default=None, help="frames (default: the demo's, 8 on CPU, 32 on CUDA)")
+    p.add_argument("--frames", type=int, default=None, help="frames (default: the demo's, 4 on CPU, 32 on CUDA)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compile", dest="mode", action="store_const", const="compile")
     mode.add_argument("--eager", dest="mode", action="store_const", const="eager")
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode of both runs (see the demo)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of both runs (default: the demo's)")
+    p.add_argument("--preset", default=None, choices=("demo-dit", "wan-small"), help="the model (default: the demo's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, default=0)
     p.add_argument("--batch", type=int, default=1)
@@ -70,8 +71,9 @@ def demo_namespace(args) -> argparse.Namespace:
     ns = demo_parse_args([
         "--device", args.device, "--steps", str(args.steps), f"--threshold={args.thresholds[0]}",
         "--seed", str(args.seed), "--label", str(args.label), "--batch", str(args.batch), "--out", args.out,
-        "--compile-mode", args.compile_mode,
-    ] + (["--resolution", args.resolution] if args.resolution else [])
+    ] + (["--compile-mode", args.compile_mode] if args.compile_mode else [])
+      + (["--preset", args.preset] if args.preset else [])
+      + (["--resolution", args.resolution] if args.resolution else [])
       + (["--frames", str(args.frames)] if args.frames else [])
       + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
       + (["--" + args.mode] if args.mode else []) + (["--quiet"] if args.quiet else [])

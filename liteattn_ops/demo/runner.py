@@ -119,7 +119,7 @@ class DemoRunner:
         self.device = args.device
         self.notes: list[str] = []
         self.mode = args.mode
-        self.compile_mode = getattr(args, "compile_mode", "default")
+        self.compile_mode = getattr(args, "compile_mode", None) or "default"
         self._ctx, self.sdpa_order = sdpa_priority(args.sdpa_backend, args.device)
         self._lite_model = None
         self._dense_model = None
