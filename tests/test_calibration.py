@@ -604,3 +604,57 @@ def test_export_takes_a_table(calibrated):
     assert model.blocks[1].attn.threshold == table.sites["blocks.1.attn"].thresholds[0]
     buffers = {name: t for name, t in ep.named_buffers() if "threshold" in name}
     assert any(t.tolist() == table.sites["blocks.1.attn"].thresholds[0] for t in buffers.values()), buffers
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line: --preset wan-small through the demo's pipeline, --write-default beside --checkpoint
+# ------------------------------------------------------------------------------------------------
+
+def test_cli_preset_wan_small_writes_the_default_table_beside_the_checkpoint(tmp_path):
+    """python -m liteattn_ops.calibration --preset wan-small --checkpoint C --write-default on a tiny
+    random WanClassModel: the generation is the demo's WanSmallPipeline (FlowMatchEulerDiscreteScheduler,
+    float32 on the CPU), the table lands as <stem>_thresholds.json beside C with C's hash, the demo
+    finds it as its default and it applies to the model the demo builds."""
+    pytest.importorskip("diffusers")
+    import argparse
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from liteattn_ops.calibration.__main__ import main, parse_args
+    from liteattn_ops.demo.cli import default_thresholds_file
+    from liteattn_ops.demo.models.wan_small import WanClassModel, WanSmallConfig
+
+    assert parse_args([]).preset == "demo-dit"
+    torch.manual_seed(0)
+    cfg = WanSmallConfig(dim=128, num_heads=2, depth=1, mlp_ratio=1.0, class_tokens=2, freq_dim=16)  # head dim 64
+    model = WanClassModel(cfg)
+    ckpt = tmp_path / "ckpt" / "tiny_wan.safetensors"
+    ckpt.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    ckpt.with_suffix(".json").write_text(json.dumps({"arch": "wan", "model_config": cfg.to_dict()}))
+
+    out = tmp_path / "out"
+    rc = main(["--preset", "wan-small", "--checkpoint", str(ckpt), "--frames", "2", "--resolution", "32x32",
+               "--steps", "2", "--budget", "0.05", "--write-default", "--out", str(out)])
+    assert rc == 0
+    default = ckpt.with_name("tiny_wan_thresholds.json")
+    assert default.is_file() and (out / "thresholds_0.05.json").is_file()
+    table = ThresholdTable.load(default)
+    assert table.model.endswith("WanClassModel")
+    cal = table.calibration
+    assert cal["preset"] == "wan-small" and cal["checkpoint"] == "tiny_wan.safetensors"
+    assert cal["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert cal["generation"]["dtype"] == "float32" and cal["generation"]["autocast"] is False
+    assert sorted(n for n, e in table.sites.items() if e.thresholds is not None) == ["transformer.blocks.0.attn1.liteattn"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["preset"] == "wan-small" and report["tokens"] == 2 * 8 * 8
+    # the demo's default lookup finds it, and it fits the demo's model
+    demo_args = argparse.Namespace(preset="wan-small", checkpoint=str(ckpt))
+    assert default_thresholds_file(demo_args) == default
+    fresh = WanClassModel(cfg)
+    liteattn_ops.enable(fresh)
+    liteattn_ops.set_threshold(fresh, table)
+    # a missing checkpoint is a clear error, not a traceback
+    assert main(["--preset", "wan-small", "--checkpoint", str(tmp_path / "none.safetensors"),
+                 "--out", str(out)]) == 2

@@ -1,12 +1,17 @@
-"""python -m liteattn_ops.calibration: calibrate the demo DiT, write the table and a short report.
+"""python -m liteattn_ops.calibration: calibrate a demo model, write the table and a short report.
 
     python -m liteattn_ops.calibration                        # CPU, 2,048 tokens, budget 0.03
+    python -m liteattn_ops.calibration --preset wan-small --budget 0.01 --write-default
     python -m liteattn_ops.calibration --budget 0.01,0.03,0.1 --compare -- uniform sweep, PSNR/SSIM
     python -m liteattn_ops.demo --thresholds out/calibration/thresholds_0.03.json
 
 Writes into --out: thresholds_<budget>.json (the ThresholdTable), report.json and report.md (per
 site: thresholds, live fraction, error; with --compare also the final video's PSNR/SSIM against
 dense for each table and for a sweep of uniform thresholds, and the live-tile factor at equal PSNR).
+
+--preset picks the model as the demo does (liteattn_ops.demo.pipelines: demo-dit, the project's DiT;
+wan-small, the small diffusers WanTransformer3DModel sampled with FlowMatchEulerDiscreteScheduler,
+bf16 weights on CUDA, float32 on the CPU), and the generation is the demo's own pipeline run.
 
 This front end needs the demo (it imports liteattn_ops.demo.models); the library part of
 liteattn_ops.calibration does not.
@@ -28,6 +33,11 @@ import torch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m liteattn_ops.calibration", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="demo-dit", choices=PRESETS,
+                   help="the demo model to calibrate, built and sampled by the demo's pipeline")
+    p.add_argument("--checkpoint", default=None,
+                   help="safetensors of the preset's model (default: the shipped one: demo_dit.safetensors, "
+                        "or demo_wan.safetensors for wan-small)")
     p.add_argument("--budget", default="0.03",
                    help="target error(s), comma-separated (relative, per call); 'none': only the --compare sweep")
     p.add_argument("--metric", default="l1", choices=("l1", "rmse", "cosine"))
@@ -55,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/calibration")
     p.add_argument("--write-default", action="store_true",
                    help="also write the table (one --budget) as the demo's default: <checkpoint stem>_thresholds.json "
-                        "beside the shipped checkpoint, which python -m liteattn_ops.demo then uses")
+                        "beside the checkpoint, which python -m liteattn_ops.demo --preset P then uses")
     args = p.parse_args(argv)
     try:
         args.budgets = [] if args.budget == "none" else [float(b) for b in args.budget.split(",") if b.strip()]
@@ -73,23 +83,57 @@ def parse_args(argv=None):
         p.error("--write-default needs exactly one --budget")
     if any(u > 0 for u in args.uniform):
         p.error("--uniform thresholds must be <= 0")
+    if not 0 <= args.label < 4:
+        p.error(f"--label must be in [0, 4), got {args.label}")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"unknown --device {args.device!r}")
     return args
 
 
+PRESETS = ("demo-dit", "wan-small")
+
+
+def checkpoint_path(args) -> Path:
+    """The checkpoint the preset loads: --checkpoint, else the shipped one of the preset."""
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    if args.preset == "wan-small":
+        from ..demo.pipelines import WAN_SMALL_CHECKPOINT
+
+        return WAN_SMALL_CHECKPOINT
+    from ..demo.models import CHECKPOINT
+
+    return CHECKPOINT
+
+
+def default_table_path(args) -> Path:
+    """Where --write-default writes: <checkpoint stem>_thresholds.json beside the checkpoint (the
+    demo's default_thresholds_file)."""
+    ckpt = checkpoint_path(args)
+    return ckpt.with_name(ckpt.stem + "_thresholds.json")
+
+
+# the demo's sampling settings (its defaults: batch 1, Wan's shift 3, no guidance)
+PIPELINE_DEFAULTS = {"batch": 1, "shift": 3.0, "guidance": 1.0}
+
+
 class DemoRun:
-    """The demo DiT and one fixed generation (noise, label, steps), as `run(model)`."""
+    """A demo model and one fixed generation (noise, label, steps), as `run(model)`: the demo's
+    own pipeline (liteattn_ops.demo.pipelines.make_pipeline), so the model, its dtype (demo-dit:
+    bf16 autocast on CUDA; wan-small: bf16 weights on CUDA, no autocast; float32 on the CPU) and
+    the sampler are the demo's."""
 
     def __init__(self, args):
-        from ..demo.models import load_demo_model, sample
+        from ..demo.pipelines import make_pipeline
 
-        self.sample = sample
-        self.device = torch.device(args.device)
-        self.model, self.meta = load_demo_model(device=self.device)
-        self.grid = self.model.token_grid(args.frames, args.height, args.width)
-        g = torch.Generator().manual_seed(args.seed)
-        self.noise = torch.randn(1, 3, args.frames, args.height, args.width, generator=g).to(self.device)
-        self.labels = torch.full((1,), args.label, dtype=torch.long, device=self.device)
-        self.model.rope(self.grid, self.device)
+        pipe_args = argparse.Namespace(preset=args.preset, checkpoint=args.checkpoint, device=args.device,
+                                       frames=args.frames, height=args.height, width=args.width, seed=args.seed,
+                                       label=args.label, **PIPELINE_DEFAULTS)
+        self.pipe = make_pipeline(pipe_args)      # DemoError (missing/bad checkpoint, bad size): main reports it
+        self.device = args.device
+        self.model, self.meta, self.grid = self.pipe.model, self.pipe.meta, self.pipe.grid
         self.steps, self.live_per_step = args.steps, []
 
     def __call__(self, model, track=None):
@@ -99,13 +143,12 @@ class DemoRun:
             if track is not None:
                 self.live_per_step.append(track())
 
-        # on CUDA the demo runs under bf16 autocast (the kernel takes bf16/fp16), as the demo's pipeline does
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            self.last_video = self.sample(model, self.noise, self.labels, steps=self.steps, callback=callback)
+        with torch.no_grad():
+            self.last_video = self.pipe.run(model, self.steps, callback)
         return self.last_video
 
     def frames(self, video):
-        return ((video[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu()
+        return self.pipe.to_frames(video)
 
 
 def _generation_record(args, demo) -> dict:
@@ -113,12 +156,13 @@ def _generation_record(args, demo) -> dict:
     a retrained checkpoint is told apart) and the generation."""
     import hashlib
 
-    from ..demo.models import CHECKPOINT
-
-    digest = hashlib.sha256(CHECKPOINT.read_bytes()).hexdigest() if CHECKPOINT.is_file() else None
-    return {"checkpoint": CHECKPOINT.name, "checkpoint_sha256": digest, "generation": {
+    ckpt = checkpoint_path(args)
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest() if ckpt.is_file() else None
+    return {"preset": args.preset, "checkpoint": ckpt.name, "checkpoint_sha256": digest, "generation": {
         "steps": args.steps, "frames": args.frames, "resolution": f"{args.height}x{args.width}", "seed": args.seed,
-        "label": args.label, "warmup_steps": args.warmup, "device": str(demo.device)}}
+        "label": args.label, "warmup_steps": args.warmup, "device": str(demo.device),
+        "dtype": str(demo.pipe.attention_dtype).removeprefix("torch."),
+        "autocast": bool(demo.pipe.autocast), **PIPELINE_DEFAULTS}}
 
 
 def _quality(ref, test) -> dict:
@@ -221,10 +265,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     t_all = time.perf_counter()
-    demo = DemoRun(args)
+    from ..demo.errors import DemoError
+
+    try:
+        demo = DemoRun(args)
+    except DemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model = demo.model
     liteattn_ops.enable(model, threshold=-math.inf, warmup_steps=args.warmup)
-    report = {"criterion": args.criterion, "warmup_steps": args.warmup, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    report = {"preset": args.preset, "checkpoint": str(checkpoint_path(args)), "criterion": args.criterion, "warmup_steps": args.warmup, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                          f"{args.device}" + (f" ({torch.cuda.get_device_name()})" if demo.device.type == "cuda" else ""),
               "command": "python -m liteattn_ops.calibration " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -256,9 +306,7 @@ def main(argv=None) -> int:
             table.calibration.update(_generation_record(args, demo))
             path = table.save(out / name)
             if args.write_default:
-                from ..demo.models import CHECKPOINT
-
-                default = table.save(CHECKPOINT.with_name(CHECKPOINT.stem + "_thresholds.json"))
+                default = table.save(default_table_path(args))
                 report["default_table"] = str(default)
                 print(f"the demo's default table: {default}", flush=True)
             entry = {"budget": budget, "allocation": allocation, "table": str(path),
@@ -268,7 +316,7 @@ def main(argv=None) -> int:
                                    "error_mean": e.error_mean, "error_per_head": e.error_per_head}
                                for n, e in table.sites.items() if e.thresholds is not None}}
             lives = [e.live_fraction for e in table.sites.values() if e.live_fraction is not None]
-            entry["last_pass"] = {"live_end": round(sum(lives) / len(lives), 4),
+            entry["last_pass"] = {"live_end": round(sum(lives) / len(lives), 4) if lives else None,
                                   **(_quality(dense, demo.frames(last_pass_video)) if args.compare else {})}
             if args.compare and len(table.schedule) == 1 and args.criterion == "max":
                 liteattn_ops.set_threshold(model, table)
@@ -353,7 +401,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {thr} | {live} | {', '.join(_fmt(x, 4) for x in st['error'])} / "
                          f"{', '.join(_fmt(x, 4) for x in mean)} | {err_h} |")
         lines.append("")
-    lines += [f"Calibration of the demo DiT — {report['date']}, {report['machine']}",
+    lines += [f"Calibration of {report.get('preset', 'demo-dit')} — {report['date']}, {report['machine']}",
               f"`{report['command']}`, {report['tokens']} tokens, {report['steps']} steps, "
               f"warm-up {report.get('warmup_steps', 0)}, "
               f"total {report.get('total_wall_s', 0):.0f} s", ""]
