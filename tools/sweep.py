@@ -115,6 +115,7 @@ def run_sweep(args) -> dict:
         "torch": report["torch"],
         "mode": report["mode"],
         "compile_mode": report["compile_mode"],
+        "preset": report["preset"],
         "cuda_graphs": report["cuda_graphs"],
         "sdpa_backend": report["sdpa_backend"],
         "steps": ns.steps,
@@ -137,7 +138,7 @@ def fmt(v, spec):
 
 def table(result: dict) -> str:
     lines = [
-        f"Demo DiT, {result['frames']} frames x {result['height']}x{result['width']} = {result['tokens']} tokens, "
+        f"{result.get('preset', 'demo-dit')}, {result['frames']} frames x {result['height']}x{result['width']} = {result['tokens']} tokens, "
         f"{result['steps']} steps, {result['device_name']} ({result['mode']}); dense {result['dense']['time_s']:.3f} s",
         "",
         "| threshold | live at end | computed | time (s) | speedup | attn speedup | PSNR (dB) | SSIM |",
