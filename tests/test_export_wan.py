@@ -14,9 +14,10 @@ from test_export import _fast_cpu_configs, run_in_fresh_process
 
 diffusers = pytest.importorskip("diffusers")
 
-# 2 blocks, 2 heads of 64; 3 x 16 x 16 latents with 1x2x2 patches -> 192 tokens (2 query tiles)
-STATES = ["blocks.0.attn1.liteattn.state_0_default_1x2x192x192x64_float32",
-          "blocks.1.attn1.liteattn.state_0_default_1x2x192x192x64_float32"]
+# 2 blocks, 2 heads of 64; 3 x 24 x 32 latents with 1x2x2 patches -> 576 tokens (3 query tiles of 192,
+# 5 key tiles of 128: with a single query tile nothing could be dropped, the first tile visited never is)
+TOKENS = 576
+STATES = [f"blocks.{i}.attn1.liteattn.state_0_default_1x2x{TOKENS}x{TOKENS}x64_float32" for i in range(2)]
 THRESHOLD = -2.0
 
 
@@ -42,7 +43,7 @@ def make_wan():
 def make_calls(steps: int = 3):
     """(args, kwargs) of consecutive denoising steps: latents, timestep, text embeddings."""
     gen = torch.Generator().manual_seed(2)
-    latents = torch.randn(1, 4, 3, 16, 16, generator=gen)
+    latents = torch.randn(1, 4, 3, 24, 32, generator=gen)
     text = torch.randn(1, 8, 32, generator=gen)
     return [((latents * (1 - 0.2 * i), torch.tensor([900.0 - 300 * i]), text), {"return_dict": False})
             for i in range(steps)]
@@ -104,7 +105,7 @@ def test_wan_program_matches_eager_over_calls(wan_and_program, calls, eager):
     states = liteattn_ops.exported_states(module)
     assert sorted(states) == STATES
     outs, expected_states = eager
-    live = [[float(liteattn_ops.live_mask(step[name], 192, 64, torch.float32).float().mean()) for name in STATES]
+    live = [[float(liteattn_ops.live_mask(step[name], TOKENS, 64, torch.float32).float().mean()) for name in STATES]
             for step in expected_states]
     assert live[-1][0] < 1 and live[0] != live[1], live       # tiles are dropped, not only in call 1
     with torch.no_grad():
