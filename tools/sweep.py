@@ -138,7 +138,7 @@ def fmt(v, spec):
 
 def table(result: dict) -> str:
     lines = [
-        f"{result.get('preset', 'demo-dit')}, {result['frames']} frames x {result['height']}x{result['width']} = {result['tokens']} tokens, "
+        f"{result['preset']}, {result['frames']} frames x {result['height']}x{result['width']} = {result['tokens']} tokens, "
         f"{result['steps']} steps, {result['device_name']} ({result['mode']}); dense {result['dense']['time_s']:.3f} s",
         "",
         "| threshold | live at end | computed | time (s) | speedup | attn speedup | PSNR (dB) | SSIM |",
