@@ -11,9 +11,9 @@
 
 namespace liteattn {
 
-template <class Tr, class TensorO>
+template <class Tr, class Softmax, class TensorO>
 __device__ __forceinline__ void store_output(typename Tr::Params const& p, QueryTile tile, int row0,
-                                             const bool (&row_valid)[2], int lane, OnlineSoftmax const& softmax,
+                                             const bool (&row_valid)[2], int lane, Softmax const& softmax,
                                              TensorO const& tOrO, const float (&lse_bias_log2)[2]) {
   using Element = typename Tr::Element;
   float inv_sum[2], lse[2];
@@ -22,9 +22,9 @@ __device__ __forceinline__ void store_output(typename Tr::Params const& p, Query
     const float sum = quad_sum(softmax.row_sum[r]);
     inv_sum[r] = sum > 0.f ? 1.f / sum : 0.f;
     if constexpr (Tr::kInt8) {
-      lse[r] = sum > 0.f ? (softmax.row_max[r] + log2f(sum) + lse_bias_log2[r]) * p.ln2 : -INFINITY;
+      lse[r] = sum > 0.f ? (softmax.ref_max(r) + log2f(sum) + lse_bias_log2[r]) * p.ln2 : -INFINITY;
     } else {
-      lse[r] = sum > 0.f ? (softmax.row_max[r] + log2f(sum)) * p.ln2 : -INFINITY;
+      lse[r] = sum > 0.f ? (softmax.ref_max(r) + log2f(sum)) * p.ln2 : -INFINITY;
     }
   }
   Element* out = p.out + tile.b * p.out_stride_b + tile.h * p.out_stride_h;

@@ -17,36 +17,75 @@ void require(bool ok, const std::string& message) {
 
 int element_bytes(DType) { return 2; }
 
-// The kernel variant of this call: the default, or (A/B builds only) what LITEATTN_VARIANT says.
-struct Variant {
-  bool ping_pong;
+// The kernel variant of this call: the head dim's default, or (A/B builds) what LITEATTN_VARIANT says:
+// names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
+// "lazy" / "nolazy", "early" / "noearly", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first
+// schedule). Parsed per call, so one process can time several variants.
+struct CallVariant {
+  int id;
   bool schedule;
 };
 
-Variant variant_of_call(int head_dim) {
-  Variant v{ping_pong_default(head_dim), true};
-#if LITEATTN_AB_VARIANTS
-  if (const char* env = std::getenv("LITEATTN_VARIANT")) {
-    if (std::strstr(env, "nopp")) v.ping_pong = false;
-    else if (std::strstr(env, "pp")) v.ping_pong = true;
-    if (std::strstr(env, "nolpt")) v.schedule = false;
+CallVariant variant_of_call(int head_dim) {
+  CallVariant v{default_variant(head_dim), true};
+  const char* env = std::getenv("LITEATTN_VARIANT");
+  if (env == nullptr || *env == 0) return v;
+  std::string text(env);
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t end = text.find_first_of("+-,", start);
+    if (end == std::string::npos) end = text.size();
+    const std::string token = text.substr(start, end - start);
+    auto set_bit = [&](int bit, bool on) { v.id = on ? (v.id | bit) : (v.id & ~bit); };
+    if (token.empty() || token == "default") {
+    } else if (token == "pp" || token == "nopp") {
+      set_bit(kVariantPingPong, token == "pp");
+    } else if (token == "lazy" || token == "nolazy") {
+      set_bit(kVariantLazyRescale, token == "lazy");
+    } else if (token == "early" || token == "noearly") {
+      set_bit(kVariantEarlyRescale, token == "early");
+    } else if (token == "nolpt") {
+      v.schedule = false;
+    } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
+               token.find_first_not_of("0123456789", 2) == std::string::npos) {
+      const int bn = std::atoi(token.c_str() + 2);
+      require(bn % 16 == 0 && bn / 16 < 32, "LITEATTN_VARIANT: " + token + " is not a multiple of 16 below 512");
+      v.id = (v.id & ~(31 << kVariantBnShift)) | ((bn / 16) << kVariantBnShift);
+    } else {
+      require(false, "LITEATTN_VARIANT: unknown token '" + token +
+                         "' (expected default, pp, nopp, lazy, nolazy, early, noearly, bn<N>, nolpt)");
+    }
+    start = end + 1;
   }
-#endif
   return v;
 }
 
+// Variants of A/B builds: bf16, 16-bit mode, dense always, skip only with the table's BN (CMakeLists.txt).
+constexpr bool ab_variant_built(int id, DType dtype, bool skip, bool int8) {
+  return dtype == DType::kBFloat16 && !int8 && !(skip && decode_variant(id).bn != 0);
+}
+
 template <DType kDType, int kHeadDim, bool kSkip, bool kInt8>
-void run_variant(const FwdArgs& a, const Variant& v) {
-  constexpr bool kDefault = ping_pong_default(kHeadDim);
-#if LITEATTN_AB_VARIANTS
-  if (v.ping_pong != kDefault) return run_fwd<kDType, kHeadDim, kSkip, !kDefault, kInt8>(a);
-#endif
-  (void)v;
-  run_fwd<kDType, kHeadDim, kSkip, kDefault, kInt8>(a);
+void run_variant(const FwdArgs& a, int variant) {
+  constexpr int kDefault = default_variant(kHeadDim);
+  if (variant == kDefault) return run_fwd<kDType, kHeadDim, kSkip, kDefault, kInt8>(a);
+  // A variant whose BN equals the table's is the same kernel as the one without a BN.
+  if (decode_variant(variant).bn == tile_shape(kHeadDim, kDType).bn)
+    return run_variant<kDType, kHeadDim, kSkip, kInt8>(a, variant & ~(31 << kVariantBnShift));
+#define LITEATTN_AB_CASE(ID, HEAD_DIM)                                                                  \
+  if constexpr (HEAD_DIM == kHeadDim && ab_variant_built(ID, kDType, kSkip, kInt8) && ID != kDefault) { \
+    if (variant == ID) return run_fwd<kDType, kHeadDim, kSkip, ID, kInt8>(a);                           \
+  }
+  LITEATTN_FOR_EACH_AB_VARIANT(LITEATTN_AB_CASE)
+#undef LITEATTN_AB_CASE
+  require(false, "LITEATTN_VARIANT: variant " + std::to_string(variant) +
+                     " is not built for this call (head_dim " + std::to_string(kHeadDim) +
+                     (kSkip ? ", skip path" : ", dense path") + (kInt8 ? ", INT8" : "") +
+                     "); build with cmake -DLITEATTN_AB_VARIANTS=\"ids\"");
 }
 
 template <DType kDType, int kHeadDim, bool kSkip>
-void run_mode(const FwdArgs& a, const Variant& v) {
+void run_mode(const FwdArgs& a, int v) {
 #if LITEATTN_INT8
   if (a.int8) return run_variant<kDType, kHeadDim, kSkip, /*kInt8=*/true>(a, v);
 #endif
@@ -108,8 +147,9 @@ void forward(const FwdArgs& a) {
   if (a.state) {
     const auto tile = tile_shape(a.head_dim, a.dtype);
     const int64_t num_n_tiles = (int64_t(a.seqlen_k) + tile.bn - 1) / tile.bn;
-    require(num_n_tiles <= int64_t(kMaxStateWords) * 32,
-            "seqlen_k too long for the skip state: at most " + std::to_string(int64_t(kMaxStateWords) * 32 * tile.bn) +
+    const int64_t max_words = max_state_words(a.head_dim, a.dtype);
+    require(num_n_tiles <= max_words * 32,
+            "seqlen_k too long for the skip state: at most " + std::to_string(max_words * 32 * tile.bn) +
                 " keys");
     require(reinterpret_cast<uint64_t>(a.state) % 4 == 0, "state must be 4-byte aligned int32");
     require(a.threshold != nullptr, "threshold must be a non-null float32 (H,) device pointer with a state");
@@ -119,14 +159,14 @@ void forward(const FwdArgs& a) {
             "must_skip must be a non-null (R, 2) int32 device pointer when num_must_skip > 0");
   }
 
-  Variant variant = variant_of_call(a.head_dim);
+  const CallVariant variant = variant_of_call(a.head_dim);
   FwdArgs call = a;
   if (!variant.schedule) call.schedule = nullptr;
   // One case per (head_dim, dtype) of tile_shapes.json.
 #define LITEATTN_DISPATCH_CASE(HEAD_DIM, DTYPE)                                      \
   if (a.head_dim == HEAD_DIM && a.dtype == DType::DTYPE) {                           \
-    if (a.state) return run_mode<DType::DTYPE, HEAD_DIM, /*kSkip=*/true>(call, variant); \
-    return run_mode<DType::DTYPE, HEAD_DIM, /*kSkip=*/false>(call, variant);    \
+    if (a.state) return run_mode<DType::DTYPE, HEAD_DIM, /*kSkip=*/true>(call, variant.id); \
+    return run_mode<DType::DTYPE, HEAD_DIM, /*kSkip=*/false>(call, variant.id);    \
   }
   LITEATTN_FOR_EACH_KERNEL(LITEATTN_DISPATCH_CASE)
 #undef LITEATTN_DISPATCH_CASE

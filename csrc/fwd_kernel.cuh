@@ -41,7 +41,7 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   typename Tr::TiledMmaPV mma_pv;
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kD>>{});
   clear(tOrO);
-  OnlineSoftmax softmax;
+  OnlineSoftmax<Tr::kLazyRescale> softmax;
   consumer_mainloop<Tr>(p, ss, tile, warpgroup, t, softmax, vote, tOrO);
   store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 

@@ -19,10 +19,10 @@ inline void check_cuda(cudaError_t err, const char* what) {
 // descriptor, which wants multiples of 16 bytes: give it a harmless valid one.
 inline int64_t tma_stride(int64_t stride, int size, int64_t fallback) { return size == 1 ? fallback : stride; }
 
-template <DType kDType, int kHeadDim, bool kSkip, bool kPingPong, bool kInt8>
+template <DType kDType, int kHeadDim, bool kSkip, int kVariant, bool kInt8>
 void run_fwd(const FwdArgs& a) {
   using namespace cute;
-  using Tr = FwdTraits<kDType, kHeadDim, kSkip, kPingPong, kInt8>;
+  using Tr = FwdTraits<kDType, kHeadDim, kSkip, kVariant, kInt8>;
   using Element = typename Tr::Element;
   using ElementQK = typename Tr::ElementQK;  // int8 in INT8 mode: q and k are the pre-pass's int8 buffers
   constexpr int64_t kD = kHeadDim;
@@ -91,11 +91,9 @@ void run_fwd(const FwdArgs& a) {
 
 }  // namespace liteattn
 
-// The generated instantiation files (CMakeLists.txt) use these: the default variant, and the
-// other ping-pong setting for A/B builds; INT8 is true for the INT8 Q/K mode.
-#define LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, PING_PONG, INT8) \
-  template void liteattn::run_fwd<liteattn::DType::DTYPE, HEAD_DIM, SKIP, PING_PONG, INT8>(const liteattn::FwdArgs&);
+// The generated instantiation files (CMakeLists.txt) use these: the default variant of the head dim, and
+// (A/B builds) a listed variant id; INT8 is true for the INT8 Q/K mode.
+#define LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, VARIANT, INT8) \
+  template void liteattn::run_fwd<liteattn::DType::DTYPE, HEAD_DIM, SKIP, VARIANT, INT8>(const liteattn::FwdArgs&);
 #define LITEATTN_INSTANTIATE_FWD_DEFAULT(DTYPE, HEAD_DIM, SKIP, INT8) \
-  LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, liteattn::ping_pong_default(HEAD_DIM), INT8)
-#define LITEATTN_INSTANTIATE_FWD_ALTERNATIVE(DTYPE, HEAD_DIM, SKIP, INT8) \
-  LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, !liteattn::ping_pong_default(HEAD_DIM), INT8)
+  LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, liteattn::default_variant(HEAD_DIM), INT8)

@@ -25,17 +25,22 @@ using KMajorAtom = std::conditional_t<
     kRowBytes % 128 == 0, cute::GMMA::Layout_K_SW128_Atom<T>,
     std::conditional_t<kRowBytes % 64 == 0, cute::GMMA::Layout_K_SW64_Atom<T>, cute::GMMA::Layout_K_SW32_Atom<T>>>;
 
-// kPingPong: the consumer warpgroups take turns to issue their GEMMs (named barriers, see
-// named_barriers.cuh), so one warpgroup's softmax runs while another's GEMMs use the tensor cores.
+// kVariant: decode_variant (liteattn.h) -- ping-pong (the consumer warpgroups take turns to issue their
+// GEMMs, named_barriers.cuh, so one warpgroup's softmax runs while another's GEMMs use the tensor cores),
+// lazy / early O rescale, and a BN other than the table's (dense path only).
 // kInt8: INT8 Q/K mode (out/INT8_SPEC.md): Q and K arrive as int8 (the pre-pass, int8_prepass.cu, wrote them
 // with per-block scales), S = Q K^T is an s8 x s8 -> s32 wgmma and the scores are scaled per tile pair
 // (int8_scores.cuh); V, P, O and everything after the scores are as in the 16-bit mode.
-template <DType kDType_, int kHeadDim_, bool kSkip_, bool kPingPong_, bool kInt8_>
+template <DType kDType_, int kHeadDim_, bool kSkip_, int kVariant_, bool kInt8_>
 struct FwdTraits {
   static constexpr DType kDType = kDType_;
   static constexpr int kD = kHeadDim_;
   static constexpr bool kSkip = kSkip_;
-  static constexpr bool kPingPong = kPingPong_;
+  static constexpr int kVariant = kVariant_;
+  static constexpr KernelVariant kVariantInfo = decode_variant(kVariant_);
+  static constexpr bool kPingPong = kVariantInfo.ping_pong;
+  static constexpr bool kLazyRescale = kVariantInfo.lazy_rescale;
+  static constexpr bool kEarlyRescale = kVariantInfo.early_rescale;
   static constexpr bool kInt8 = kInt8_;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
   using ElementQK = std::conditional_t<kInt8, int8_t, Element>;  // Q and K in shared memory
@@ -44,8 +49,9 @@ struct FwdTraits {
 
   // Tile shape: the shared table (liteattn_ops/core/tile_shapes.json) decides.
   static constexpr int kBM = tile_shape(kD, kDType).bm;
-  static constexpr int kBN = tile_shape(kD, kDType).bn;
+  static constexpr int kBN = kVariantInfo.bn ? kVariantInfo.bn : tile_shape(kD, kDType).bn;
   static_assert(kBM > 0 && kBN > 0, "tile_shapes.json has no entry for this (head_dim, dtype)");
+  static_assert(!kSkip || kBN == tile_shape(kD, kDType).bn, "the skip state is kept per tile of the table's BN");
   static_assert(kD == 64 || kD == 128, "head dims 64 and 128");
   // One producer warpgroup, then one consumer warpgroup per 64 query rows (2 or 3).
   static_assert(kBM == 128 || kBM == 192, "BM must be 128 or 192 (two or three consumer warpgroups of 64 rows)");
@@ -111,7 +117,7 @@ struct FwdTraits {
   static_assert(kQBytes == uint32_t(kBM) * kD * sizeof(ElementQK) && kKStageBytes == uint32_t(kBN) * kD * sizeof(ElementQK) &&
                     kVStageBytes == uint32_t(kBN) * kD * sizeof(Element),
                 "a TMA box is exactly one tile");
-  static constexpr int kStateWords = kSkip ? kMaxStateWords : 1;
+  static constexpr int kStateWords = kSkip ? max_state_words(kD, kDType) : 1;
 
   struct SharedStorage {
     cute::array_aligned<ElementQK, cute::cosize_v<SmemLayoutQ>, 1024> q;
@@ -131,7 +137,7 @@ struct FwdTraits {
     // non-negligible (each warp writes only its own words: no atomics in the loop).
     uint32_t warp_keep[kSkip ? kConsumerWarps : 1][kStateWords];
     // Skip path: the visited tiles in ascending order (skip_state.cuh, build_visit_order).
-    uint16_t order[kSkip ? kMaxStateWords * 32 : 1];
+    uint16_t order[kSkip ? kStateWords * 32 : 1];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");

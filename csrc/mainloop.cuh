@@ -107,11 +107,14 @@ __device__ __forceinline__ void producer_load(typename Tr::Params const& p, type
 // the vote, O += P(n) V(n). Software-pipelined inside the warpgroup: S(n) and O += P(n-1) V(n-1)
 // are issued back to back and the warpgroup waits only for S(n) before its softmax, so that softmax
 // runs while the tensor cores still work on P(n-1) V(n-1). With Tr::kPingPong the warpgroups also
-// take turns to issue (MmaTurn): one warpgroup's softmax overlaps another's GEMMs.
+// take turns to issue (MmaTurn): one warpgroup's softmax overlaps another's GEMMs. O is rescaled by the
+// softmax step's correction after the wait for P(n-1) V(n-1) or, with Tr::kEarlyRescale, after S(n+1) is
+// issued (the tensor cores start on S(n+1) sooner); with Tr::kLazyRescale only when the step asks for it.
 // On return tOrO holds the unnormalised O of the visited tiles and `softmax` its row max / sum.
 template <class Tr, class TensorO>
 __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
-                                                  QueryTile tile, int warpgroup, int t, OnlineSoftmax& softmax,
+                                                  QueryTile tile, int warpgroup, int t,
+                                                  OnlineSoftmax<Tr::kLazyRescale>& softmax,
                                                   TileVote<Tr::kSkip> const& vote, TensorO& tOrO) {
   using namespace cute;
   using Element = typename Tr::Element;
@@ -148,10 +151,10 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   auto&& tSrSf = float_scores(tSrS);
 
   // One tile's softmax step on S (in registers): mask, tile max, running max and sum,
-  // probabilities in place. Returns this thread's vote (skip path) and the factor that rescales
-  // the old O. Only the last tile of a sequence whose length is not a multiple of BN needs the mask.
+  // probabilities in place. Returns this thread's vote (skip path); sets `rescale` and the factor that
+  // rescales the old O. Only the last tile of a sequence whose length is not a multiple of BN needs the mask.
   const int masked_tile = p.seqlen_k % kBN ? p.num_n_tiles - 1 : -1;
-  auto softmax_step = [&](int n, auto const& scores, float (&correction)[2]) {
+  auto softmax_step = [&](int n, auto const& scores, float (&correction)[2], bool& rescale) {
     if constexpr (Tr::kInt8) int8_accumulator_to_magic(tSrS);
     float tile_max[2];
     if constexpr (Tr::kMaskOnBranch) {
@@ -164,7 +167,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
       softmax.template tile_max</*kMask=*/true>(tSrSf, lane, p.seqlen_k - n * kBN, scores, tile_max);
     }
     const float old_max[2] = {softmax.row_max[0], softmax.row_max[1]};
-    softmax.update(tSrSf, tile_max, scores, correction);
+    rescale = softmax.update(tSrSf, tile_max, scores, correction);
     return vote.keeps(tile_max, old_max, softmax.row_sum);
   };
 
@@ -189,7 +192,9 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   release(ss.k_empty[k_read.stage], lane);
   k_read.advance(Tr::kStages);
   float correction[2];
-  vote.record(n, softmax_step(n, scores_of(k_scale), correction));
+  bool rescale = false;
+  vote.record(n, softmax_step(n, scores_of(k_scale), correction, rescale));
+  rescale = false;  // O is still 0
   convert_fragment<Element>(tSrSf, tOrP);
 
   // Steady state: S(n) and O += P(n-1) V(n-1).
@@ -199,6 +204,8 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     k_scale = k_scale_next;
     Turn::wait(warpgroup);
     warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
+    if constexpr (Tr::kEarlyRescale)
+      if (rescale) rescale_rows(tOrO, correction);
     ss.v_full[v_read.stage].wait(v_read.phase);
     warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
     Turn::pass(warpgroup);
@@ -208,18 +215,21 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     warpgroup_fence_operand(tSrS);
     release(ss.k_empty[k_read.stage], lane);
     k_read.advance(Tr::kStages);
-    const bool keep = softmax_step(n, scores_of(k_scale), correction);
+    const bool keep = softmax_step(n, scores_of(k_scale), correction, rescale);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     warpgroup_fence_operand(tOrP);
     release(ss.v_empty[v_read.stage], lane);
     v_read.advance(Tr::kStages);
-    rescale_rows(tOrO, correction);
+    if constexpr (!Tr::kEarlyRescale)
+      if (rescale) rescale_rows(tOrO, correction);
     convert_fragment<Element>(tSrSf, tOrP);
     vote.record(n, keep);
   }
 
   // Last tile: O += P V only.
+  if constexpr (Tr::kEarlyRescale)
+    if (rescale) rescale_rows(tOrO, correction);
   ss.v_full[v_read.stage].wait(v_read.phase);
   warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
   warpgroup_wait<0>();

@@ -69,9 +69,9 @@ __device__ __forceinline__ void shared_or_if(uint32_t* ptr, uint32_t bits, bool 
 // Fills smem visit/keep words for this CTA's row and zeroes the consumer warps' verdict
 // words; all threads of the CTA take part (a __syncthreads must follow).
 // visit = (live | do) & ~skip; keep starts as do.
-template <int kBN, int kWarps, class Params>
+template <int kBN, int kWarps, int kWords, class Params>
 __device__ void load_skip_state(const Params& p, int b, int h, int m, uint32_t* visit, uint32_t* keep,
-                                uint32_t (*warp_keep)[kMaxStateWords]) {
+                                uint32_t (*warp_keep)[kWords]) {
   const int64_t row = (int64_t(b) * p.heads + h) * p.num_m_tiles + m;
   const int32_t* state = p.state + row * p.num_state_words;
   for (int w = threadIdx.x; w < p.num_state_words; w += blockDim.x) {
@@ -210,9 +210,9 @@ struct TileVote<false> {
 // new word = (old | do) & ~(negligible | skip) on the valid bits, the others unchanged.
 // Since visit = (old | do) & ~skip and negligible = visit & ~(do | some warp kept it),
 // that is visit & keep.
-template <int kWarps, class Params>
+template <int kWarps, int kWords, class Params>
 __device__ void store_skip_state(const Params& p, int b, int h, int m, const uint32_t* visit,
-                                 const uint32_t* keep, const uint32_t (*warp_keep)[kMaxStateWords], int thread,
+                                 const uint32_t* keep, const uint32_t (*warp_keep)[kWords], int thread,
                                  int num_threads) {
   const int64_t row = (int64_t(b) * p.heads + h) * p.num_m_tiles + m;
   int32_t* state = p.state + row * p.num_state_words;

@@ -32,12 +32,23 @@ struct RawScores {
   __device__ __forceinline__ float exp_bias(float row_max) const { return -row_max; }
 };
 
-// Running state of the two rows a thread owns. `row_max` is in log2 units
-// (score * scale * log2 e); `row_sum` is this thread's partial sum (quad-reduced only at
-// the end).
+// Running state of the two rows a thread owns. `row_max` is the running max in log2 units
+// (score * scale * log2 e): the skip test's r. `row_sum` is this thread's partial sum (quad-reduced only
+// at the end), relative to ref_max(): the max the exponentials are taken against, which is row_max
+// itself, or with kLazy (FlashAttention-4's conditional rescale) the last max at which the warp
+// rescaled: a warp rescales O and its sums only when some row's max has grown by more than
+// kLazyRescaleLog2 since, so P stays below 2^kLazyRescaleLog2 and O, the sums and the LSE
+// (ref_max + log2 sum) are the same numbers up to rounding; the rescale is skipped on almost every
+// tile after the first few.
+constexpr float kLazyRescaleLog2 = 8.f;
+
+template <bool kLazy>
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
+  float lazy_max[2] = {-INFINITY, -INFINITY};  // kLazy only (dead otherwise)
+
+  __device__ __forceinline__ float ref_max(int r) const { return kLazy ? lazy_max[r] : row_max[r]; }
 
   // With kMask, masks columns >= valid_cols when valid_cols < BN (a partial last tile);
   // returns the per-row tile max in log2 units.
@@ -58,25 +69,46 @@ struct OnlineSoftmax {
   }
 
   // Updates the running max with the tile max, turns s into probabilities
-  // exp2(s*scale_log2 - max) (RawScores) and returns the factor that rescales the old O and sums.
+  // exp2(s*scale_log2 - ref_max) (RawScores) and, when it returns true, the factor that rescales the
+  // old O (always true without kLazy; warp-uniform with it).
   template <class Scores, class Frag>
-  __device__ __forceinline__ void update(Frag& s, const float (&tile_max_log2)[2], Scores const& scores,
+  __device__ __forceinline__ bool update(Frag& s, const float (&tile_max_log2)[2], Scores const& scores,
                                          float (&correction)[2]) {
     constexpr int kN = decltype(cute::size(s))::value;
+    bool rescale = true;
+    if constexpr (kLazy) {
+      float new_max[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float new_max = fmaxf(row_max[r], tile_max_log2[r]);
-      correction[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (-inf)
-      row_max[r] = new_max;
-      row_sum[r] *= correction[r];
+      for (int r = 0; r < 2; ++r) new_max[r] = fmaxf(row_max[r], tile_max_log2[r]);
+      // -inf + 8 = -inf: the first tile with a finite max always rescales (O and the sums are 0 then).
+      rescale = __any_sync(0xffffffffu, (new_max[0] > lazy_max[0] + kLazyRescaleLog2) |
+                                            (new_max[1] > lazy_max[1] + kLazyRescaleLog2));
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        row_max[r] = new_max[r];
+        if (rescale) {
+          correction[r] = exp2f(lazy_max[r] - new_max[r]);
+          lazy_max[r] = new_max[r];
+          row_sum[r] *= correction[r];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float new_max = fmaxf(row_max[r], tile_max_log2[r]);
+        correction[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (-inf)
+        row_max[r] = new_max;
+        row_sum[r] *= correction[r];
+      }
     }
-    const float bias[2] = {scores.exp_bias(row_max[0]), scores.exp_bias(row_max[1])};
+    const float bias[2] = {scores.exp_bias(ref_max(0)), scores.exp_bias(ref_max(1))};
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
       const int r = frag_row_half(i);
       s(i) = exp2f(fmaf(s(i), scores.exp_scale(), bias[r]));
       row_sum[r] += s(i);
     }
+    return rescale;
   }
 };
 

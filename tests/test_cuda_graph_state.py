@@ -48,10 +48,12 @@ def _eager_run(steps, threshold, must_do, must_skip, head_dim):
 def test_replays_update_the_state_like_eager_calls(head_dim, with_ranges):
     steps = _inputs(head_dim)
     threshold = torch.full((HEADS,), -6.0, device="cuda")
-    must_do = torch.tensor([[0, 64]], device="cuda", dtype=torch.int32) if with_ranges else None
-    must_skip = torch.tensor([[1024, 1152]], device="cuda", dtype=torch.int32) if with_ranges else None
-    eager_states, eager_outs = _eager_run(steps, threshold, must_do, must_skip, head_dim)
     _, block_n = liteattn_ops.tile_shape(head_dim, torch.bfloat16)
+    skip_tile = 1024 // block_n  # a must-skip range of exactly one tile
+    must_do = torch.tensor([[0, 64]], device="cuda", dtype=torch.int32) if with_ranges else None
+    must_skip = (torch.tensor([[skip_tile * block_n, (skip_tile + 1) * block_n]], device="cuda", dtype=torch.int32)
+                 if with_ranges else None)
+    eager_states, eager_outs = _eager_run(steps, threshold, must_do, must_skip, head_dim)
     live = [live_mask(s, SEQ, head_dim, torch.bfloat16) for s in eager_states]
     assert float(live[-1].float().mean()) < 0.9, "the inputs drop too few tiles for this test to mean anything"
     # (With the diagonal-first visit order these inputs settle at the first call, so the check that
@@ -90,7 +92,7 @@ def test_replays_update_the_state_like_eager_calls(head_dim, with_ranges):
             if with_ranges:
                 mask = live_mask(state, SEQ, head_dim, torch.bfloat16)
                 assert bool(mask[..., 0].all()), f"{where}: the must-do tile left the live set"
-                assert not bool(mask[..., 1024 // block_n].any()), f"{where}: the must-skip tile is live"
+                assert not bool(mask[..., skip_tile].any()), f"{where}: the must-skip tile is live"
     assert state.data_ptr() == address
 
 

@@ -34,9 +34,9 @@ def test_tile_shape_matches_the_compiled_kernel():
 
 
 def test_format():
-    # 32760 tokens, 12 heads, head dim 128 (Wan2.1-1.3B at 480p): 256 x 256 tiles, 8 words a row.
-    assert state_shape(1, 12, 32760, 32760, 128, torch.bfloat16) == (1, 12, 256, 8)
-    s = new_state(2, 3, 129, 4097, 128, torch.bfloat16)     # 128 x 128 tiles: 2 query tiles, 33 key tiles
+    # 32760 tokens, 12 heads, head dim 128 (Wan2.1-1.3B at 480p): 128 x 176 tiles, 256 x 187 of them, 6 words a row.
+    assert state_shape(1, 12, 32760, 32760, 128, torch.bfloat16) == (1, 12, 256, 6)
+    s = new_state(2, 3, 129, 5633, 128, torch.bfloat16)     # 128 x 176 tiles: 2 query tiles, 33 key tiles
     assert s.dtype == torch.int32 and s.shape == (2, 3, 2, 2) and s.is_contiguous()
     bm, bn = liteattn_ops.tile_shape(64, torch.bfloat16)
     assert new_state(1, 1, 1000, 1000, 64, torch.bfloat16).shape == (1, 1, -(-1000 // bm), 1)

@@ -19,8 +19,10 @@ For each (S, H, D) at B = 1, bf16, q/k/v in the (B, S, H, D) memory layout of a 
 Forced masks use thr = -inf, so the same tiles are live at every timed call. Shapes listed in
 --graph-shapes (default: the two small ones of issue 10) are timed as CUDA-graph replays of
 GRAPH_CALLS calls (per-call time = replay time / GRAPH_CALLS), ours and SDPA alike.
---variants (A/B builds only, cmake -DLITEATTN_AB_VARIANTS=ON) times "ours" once per value of the
-environment variable LITEATTN_VARIANT (csrc/forward.cu): default, pp, nopp, nolpt, nopp-nolpt.
+--variants (A/B builds, cmake -DLITEATTN_AB_VARIANTS="ids") times "ours" once per value of the
+environment variable LITEATTN_VARIANT (csrc/forward.cu): names joined by '+', e.g. default, nopp, lazy,
+early, lazy+early, bn176, nolpt; a variant with its own BN (bnN) times the dense row only.
+--repeats R times the variants R times in turn (A B A B ...), so drift between them shows.
 TFLOP/s = 4 * B * H * S^2 * D / t (dense-equivalent for the sparse rows); times are the median of
 triton.testing.do_bench. Prints every row, then a summary against the targets of issue 10, and
 writes the rows as JSON.
@@ -100,6 +102,7 @@ def main(argv=None):
     parser.add_argument("--big-fractions", default="0.5", help="forced fractions for shapes of > 2e14 FLOP (slow)")
     parser.add_argument("--big-kinds", default="balanced", help="forced-mask kinds for shapes of > 2e14 FLOP (slow)")
     parser.add_argument("--variants", default="default", help="comma list of LITEATTN_VARIANT values (A/B builds)")
+    parser.add_argument("--repeats", type=int, default=1, help="time the variants this many times in turn")
     parser.add_argument("--ceilings", action="store_true", help="also time a bf16 GEMM and a D2D copy")
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args(argv)
@@ -167,10 +170,12 @@ def main(argv=None):
                     live = forced_live(1, heads, m_tiles, n_tiles, fraction, kind, gen)
                     forced.append((kind, fraction, pack_bits(live).to(dev), live.float().mean().item()))
         if "ours" in only:
-            for variant in variants:
+            for variant in [v for _ in range(args.repeats) for v in variants]:
                 os.environ["LITEATTN_VARIANT"] = variant
                 tag = None if variants == ["default"] else variant
                 record(shape, "ours dense", timer(lambda: torch.ops.liteattn.attention(q, k, v), flop), variant=tag)
+                if "bn" in variant:  # a dense-only BN: the skip state is per tile of the table's BN
+                    continue
                 state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
                 record(shape, "ours state f=1.00",
                        timer(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop), variant=tag)

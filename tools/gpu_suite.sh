@@ -3,6 +3,7 @@
 #
 #   bash tools/gpu_suite.sh build tests soak parallel     # ~6 min: build, all `cuda` tests, soak, P=1 Ulysses
 #   bash tools/gpu_suite.sh build demo                    # ~8 min: tools/demo_gpu.py (demo, sweep, Wan preset)
+#   bash tools/gpu_suite.sh build sanitize bench          # compute-sanitizer (4 tools), the kernel benchmark
 #
 # Parts run in the order given; logs and short summaries go to $OUT (default ./out), and the last
 # lines printed are one status line per part. Wheels the GPU image lacks (nvidia-cutlass for the
@@ -46,6 +47,29 @@ part_parallel() {
   timeout 180 torchrun --nproc-per-node 1 tools/bench_parallel.py > "$OUT/parallel_p1.log" 2>&1
   local rc=$?
   tail -25 "$OUT/parallel_p1.log"
+  return $rc
+}
+part_sanitize() {
+  timeout 480 python3 tools/sanitize.py --parallel > "$OUT/sanitize.log" 2>&1
+  local rc=$?
+  tail -8 "$OUT/sanitize.log"
+  return $rc
+}
+part_bench() {
+  # Issue 10 / 12's table: ours (bf16 and INT8) and cuDNN in the same run, forced fractions, heavy rows.
+  timeout 540 python3 tools/bench.py --only ours,ours_int8,sdpa --fractions 0.75,0.5,0.25 \
+    --kinds balanced,heavy-first,heavy-last --big-fractions 0.5 --big-kinds balanced --json "$OUT/bench.json" \
+    > "$OUT/bench.log" 2>&1
+  local rc=$?
+  sed -n '/^summary/,$p' "$OUT/bench.log" | tail -40
+  return $rc
+}
+part_retest() {
+  # Only the files named in RETEST (after a fix): e.g. RETEST="tests/test_int8_cuda.py tests/test_cuda_graph_state.py".
+  timeout 300 python3 -m pytest -m cuda ${RETEST:-tests/} -q -n 6 -p no:cacheprovider > "$OUT/retest.log" 2>&1
+  local rc=$?
+  grep -E "^(FAILED|ERROR)" "$OUT/retest.log" | head -20
+  tail -1 "$OUT/retest.log"
   return $rc
 }
 part_graphtest() {

@@ -9,7 +9,7 @@ Format (shared by the CPU reference and the CUDA kernel):
 Bits >= Nt are don't-care (a reset sets them, the op never changes them). A fresh or reset state
 is all ones (`fill_(-1)`): every tile live. Reset is in place, so compiled graphs and CUDA graphs
 that hold the tensor's address keep working. Size: B*H*Mt*W*4 bytes, e.g. 12 heads at 32760
-tokens with 128x128 tiles: 12 * 256 * 8 * 4 = 98 KiB.
+tokens with 128x176 tiles: 12 * 256 * 6 * 4 = 72 KiB.
 """
 
 from __future__ import annotations

@@ -62,10 +62,11 @@ from ..core.tiling import tile_shape
 
 log = logging.getLogger("liteattn_ops")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the exported-program contract: the op schemas and the skip-state layout. Bump it
 whenever either changes; programs recorded with another version are refused at load.
-2: head dim 64 uses 192 x 128 tiles (was 128 x 128); the ops take `use_int8`."""
+2: head dim 64 uses 192 x 128 tiles (was 128 x 128); the ops take `use_int8`.
+3: head dim 128 uses 128 x 176 tiles (was 128 x 128)."""
 
 METADATA_KEY = "liteattn_ops"
 
