@@ -471,6 +471,29 @@ def test_export_round_trip(tmp_path):
     assert torch.equal(got_state, want_state)
 
 
+def test_aoti_package_in_int8_mode(tmp_path, aoti_loads):
+    """An AOTInductor package of the INT8 export computes what the eager INT8 model does, step for step,
+    states included, and not what the bf16 mode computes (so a package that lost the mode would fail)."""
+    from test_export import _fast_cpu_configs
+
+    eager = _AttnModel().eval()
+    liteattn_ops.enable(eager, threshold=-4.0, use_int8=True)
+    want = _run(eager)
+    bf16 = _AttnModel().eval()
+    liteattn_ops.enable(bf16, threshold=-4.0)
+    assert not torch.allclose(_run(bf16)[0], want[0], rtol=1e-5, atol=1e-5)
+    ep = liteattn_ops.export(_AttnModel().eval(), _x(), threshold=-4.0, use_int8=True)
+    path = liteattn_ops.aoti_compile_and_package(ep, package_path=tmp_path / "int8_aoti.pt2",
+                                                 inductor_configs=_fast_cpu_configs())
+    runner = liteattn_ops.aoti_load_package(path)
+    assert [rec["use_int8"] for rec in runner.metadata["states"]] == [True]
+    for a, b in zip(_run(runner), want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    (got_state,) = runner.states.values()
+    (want_state,) = _states(eager).values()
+    assert torch.equal(got_state, want_state) and not bool((got_state == -1).all())
+
+
 def test_demo_flag():
     from liteattn_ops.demo import parse_args
 

@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import ops, quant, reference
+from . import ops, quant
 from .extension import extension
 from .tiling import num_tiles, tile_shape
 
@@ -88,29 +88,9 @@ def forward_int8(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, stat
     ext = _int8_extension()
     ops._check_cuda_device(q.device.index if q.device.index is not None else torch.cuda.current_device())
     v = ops._tma_ready(ext, v)
-    batch, heads, seqlen_q, head_dim = q.shape
     quantized, q_mu = prepass(q, k)
-    ranges = [None if r is None or r.shape[0] == 0 else r.to(torch.int32).contiguous() for r in (must_do, must_skip)]
-    (do_ptr, n_do), (skip_ptr, n_skip) = ((0, 0) if r is None else (r.data_ptr(), r.shape[0]) for r in ranges)
-    if state is None or schedule is False:
-        schedule = None
-    elif schedule is True:
-        schedule = torch.empty(state.shape[:3], dtype=torch.int32, device=q.device)
-    with torch.cuda.device(q.device):
-        ext.forward(
-            q=quantized.q8.data_ptr(), k=quantized.k8.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
-            lse=lse.data_ptr(), batch=batch, heads=heads, seqlen_q=seqlen_q, seqlen_k=k.shape[2], head_dim=head_dim,
-            dtype=str(q.dtype).removeprefix("torch."),
-            q_stride=quantized.q8.stride()[:3], k_stride=quantized.k8.stride()[:3], v_stride=v.stride()[:3],
-            out_stride=out.stride()[:3], scale=reference.resolve_scale(scale, head_dim),
-            state=0 if state is None else state.data_ptr(),
-            threshold=0 if threshold is None else threshold.data_ptr(),
-            must_do=do_ptr, num_must_do=n_do, must_skip=skip_ptr, num_must_skip=n_skip,
-            stream=torch.cuda.current_stream(q.device).cuda_stream,
-            schedule=0 if schedule is None else schedule.data_ptr(),
-            int8=True, q_scale=quantized.q_scale.data_ptr(), k_scale=quantized.k_scale.data_ptr(),
-            q_mu=q_mu.data_ptr(),
-        )
+    ops.launch_forward(ext, quantized.q8, quantized.k8, v, out, lse, q.shape, state, threshold, must_do, must_skip,
+                       scale, schedule, int8=(quantized.q_scale, quantized.k_scale, q_mu))
 
 
 def launch_int8(q: Tensor, k: Tensor, v: Tensor, state: Optional[Tensor], threshold: Optional[Tensor],

@@ -152,29 +152,44 @@ def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
     ext = extension()
     _check_cuda_device(q.device.index if q.device.index is not None else torch.cuda.current_device())
     q, k, v = (_tma_ready(ext, t) for t in (q, k, v))
-    batch, heads, seqlen_q, head_dim = q.shape
     out, lse = _empty_outputs(q)
+    launch_forward(ext, q, k, v, out, lse, q.shape, state, threshold, must_do, must_skip, scale)
+    return out, lse
 
+
+def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, threshold, must_do, must_skip, scale,
+                   schedule=True, int8=None) -> None:
+    """One `_C.forward` call on the current stream, into `out` / `lse`: the argument assembly both modes share.
+
+    q_kernel / k_kernel: what the kernel reads as Q and K (q and k themselves, or the INT8 pre-pass's int8
+    buffers); qkv_shape: q's logical (B, H, S_q, D); k_kernel.shape[2] is S_k. schedule: True (fresh scratch in
+    which the skip path orders the query tiles heaviest first), False (natural order) or an int32 (B, H, Mt)
+    scratch tensor. int8: None, or (q_scale, k_scale, q_mu) of the pre-pass (INT8 Q/K mode)."""
+    batch, heads, seqlen_q, head_dim = qkv_shape
     # The kernel reads int32 (R, 2) ranges; these locals keep any converted copy alive until the
     # launch is queued (the caching allocator's stream order makes a later reuse safe).
     ranges = [None if r is None or r.shape[0] == 0 else r.to(torch.int32).contiguous() for r in (must_do, must_skip)]
     (do_ptr, n_do), (skip_ptr, n_skip) = ((0, 0) if r is None else (r.data_ptr(), r.shape[0]) for r in ranges)
-    # Skip path: device scratch in which the kernel orders each head's query tiles heaviest first.
-    schedule = None if state is None else torch.empty(state.shape[:3], dtype=torch.int32, device=q.device)
-    with torch.cuda.device(q.device):
+    if state is None or schedule is False:
+        schedule = None
+    elif schedule is True:
+        schedule = torch.empty(state.shape[:3], dtype=torch.int32, device=v.device)
+    extras = {} if int8 is None else dict(int8=True, q_scale=int8[0].data_ptr(), k_scale=int8[1].data_ptr(),
+                                          q_mu=int8[2].data_ptr())
+    with torch.cuda.device(v.device):
         ext.forward(
-            q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
-            batch=batch, heads=heads, seqlen_q=seqlen_q, seqlen_k=k.shape[2], head_dim=head_dim,
-            dtype=str(q.dtype).removeprefix("torch."),
-            q_stride=q.stride()[:3], k_stride=k.stride()[:3], v_stride=v.stride()[:3], out_stride=out.stride()[:3],
-            scale=reference.resolve_scale(scale, head_dim),
+            q=q_kernel.data_ptr(), k=k_kernel.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
+            batch=batch, heads=heads, seqlen_q=seqlen_q, seqlen_k=k_kernel.shape[2], head_dim=head_dim,
+            dtype=str(v.dtype).removeprefix("torch."),
+            q_stride=q_kernel.stride()[:3], k_stride=k_kernel.stride()[:3], v_stride=v.stride()[:3],
+            out_stride=out.stride()[:3], scale=reference.resolve_scale(scale, head_dim),
             state=0 if state is None else state.data_ptr(),
             threshold=0 if threshold is None else threshold.data_ptr(),
             must_do=do_ptr, num_must_do=n_do, must_skip=skip_ptr, num_must_skip=n_skip,
-            stream=torch.cuda.current_stream(q.device).cuda_stream,
+            stream=torch.cuda.current_stream(v.device).cuda_stream,
             schedule=0 if schedule is None else schedule.data_ptr(),
+            **extras,
         )
-    return out, lse
 
 
 # --------------------------------------------------------------------------------------------
