@@ -252,6 +252,31 @@ def test_table_keeps_the_budget_and_the_cap_on_a_fresh_run(calibrated):
     # and it skips: the loosest budget leaves well under all tiles live
     live = fresh[max(tables)][1]
     assert sum(float(f.mean()) for f in live.values()) / len(live) < 0.7
+    # on the CPU (float32) the op decides every tile as predicted: nothing was resynced
+    assert all(table.calibration["resynced_tiles"] == {} for table in tables.values())
+
+
+def test_shadow_state_follows_the_op_where_its_decisions_differ(monkeypatch):
+    """A 16-bit kernel may decide a tile whose margin is within rounding of the threshold otherwise than
+    the float32 prediction. The calibration then follows the op's own state (and counts the tiles)
+    instead of predicting the next call from a live set the op does not have: here the prediction is
+    made wrong on purpose (the diagonal tile of query tile 0, which the op always keeps, predicted
+    removed); without the resync the next call's output would not match and calibrate would raise."""
+    import importlib
+
+    calibrate_module = importlib.import_module("liteattn_ops.calibration.calibrate")  # the module, not the function
+    real = calibrate_module.next_live
+
+    def off_by_one(live, analysis, threshold):
+        new = real(live, analysis, threshold).clone()
+        new[0, 0, 0, 0] = False
+        return new
+
+    monkeypatch.setattr(calibrate_module, "next_live", off_by_one)
+    model, run = LocalModel(), make_run()
+    table = calibrate(model, run, target_error=0.02)
+    resynced = table.calibration["resynced_tiles"]
+    assert set(resynced) == set(table.sites) and all(n > 0 for n in resynced.values())
 
 
 def test_looser_budget_never_gives_more_live_tiles(calibrated):

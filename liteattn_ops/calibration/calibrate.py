@@ -23,7 +23,10 @@ the final table (it removed at least as much as the table would, tile for tile o
 
 The hooks keep their own copy of each state (the live set before each call, updated as the op
 updates it: `margins.next_live`) and check after each call that the op's output equals the
-predicted one, so a calibration that lost track of a state fails loudly instead of silently.
+predicted one, so a calibration that lost track of a state fails loudly instead of silently. After
+each call the copy is then set to the op's own state: a 16-bit kernel can decide a tile whose margin
+lies within rounding of the threshold differently from the float32 prediction, and without the resync
+that one tile would make the next call's prediction wrong (the resynced tiles are counted and logged).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core.state import live_mask
 from ..core.tiling import num_tiles, tile_shape
 from ..nn.attention import LiteAttention
 from ..nn.model import attention_sites
@@ -89,6 +93,7 @@ class _Pending:
     site_err: float
     range_index: int
     site_mean: float = 0.0   # the site's error, mean over the batch
+    state: Optional[tuple] = None   # (buffer name, seqlen_k, head_dim, dtype) of the op's state for this call
 
 
 @dataclass
@@ -111,6 +116,7 @@ class _Site:
     error_sum: list = field(default_factory=list)   # per range: sum of the per-call site errors
     keys: dict = field(default_factory=dict)        # profile pass: state key -> running min of margins
     profile: list = field(default_factory=list)     # profile pass: per range, a _Curves
+    resynced_tiles: int = 0                         # tiles the op decided otherwise than predicted
 
 
 @dataclass
@@ -256,7 +262,7 @@ class _Calibrator:
         new_live = next_live(live, a, used.float())
         site.analysed_s += time.perf_counter() - t0
         site.pending[-1] = _Pending(key, new_live, a.out, rel[..., 0].amax(0).cpu(), float(rel_site[..., 0].max()), r,
-                                    float(rel_site[..., 0].mean()))
+                                    float(rel_site[..., 0].mean()), _op_state(site, q, k, key))
         return None
 
     def _profile_call(self, site: _Site, key, q, k, v, live, scale):
@@ -303,7 +309,7 @@ class _Calibrator:
         new_live = next_live(live, a, torch.full((heads,), -math.inf))
         site.analysed_s += time.perf_counter() - t0
         site.pending[-1] = _Pending(key, new_live, a.out, rel[..., 0].amax(0).cpu(), float(rel_site[:, 0].max()), r,
-                                    float(rel_site[:, 0].mean()))
+                                    float(rel_site[:, 0].mean()), _op_state(site, q, k, key))
         return None
 
     def predicted_live_end(self) -> dict:
@@ -346,7 +352,7 @@ class _Calibrator:
                 f"site {site.name!r}: the op's output differs from the calibration's prediction by {worst:.3g} "
                 f"(relative; allowed {tol:g}), so the calibration lost track of this site's skip state; was a "
                 "threshold, a range or a state of the model changed inside run(model)?")
-        site.shadows[pending.key] = pending.new_live
+        site.shadows[pending.key] = self._resync(site, pending)
         site.counts[pending.key] = site.counts.get(pending.key, 0) + 1
         r = pending.range_index
         site.calls[r] += 1
@@ -355,6 +361,25 @@ class _Calibrator:
         prev = site.error_per_head[r]
         site.error_per_head[r] = pending.head_err if prev is None else torch.maximum(prev, pending.head_err)
         return replaced
+
+    def _resync(self, site: _Site, pending: _Pending) -> Tensor:
+        """The live set after the call: the op's own state where it can be read (the prediction where
+        the op's decisions cannot differ from it, or the mass criterion's simulated state)."""
+        if self.criterion == "mass" or pending.state is None:
+            return pending.new_live
+        name, seqlen_k, head_dim, dtype = pending.state
+        state = site.module.states().get(name)
+        if state is None:
+            return pending.new_live
+        actual = live_mask(state, seqlen_k, head_dim, dtype).to(pending.new_live.device)
+        if actual.shape != pending.new_live.shape:
+            return pending.new_live
+        differ = int((actual != pending.new_live).sum())
+        if differ:
+            site.resynced_tiles += differ
+            log.info("calibration: site %s: the op kept/dropped %d tile(s) otherwise than the float32 prediction "
+                     "(margins within rounding of the threshold); following the op's state", site.name, differ)
+        return actual
 
     # -- the result -----------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -389,6 +414,15 @@ class _Calibrator:
                               metric=self.metric, target_error=self.target if budget is None else budget,
                               granularity=self.granularity,
                               schedule=[list(r) for r in self.ranges], calibration=calibration)
+
+
+def _op_state(site: _Site, q: Tensor, k: Tensor, key: tuple) -> Optional[tuple]:
+    """(buffer name, seqlen_k, head_dim, dtype) of the op's skip state for this call ((B, H, S, D) q and k);
+    None for a module without the LiteAttention state store."""
+    state_name = getattr(site.module, "state_name", None)
+    if state_name is None:
+        return None
+    return state_name(q, k, key[0]), int(k.shape[2]), int(q.shape[-1]), q.dtype
 
 
 @dataclass
@@ -612,6 +646,8 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
         cal = _Calibrator(model, target_error=float(target_error), metric=metric, granularity=granularity,
                           ranges=ranges, safety=safety, grid=threshold_grid(GRID_STEP), criterion=criterion)
     saved = {name: s.module.threshold for name, s in cal.sites.items()}
+    for s in cal.sites.values():
+        s.resynced_tiles = 0
     walls, lowered, allocations = [], [], []
     t_start = time.perf_counter()
     try:
@@ -650,6 +686,7 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
         "tolerance": TOLERANCE,
         "last_pass_is_the_table": not lowered[-1] if lowered else False,
         "lowered_in_last_pass": lowered[-1] if lowered else None,
+        "resynced_tiles": {name: s.resynced_tiles for name, s in cal.sites.items() if s.resynced_tiles},
         "note": "error = largest per-call relative error of the site's output vs dense attention on the same "
                 "inputs, measured in the last pass; error_mean = its mean over the site's calls",
     }
