@@ -1,0 +1,78 @@
+"""Correctness of the A/B kernel variants against float32 attention and the default variant's skip decisions."""
+import math, os, sys, torch
+import torch.nn.functional as F
+import liteattn_ops  # noqa
+from liteattn_ops.core.state import new_state
+from liteattn_ops.testing import local_qkv
+
+variants = sys.argv[1].split(",")
+torch.manual_seed(1)
+dev = "cuda"
+fails = 0
+
+def ref(q, k, v):
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    s = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(s, -1) @ vf, torch.logsumexp(s, -1)
+
+def relerr(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+cases = []
+for d in (128, 64):
+    for (sq, sk) in ((1000, 1000), (4096, 4096), (333, 2900), (2500, 600)):
+        cases.append((d, sq, sk, "randn"))
+    cases.append((d, 3000, 3000, "growing"))   # row max grows by many log2 units over the tiles
+    cases.append((d, 3000, 3000, "big"))
+for variant in variants:
+    for d, sq, sk, kind in cases:
+        if "bn" in variant and d == 64:
+            continue
+        os.environ["LITEATTN_VARIANT"] = variant
+        g = torch.Generator(device=dev).manual_seed(hash((variant, d, sq, sk, kind)) % 2**31)
+        q = torch.randn(2, 3, sq, d, device=dev, generator=g)
+        k = torch.randn(2, 3, sk, d, device=dev, generator=g)
+        v = torch.randn(2, 3, sk, d, device=dev, generator=g)
+        if kind == "growing":
+            k = k * torch.linspace(0.2, 4.0, sk, device=dev)[:, None]
+            q = q * 2
+        if kind == "big":
+            q, k = q * 3, k * 3
+        q, k, v = (t.bfloat16() for t in (q, k, v))
+        ro, rl = ref(q, k, v)
+        out, lse = torch.ops.liteattn.attention(q, k, v)
+        e, el = relerr(out, ro), (lse - rl).abs().max().item()
+        bad = not (e <= 1e-2 and el <= 1e-2 + 1e-3 * rl.abs().max().item()) or torch.isnan(out).any().item()
+        fails += bad
+        print(f"{variant:>18} d{d} {sq}x{sk} {kind:>7} dense  out {e:.2e} lse {el:.2e} {'FAIL' if bad else 'ok'}", flush=True)
+        if "bn" in variant:
+            continue
+        st = new_state(2, 3, sq, sk, d, torch.bfloat16, dev)
+        thr = torch.full((3,), -8.0, device=dev)
+        for _ in range(2):
+            out, lse = torch.ops.liteattn.sparse_attention(q, k, v, st, thr)
+        e = relerr(out, ro)
+        bad = not e <= 1e-2 or torch.isnan(out).any().item()
+        fails += bad
+        print(f"{variant:>18} d{d} {sq}x{sk} {kind:>7} skip   out {e:.2e} {'FAIL' if bad else 'ok'}", flush=True)
+    # structured: decisions identical to the default variant's
+    for d in (128, 64):
+        if "bn" in variant:
+            continue
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (t.to(dev, torch.bfloat16) for t in local_qkv((16, 24, 24), 1, 4, d, generator=g))
+        states = {}
+        for var in ("default", variant):
+            os.environ["LITEATTN_VARIANT"] = var
+            st = new_state(1, 4, q.shape[2], k.shape[2], d, torch.bfloat16, dev)
+            thr = torch.full((4,), -10.0, device=dev)
+            for _ in range(3):
+                out, lse = torch.ops.liteattn.sparse_attention(q, k, v, st, thr)
+            states[var] = (st.clone(), out.float(), lse)
+        diff = (states["default"][0] != states[variant][0]).sum().item()
+        e = relerr(states[variant][1], states["default"][1])
+        bad = diff != 0 or e > 1e-2
+        fails += bad
+        print(f"{variant:>18} d{d} structured: state words differing {diff}, out vs default {e:.2e} {'FAIL' if bad else 'ok'}", flush=True)
+os.environ.pop("LITEATTN_VARIANT", None)
+print("CHECK FAILURES:", fails)
