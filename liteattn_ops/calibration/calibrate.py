@@ -686,7 +686,8 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
         "tolerance": TOLERANCE,
         "last_pass_is_the_table": not lowered[-1] if lowered else False,
         "lowered_in_last_pass": lowered[-1] if lowered else None,
-        "resynced_tiles": {name: s.resynced_tiles for name, s in cal.sites.items() if s.resynced_tiles},
+        "resynced_tiles": sum(s.resynced_tiles for s in cal.sites.values()),
+        "resynced_sites": sorted(name for name, s in cal.sites.items() if s.resynced_tiles),
         "note": "error = largest per-call relative error of the site's output vs dense attention on the same "
                 "inputs, measured in the last pass; error_mean = its mean over the site's calls",
     }
