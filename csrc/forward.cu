@@ -19,7 +19,7 @@ int element_bytes(DType) { return 2; }
 
 // The kernel variant of this call: the head dim's default, or (A/B builds) what LITEATTN_VARIANT says:
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
-// "lazy" / "nolazy", "early" / "noearly", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first
+// "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first
 // schedule). Parsed per call, so one process can time several variants.
 struct CallVariant {
   int id;
@@ -44,6 +44,8 @@ CallVariant variant_of_call(int head_dim) {
       set_bit(kVariantLazyRescale, token == "lazy");
     } else if (token == "early" || token == "noearly") {
       set_bit(kVariantEarlyRescale, token == "early");
+    } else if (token == "serial" || token == "noserial") {
+      set_bit(kVariantSerialSoftmax, token == "serial");
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -53,16 +55,17 @@ CallVariant variant_of_call(int head_dim) {
       v.id = (v.id & ~(31 << kVariantBnShift)) | ((bn / 16) << kVariantBnShift);
     } else {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
-                         "' (expected default, pp, nopp, lazy, nolazy, early, noearly, bn<N>, nolpt)");
+                         "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, bn<N>, nolpt)");
     }
     start = end + 1;
   }
   return v;
 }
 
-// Variants of A/B builds: bf16, 16-bit mode, dense always, skip only with the table's BN (CMakeLists.txt).
+// Variants of A/B builds: bf16 (both Q/K modes of the build), dense always, skip only with the table's BN
+// (CMakeLists.txt).
 constexpr bool ab_variant_built(int id, DType dtype, bool skip, bool int8) {
-  return dtype == DType::kBFloat16 && !int8 && !(skip && decode_variant(id).bn != 0);
+  return dtype == DType::kBFloat16 && (!int8 || LITEATTN_INT8) && !(skip && decode_variant(id).bn != 0);
 }
 
 template <DType kDType, int kHeadDim, bool kSkip, bool kInt8>

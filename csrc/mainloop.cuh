@@ -211,7 +211,9 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     Turn::pass(warpgroup);
     tiles.advance();  // the next tile's arithmetic runs while the tensor cores work
     k_scale_next = k_scales.load(tiles.more() ? tiles.current() : n);
-    warpgroup_wait<1>();  // S(n) is ready; O += P V may still run
+    // S(n) is ready; O += P V may still run (Tr::kSerialSoftmax: it is done too).
+    if constexpr (Tr::kSerialSoftmax) warpgroup_wait<0>();
+    else warpgroup_wait<1>();
     warpgroup_fence_operand(tSrS);
     release(ss.k_empty[k_read.stage], lane);
     k_read.advance(Tr::kStages);

@@ -200,12 +200,18 @@ def main(argv=None):
                 return lambda: launch_int8(a, b, c, st, thr, None, None, None)
 
             record(shape, "ours_int8 prepass", timer(lambda: quantize(q, k), flop))
-            record(shape, "ours_int8 dense", timer(int8_call(q, k, v), flop))
-            state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
-            record(shape, "ours_int8 state f=1.00", timer(int8_call(q, k, v, state, no_thr), flop))
-            for kind, fraction, state, actual in forced:
-                record(shape, f"ours_int8 forced {kind} f={fraction:.2f}", timer(int8_call(q, k, v, state, no_thr), flop),
-                       actual)
+            for variant in [v for _ in range(args.repeats) for v in variants]:
+                os.environ["LITEATTN_VARIANT"] = variant
+                tag = None if variants == ["default"] else variant
+                record(shape, "ours_int8 dense", timer(int8_call(q, k, v), flop), variant=tag)
+                if "bn" in variant:  # a dense-only BN
+                    continue
+                state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
+                record(shape, "ours_int8 state f=1.00", timer(int8_call(q, k, v, state, no_thr), flop), variant=tag)
+                for kind, fraction, state, actual in forced:
+                    record(shape, f"ours_int8 forced {kind} f={fraction:.2f}",
+                           timer(int8_call(q, k, v, state, no_thr), flop), actual, variant=tag)
+            os.environ.pop("LITEATTN_VARIANT", None)
             if not args.no_structured and seqlen in GRIDS:
                 sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
                 state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
