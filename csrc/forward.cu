@@ -19,7 +19,8 @@ int element_bytes(DType) { return 2; }
 
 // The kernel variant of this call: the head dim's default, or (A/B builds) what LITEATTN_VARIANT says:
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
-// "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first
+// "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch", "bn<N>" (a
+// dense-only BN), and "nolpt" (no heaviest-first
 // schedule). Parsed per call, so one process can time several variants.
 struct CallVariant {
   int id;
@@ -46,6 +47,8 @@ CallVariant variant_of_call(int head_dim) {
       set_bit(kVariantEarlyRescale, token == "early");
     } else if (token == "serial" || token == "noserial") {
       set_bit(kVariantSerialSoftmax, token == "serial");
+    } else if (token == "maskbranch" || token == "nomaskbranch") {
+      set_bit(kVariantMaskBranch, token == "maskbranch");
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -55,7 +58,8 @@ CallVariant variant_of_call(int head_dim) {
       v.id = (v.id & ~(31 << kVariantBnShift)) | ((bn / 16) << kVariantBnShift);
     } else {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
-                         "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, bn<N>, nolpt)");
+                         "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
+                         "nomaskbranch, bn<N>, nolpt)");
     }
     start = end + 1;
   }

@@ -65,8 +65,10 @@ struct FwdTraits {
   // Where the column mask of a partial last tile goes (measured on the H200, NOTES.md v2/v3):
   // head dim 64 is softmax-bound and runs 3 % faster with the mask on its own branch, taken
   // only for that tile; head dim 128 runs 3 % faster with the mask folded into every tile's
-  // max, where the compiler then waits for the previous P V before the exponentials.
-  static constexpr bool kMaskOnBranch = kD == 64;
+  // max, where the compiler then waits for the previous P V before the exponentials (a side
+  // effect that costs 88 FSEL + 44 ISETP per tile at BN 176; the serial + maskbranch variants
+  // get the wait without them, NOTES.md "Next experiment").
+  static constexpr bool kMaskOnBranch = kD == 64 || kVariantInfo.mask_branch;
   // setmaxnreg budgets. They must add up to at most what the CTA got at launch (65536 / kThreads
   // per thread, rounded down to 8, under __launch_bounds__(kThreads, 1)), otherwise the consumers'
   // setmaxnreg.inc waits forever for registers: 128 * 24 + 256 * 240 = 384 * 168 (two consumer

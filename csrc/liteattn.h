@@ -106,7 +106,8 @@ void quantize_qk(const QuantArgs& args);
 // in an int (a template argument). forward() runs default_variant(head_dim) (NOTES.md has the measurements
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
 // bf16 (dense, and skip unless the variant overrides BN) and let the environment variable LITEATTN_VARIANT
-// pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "bn176", "nolpt", joined by '+').
+// pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch", "bn176", "nolpt",
+// joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)
@@ -114,12 +115,13 @@ struct KernelVariant {
   int bn;              // key-tile width; 0: the tile table's. Dense path only (the skip state is per table tile)
   bool serial_softmax; // wait for O += P(n-1) V(n-1) too before the softmax of tile n (no overlap inside the
                        // warpgroup; the other warpgroups' GEMMs still overlap it)
+  bool mask_branch;    // the partial last tile's column mask on its own branch (always so at head dim 64)
 };
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
-              kVariantSerialSoftmax = 256;
+              kVariantSerialSoftmax = 256, kVariantMaskBranch = 512;
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
-          16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0};
+          16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0};
 }
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
 constexpr int default_variant(int head_dim) {
