@@ -326,6 +326,29 @@ def test_cuda_graph_capture():
     assert rel_err(out, ref_out) <= TOL
 
 
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_skip_path_key_bound(head_dim):
+    """The skip path keeps a state row in shared memory: at most max_state_words * 32 key tiles (README,
+    "The skip state": 2,097,152 keys at head dim 64, 1,036,288 at 128). At the bound the call runs and
+    matches the dense op (thr = -inf); one key more raises ValueError naming the bound and changes
+    nothing; the dense op has no bound."""
+    bound = {64: 2_097_152, 128: 1_036_288}[head_dim]
+    _, block_n = liteattn_ops.tile_shape(head_dim, torch.bfloat16)
+    assert bound % block_n == 0
+    q, k, v = _qkv(1, 1, 128, bound + 1, head_dim, torch.bfloat16)
+    no_thr = torch.full((1,), -math.inf, device="cuda")
+    state = new_state(1, 1, 128, bound, head_dim, torch.bfloat16, "cuda")
+    out, _ = torch.ops.liteattn.sparse_attention(q, k[:, :, :bound], v[:, :, :bound], state, no_thr)
+    dense, _ = torch.ops.liteattn.attention(q, k[:, :, :bound], v[:, :, :bound])
+    assert rel_err(out, dense) <= 1e-3
+    state = new_state(1, 1, 128, bound + 1, head_dim, torch.bfloat16, "cuda")
+    before = state.clone()
+    with pytest.raises(ValueError, match=f"seqlen_k too long for the skip state: at most {bound} keys"):
+        torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr)
+    assert torch.equal(state, before)
+    torch.ops.liteattn.attention(q, k, v)
+
+
 def test_bad_inputs_raise():
     ext = _ext()
     q, k, v = _qkv(1, 2, 256, 256, 128, torch.bfloat16)
