@@ -133,6 +133,12 @@ MUTATIONS = [
              "    cleared = pack_bits(negligible | skip_tiles, fill=False)",
              "    cleared = pack_bits(negligible | skip_tiles, fill=True)",
              ("tests/test_fuzz.py::test_op_matches_the_literal_semantics_over_calls",)),
+    Mutation("calibration-no-resync", "the calibration keeps its own prediction of a site's live set after each call "
+             "instead of the op's state (a 16-bit kernel's different decision then derails it)",
+             "liteattn_ops/calibration/calibrate.py",
+             "        site.shadows[pending.key] = self._resync(site, pending)",
+             "        site.shadows[pending.key] = pending.new_live",
+             ("tests/test_calibration.py::test_shadow_state_follows_the_op_where_its_decisions_differ",)),
 ]
 
 _SITE = '''import sys
