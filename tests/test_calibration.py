@@ -683,3 +683,32 @@ def test_cli_preset_wan_small_writes_the_default_table_beside_the_checkpoint(tmp
     # a missing checkpoint is a clear error, not a traceback
     assert main(["--preset", "wan-small", "--checkpoint", str(tmp_path / "none.safetensors"),
                  "--out", str(out)]) == 2
+
+
+def test_cli_compare_runs_a_scheduled_table_step_by_step(tmp_path, monkeypatch):
+    """--compare with --schedule: the fresh generation applies the table's thresholds step by step
+    (table.apply(model, step=i) before step i), so a table with several step ranges gets its own
+    fresh-run quality and factor like a one-range table."""
+    pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+
+    from liteattn_ops.calibration.__main__ import main
+    from liteattn_ops.demo.models.wan_small import WanClassModel, WanSmallConfig
+
+    torch.manual_seed(0)
+    cfg = WanSmallConfig(dim=128, num_heads=2, depth=1, mlp_ratio=1.0, class_tokens=2, freq_dim=16)
+    ckpt = tmp_path / "tiny_wan.safetensors"
+    save_file({k: v.contiguous() for k, v in WanClassModel(cfg).state_dict().items()}, str(ckpt))
+    ckpt.with_suffix(".json").write_text(json.dumps({"arch": "wan", "model_config": cfg.to_dict()}))
+    applied = []
+    real_apply = ThresholdTable.apply
+    monkeypatch.setattr(ThresholdTable, "apply", lambda self, model, step=None: applied.append(step) or
+                        real_apply(self, model, step))
+    out = tmp_path / "out"
+    rc = main(["--preset", "wan-small", "--checkpoint", str(ckpt), "--frames", "2", "--resolution", "32x32",
+               "--steps", "3", "--schedule", "1", "--budget", "0.05", "--compare", "--uniform=-2", "--out", str(out)])
+    assert rc == 0
+    assert applied == [0, 1, 2]
+    (entry,) = json.loads((out / "report.json").read_text())["tables"]
+    assert len(ThresholdTable.load(entry["table"]).schedule) == 2
+    assert {"psnr_db", "live_end", "computed", "fresh_max_error"} <= set(entry)

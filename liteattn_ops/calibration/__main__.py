@@ -136,12 +136,18 @@ class DemoRun:
         self.model, self.meta, self.grid = self.pipe.model, self.pipe.meta, self.pipe.grid
         self.steps, self.live_per_step = args.steps, []
 
-    def __call__(self, model, track=None):
+    def __call__(self, model, track=None, step_thresholds=None):
+        """One generation; step_thresholds(step), if given, sets the thresholds of each step before it
+        (a table with a schedule of several step ranges: `table.apply(model, step=i)`)."""
         self.live_per_step = []
+        if step_thresholds is not None:
+            step_thresholds(0)
 
         def callback(i, t):
             if track is not None:
                 self.live_per_step.append(track())
+            if step_thresholds is not None and i + 1 < self.steps:
+                step_thresholds(i + 1)
 
         with torch.no_grad():
             self.last_video = self.pipe.run(model, self.steps, callback)
@@ -185,8 +191,9 @@ def _live(model) -> float:
     return sum(float(s.live_fraction()) for _, s in sites) / max(1, len(sites))
 
 
-def _generate(demo: DemoRun, model, measure_errors: bool = False) -> dict:
-    """One generation with the model's current thresholds; with measure_errors, every call's l1
+def _generate(demo: DemoRun, model, measure_errors: bool = False, table=None) -> dict:
+    """One generation with the model's current thresholds, or with `table` applied step by step (a
+    table with several step ranges); with measure_errors, every call's l1
     error of every site against PyTorch's dense SDPA on the same inputs (float32), measured apart
     from the calibration code: {site: (max per call, mean per call)}."""
     import torch.nn.functional as F
@@ -216,7 +223,8 @@ def _generate(demo: DemoRun, model, measure_errors: bool = False) -> dict:
     liteattn_ops.reset(model)
     try:
         t0 = time.perf_counter()
-        video = demo(model, track=lambda: _live(model))
+        per_step = None if table is None else (lambda step: table.apply(model, step=step))
+        video = demo(model, track=lambda: _live(model), step_thresholds=per_step)
         wall = time.perf_counter() - t0
     finally:
         for h in handles:
@@ -318,16 +326,18 @@ def main(argv=None) -> int:
             lives = [e.live_fraction for e in table.sites.values() if e.live_fraction is not None]
             entry["last_pass"] = {"live_end": round(sum(lives) / len(lives), 4) if lives else None,
                                   **(_quality(dense, demo.frames(last_pass_video)) if args.compare else {})}
-            if args.compare and len(table.schedule) == 1 and args.criterion == "max":
-                liteattn_ops.set_threshold(model, table)
-                gen = _generate(demo, model, measure_errors=True)
+            if args.compare and args.criterion == "max":
+                scheduled = len(table.schedule) > 1
+                if not scheduled:
+                    liteattn_ops.set_threshold(model, table)
+                gen = _generate(demo, model, measure_errors=True, table=table if scheduled else None)
                 entry.update({"live_end": round(gen["live_end"], 4), "computed": round(gen["computed"], 4),
                               "generation_wall_s": round(gen["wall_s"], 2), "fresh_errors": gen["errors"],
                               "fresh_max_error": gen["max_error"], "fresh_mean_error": gen["mean_error"],
                               **_quality(dense, demo.frames(gen["video"]))})
             report["tables"].append(entry)
             print(f"{allocation} budget {budget:g}: {path} ({wall:.1f} s)"
-                  + (f", PSNR {entry['psnr_db']:.2f} dB, live {entry['live_end']:.3f}" if "psnr_db" in entry else ""),
+                  + (f", PSNR {_fmt(entry['psnr_db'], 2)} dB, live {entry['live_end']:.3f}" if "psnr_db" in entry else ""),
                   flush=True)
 
     if args.compare:
