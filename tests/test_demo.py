@@ -330,6 +330,28 @@ def test_thresholds_file_sets_per_head_thresholds(tmp_path):
     assert min(h[0] for h in lite["final_per_head"].values()) < 1.0
 
 
+def test_thresholds_file_with_a_schedule_is_applied_step_by_step(tmp_path):
+    """A table with several step ranges (calibrate(..., schedule=...)): the demo sets each step's
+    thresholds before it. Here step 0 removes nothing (-inf) and step 1 uses threshold 0 on heads 0
+    and 2, so the live set is whole after step 0 and shrinks at step 1 only on those heads."""
+    table = _table(tmp_path / "table.json", [0.0, "-inf", 0.0, "-inf"])
+    data = json.loads(table.read_text())
+    data["schedule"] = [[0, 1], [1, None]]
+    for entry in data["sites"].values():
+        entry["thresholds"] = [["-inf"] * 4, [0.0, "-inf", 0.0, "-inf"]]
+    table.write_text(json.dumps(data))
+    tiny = [a if a != "1" else "2" for a in TINY]   # 2 steps
+    assert tiny[tiny.index("--steps") + 1] == "2"
+    rc, _, report = _run(tmp_path, tiny, "--thresholds", str(table))
+    assert rc == 0
+    lite = report["liteattention"]
+    first, last = lite["per_step"]
+    assert first["live_fraction"] == 1.0 and last["live_fraction"] < 1.0
+    for name, per_head in lite["final_per_head"].items():
+        assert lite["thresholds_per_layer"][name] == [0.0, "-inf", 0.0, "-inf"]
+        assert per_head[1] == 1.0 and per_head[3] == 1.0
+
+
 def test_thresholds_file_of_another_model_is_refused(tmp_path, capsys):
     table = _table(tmp_path / "table.json", [THRESHOLD] * 4)
     data = json.loads(table.read_text())

@@ -34,6 +34,16 @@ CPU_NOTE = ("CPU: the LiteAttention op runs its exact reference implementation, 
             "tiles); the live fractions and the quality numbers are the real ones.")
 
 
+def _apply_table(model, table, step: int) -> None:
+    """A calibrated ThresholdTable's thresholds for `step` (a table of one step range: its only set)."""
+    import liteattn_ops
+
+    if len(table.schedule) > 1:
+        table.apply(model, step=step)
+    else:
+        liteattn_ops.set_threshold(model, table)
+
+
 @dataclasses.dataclass
 class RunRecord:
     """One timed denoising run."""
@@ -154,12 +164,9 @@ class DemoRunner:
         import liteattn_ops
 
         try:
-            if len(getattr(table, "schedule", [None])) > 1:
-                raise ValueError(f"the table has per-step thresholds (schedule {table.schedule}); the demo "
-                                 "applies one threshold set to the whole run")
             liteattn_ops.enable(self.model, threshold=self.args.threshold)
             try:
-                liteattn_ops.set_threshold(self.model, table)
+                _apply_table(self.model, table, step=0)
             finally:
                 liteattn_ops.disable(self.model)
         except ValueError as e:
@@ -233,7 +240,10 @@ class DemoRunner:
                 for i in range(desc["self_attention_layers"])]
 
     # -- one timed loop --------------------------------------------------------------------------
-    def _timed(self, run_model, recorder: LiveRecorder, desc: str) -> tuple[list[dict], float, float, torch.Tensor]:
+    def _timed(self, run_model, recorder: LiveRecorder, desc: str,
+               table=None) -> tuple[list[dict], float, float, torch.Tensor]:
+        """One timed loop; a `table` with several step ranges is applied step by step (after step i, the
+        thresholds of step i + 1: in-place writes, no recompile, read by CUDA-graph replays too)."""
         steps = self.args.steps
         timer = StepTimer(self.device, steps)
         ts: list[float] = []
@@ -242,6 +252,8 @@ class DemoRunner:
                 timer.mark()          # an event on the stream (host clock on CPU); no sync
                 recorder.record(i)    # device-to-device copies into preallocated rows; no sync
                 ts.append(t)
+                if table is not None and i + 1 < steps:
+                    table.apply(self.model, step=i + 1)
                 if bar is not None:
                     bar.update(1)
 
@@ -252,12 +264,20 @@ class DemoRunner:
         records = [{"step": i, "t": t, "step_time_s": s} for i, (t, s) in enumerate(zip(ts, per_step_s))]
         return records, sum(per_step_s), wall, video
 
-    def _profile(self, run_model, steps: int):
+    def _profile(self, run_model, steps: int, table=None):
         if getattr(self.args, "no_profile", False):
             return None
         before = self._before_call()
+
+        def run(cb):
+            def callback(i, t):
+                cb(i, t)
+                if table is not None and i + 1 < steps:
+                    table.apply(self.model, step=i + 1)
+            return self.pipe.run(run_model, steps, callback, before)
+
         with torch.no_grad():
-            return profile_steps(lambda cb: self.pipe.run(run_model, steps, cb, before), self.device, steps)
+            return profile_steps(run, self.device, steps)
 
     @property
     def profile_steps(self) -> int:
@@ -286,7 +306,7 @@ class DemoRunner:
         use_int8 = bool(getattr(self.args, "int8", False))
         self.sites = liteattn_ops.enable(self.model, threshold=threshold, use_int8=use_int8)
         if table is not None:
-            liteattn_ops.set_threshold(self.model, table)
+            _apply_table(self.model, table, step=0)
         model = self.model
         if self.mode == "compile":
             from ..compile.dynamo_backend import backend
@@ -306,13 +326,17 @@ class DemoRunner:
             table = getattr(self.args, "threshold_table", None)
         if self._lite_model is None:
             self._enable(threshold, table)
-        liteattn_ops.set_threshold(self.model, table if table is not None else threshold)
+        stepwise = table if table is not None and len(table.schedule) > 1 else None
+        if table is not None:
+            _apply_table(self.model, table, step=0)
+        else:
+            liteattn_ops.set_threshold(self.model, threshold)
         liteattn_ops.reset(self.model)
         states = site_states(self.model) or (lambda: site_states(self.model))  # (no warm-up: after step 0)
         recorder = LiveRecorder(states, self.args.steps, seqlen_k=self.pipe.tokens, head_dim=self.pipe.head_dim,
                                 dtype=self.pipe.attention_dtype)
         label = "calibrated" if table is not None else f"thr={threshold:g}"
-        per_step, total, wall, video = self._timed(self._lite_model, recorder, f"LiteAttention {label}")
+        per_step, total, wall, video = self._timed(self._lite_model, recorder, f"LiteAttention {label}", stepwise)
         # decoded after the run (synchronises; outside the timed region)
         for rec, live in zip(per_step, recorder.decode()):
             rec.update(live)
@@ -322,7 +346,9 @@ class DemoRunner:
         record.final_stats = {name: s for name, s in liteattn_ops.stats(self.model).items()
                               if s["live_fraction"] is not None}
         liteattn_ops.reset(self.model)   # the profiled pass sees the same evolution of the live set
-        record.profile = self._profile(self._lite_model, self.profile_steps)
+        if stepwise is not None:
+            stepwise.apply(self.model, step=0)
+        record.profile = self._profile(self._lite_model, self.profile_steps, stepwise)
         self._attach_profile(record)
         return record
 
