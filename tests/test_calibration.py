@@ -692,9 +692,10 @@ def test_cli_compare_runs_a_scheduled_table_step_by_step(tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     from safetensors.torch import save_file
 
-    from liteattn_ops.calibration.__main__ import main
+    from liteattn_ops.calibration.__main__ import main, parse_args
     from liteattn_ops.demo.models.wan_small import WanClassModel, WanSmallConfig
 
+    assert parse_args(["--steps", "4", "--schedule", "per-step"]).schedule == [1, 2, 3]
     torch.manual_seed(0)
     cfg = WanSmallConfig(dim=128, num_heads=2, depth=1, mlp_ratio=1.0, class_tokens=2, freq_dim=16)
     ckpt = tmp_path / "tiny_wan.safetensors"

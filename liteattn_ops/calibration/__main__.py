@@ -44,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--granularity", default="head", choices=("head", "layer"))
     p.add_argument("--criterion", default="max", choices=("max", "mass"),
                    help="max: the op's test; mass: the error-aware prototype, simulated (comparison only)")
-    p.add_argument("--schedule", default="", help="step boundaries, e.g. 2,10 (default: one range)")
+    p.add_argument("--schedule", default="",
+                   help="step boundaries, e.g. 2,10, or 'per-step' (one range per step; on the demo DiT the best "
+                        "factor, BENCHMARKS.md); default: one range")
     p.add_argument("--allocation", default="global",
                    help="global (the budget is the mean per-call site error, the cap --cap x budget per call), site "
                         "(every site's per-call error <= budget), or both: global,site")
@@ -69,7 +71,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     try:
         args.budgets = [] if args.budget == "none" else [float(b) for b in args.budget.split(",") if b.strip()]
-        args.schedule = [int(s) for s in args.schedule.split(",") if s.strip()] or None
+        if args.schedule.strip() == "per-step":
+            args.schedule = list(range(1, args.steps)) or None
+        else:
+            args.schedule = [int(s) for s in args.schedule.split(",") if s.strip()] or None
         args.uniform = [float(u) for u in args.uniform.split(",") if u.strip()]
         args.height, args.width = (int(x) for x in args.resolution.lower().split("x"))
     except ValueError as e:
