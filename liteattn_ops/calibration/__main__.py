@@ -141,19 +141,18 @@ class DemoRun:
         self.model, self.meta, self.grid = self.pipe.model, self.pipe.meta, self.pipe.grid
         self.steps, self.live_per_step = args.steps, []
 
-    def __call__(self, model, track=None, step_thresholds=None):
-        """One generation; step_thresholds(step), if given, sets the thresholds of each step before it
-        (a table with a schedule of several step ranges: `table.apply(model, step=i)`)."""
+    def __call__(self, model, track=None, table=None):
+        """One generation; `table`, a ThresholdTable with a schedule of several step ranges, if given, is
+        applied step by step (ThresholdTable.stepwise)."""
         self.live_per_step = []
-        if step_thresholds is not None:
-            step_thresholds(0)
 
         def callback(i, t):
             if track is not None:
                 self.live_per_step.append(track())
-            if step_thresholds is not None and i + 1 < self.steps:
-                step_thresholds(i + 1)
 
+        if table is not None:
+            table.apply(model, step=0)
+            callback = table.stepwise(model, self.steps, callback)
         with torch.no_grad():
             self.last_video = self.pipe.run(model, self.steps, callback)
         return self.last_video
@@ -228,8 +227,7 @@ def _generate(demo: DemoRun, model, measure_errors: bool = False, table=None) ->
     liteattn_ops.reset(model)
     try:
         t0 = time.perf_counter()
-        per_step = None if table is None else (lambda step: table.apply(model, step=step))
-        video = demo(model, track=lambda: _live(model), step_thresholds=per_step)
+        video = demo(model, track=lambda: _live(model), table=table)
         wall = time.perf_counter() - t0
     finally:
         for h in handles:

@@ -39,7 +39,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from torch import nn
 
@@ -158,6 +158,22 @@ class ThresholdTable:
     def _site_heads(self, module) -> Optional[int]:
         buffer = getattr(module, "threshold_per_head", None)
         return None if buffer is None else int(buffer.shape[0])
+
+    def stepwise(self, model, steps: int,
+                 callback: Optional[Callable[[int, float], None]] = None) -> Callable[[int, float], None]:
+        """A per-step callback(i, t) for a denoising loop of `steps` steps and a table with a schedule:
+        calls `callback` (if any), then applies the thresholds of step i + 1 (none after the last
+        step). Apply step 0's before the loop
+        (`table.apply(model, step=0)`). Each application writes the sites' threshold buffers in place (no
+        recompile; CUDA-graph replays read them) from host memory, which synchronises with the device."""
+
+        def after_step(i: int, t: float) -> None:
+            if callback is not None:
+                callback(i, t)
+            if i + 1 < steps:
+                self.apply(model, step=i + 1)
+
+        return after_step
 
     def apply(self, model, step: Optional[int] = None) -> None:
         """Set the thresholds of every site of `model` from this table (in place; no recompile).

@@ -242,8 +242,8 @@ class DemoRunner:
     # -- one timed loop --------------------------------------------------------------------------
     def _timed(self, run_model, recorder: LiveRecorder, desc: str,
                table=None) -> tuple[list[dict], float, float, torch.Tensor]:
-        """One timed loop; a `table` with several step ranges is applied step by step (after step i, the
-        thresholds of step i + 1: in-place writes, no recompile, read by CUDA-graph replays too)."""
+        """One timed loop; a `table` with several step ranges is applied step by step (ThresholdTable.stepwise:
+        in-place writes, no recompile, read by CUDA-graph replays too)."""
         steps = self.args.steps
         timer = StepTimer(self.device, steps)
         ts: list[float] = []
@@ -252,12 +252,12 @@ class DemoRunner:
                 timer.mark()          # an event on the stream (host clock on CPU); no sync
                 recorder.record(i)    # device-to-device copies into preallocated rows; no sync
                 ts.append(t)
-                if table is not None and i + 1 < steps:
-                    table.apply(self.model, step=i + 1)
                 if bar is not None:
                     bar.update(1)
 
             before = self._before_call()
+            if table is not None:
+                callback = table.stepwise(self.model, steps, callback)
             timer.start()
             video = self.pipe.run(run_model, steps, callback, before)
             per_step_s, wall = timer.finish()
@@ -270,10 +270,7 @@ class DemoRunner:
         before = self._before_call()
 
         def run(cb):
-            def callback(i, t):
-                cb(i, t)
-                if table is not None and i + 1 < steps:
-                    table.apply(self.model, step=i + 1)
+            callback = cb if table is None else table.stepwise(self.model, steps, cb)
             return self.pipe.run(run_model, steps, callback, before)
 
         with torch.no_grad():
@@ -326,7 +323,7 @@ class DemoRunner:
             table = getattr(self.args, "threshold_table", None)
         if self._lite_model is None:
             self._enable(threshold, table)
-        stepwise = table if table is not None and len(table.schedule) > 1 else None
+        scheduled = table if table is not None and len(table.schedule) > 1 else None
         if table is not None:
             _apply_table(self.model, table, step=0)
         else:
@@ -336,7 +333,7 @@ class DemoRunner:
         recorder = LiveRecorder(states, self.args.steps, seqlen_k=self.pipe.tokens, head_dim=self.pipe.head_dim,
                                 dtype=self.pipe.attention_dtype)
         label = "calibrated" if table is not None else f"thr={threshold:g}"
-        per_step, total, wall, video = self._timed(self._lite_model, recorder, f"LiteAttention {label}", stepwise)
+        per_step, total, wall, video = self._timed(self._lite_model, recorder, f"LiteAttention {label}", scheduled)
         # decoded after the run (synchronises; outside the timed region)
         for rec, live in zip(per_step, recorder.decode()):
             rec.update(live)
@@ -346,9 +343,9 @@ class DemoRunner:
         record.final_stats = {name: s for name, s in liteattn_ops.stats(self.model).items()
                               if s["live_fraction"] is not None}
         liteattn_ops.reset(self.model)   # the profiled pass sees the same evolution of the live set
-        if stepwise is not None:
-            stepwise.apply(self.model, step=0)
-        record.profile = self._profile(self._lite_model, self.profile_steps, stepwise)
+        if scheduled is not None:
+            scheduled.apply(self.model, step=0)
+        record.profile = self._profile(self._lite_model, self.profile_steps, scheduled)
         self._attach_profile(record)
         return record
 
