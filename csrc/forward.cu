@@ -17,7 +17,7 @@ void require(bool ok, const std::string& message) {
 
 int element_bytes(DType) { return 2; }
 
-// The kernel variant of this call: the head dim's default, or (A/B builds) what LITEATTN_VARIANT says:
+// The kernel variant of this call: the head dim's default, or (A/B builds only) what LITEATTN_VARIANT says:
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch", "bn<N>" (a
 // dense-only BN), and "nolpt" (no heaviest-first
@@ -29,6 +29,7 @@ struct CallVariant {
 
 CallVariant variant_of_call(int head_dim) {
   CallVariant v{default_variant(head_dim), true};
+  if (!LITEATTN_AB_BUILD) return v;  // the environment is read only where variants exist
   const char* env = std::getenv("LITEATTN_VARIANT");
   if (env == nullptr || *env == 0) return v;
   std::string text(env);
@@ -68,7 +69,7 @@ CallVariant variant_of_call(int head_dim) {
 
 // Variants of A/B builds: bf16 (both Q/K modes of the build), dense always, skip only with the table's BN
 // (CMakeLists.txt).
-constexpr bool ab_variant_built(int id, DType dtype, bool skip, bool int8) {
+[[maybe_unused]] constexpr bool ab_variant_built(int id, DType dtype, bool skip, bool int8) {
   return dtype == DType::kBFloat16 && (!int8 || LITEATTN_INT8) && !(skip && decode_variant(id).bn != 0);
 }
 
