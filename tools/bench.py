@@ -121,6 +121,14 @@ def main(argv=None):
     rows = []
     gen = torch.Generator().manual_seed(0)
 
+    def each_variant():
+        """The --variants in turn, --repeats times, with LITEATTN_VARIANT set; yields the row tag (None for
+        a run of the default only) and whether the variant has the skip path (a bnN variant is dense-only)."""
+        for variant in [v for _ in range(args.repeats) for v in variants]:
+            os.environ["LITEATTN_VARIANT"] = variant
+            yield (None if variants == ["default"] else variant), "bn" not in variant
+        os.environ.pop("LITEATTN_VARIANT", None)
+
     def record(shape, name, ms, fraction=1.0, variant=None):
         seqlen, heads, head_dim = shape
         tflops = 4 * heads * seqlen * seqlen * head_dim / (ms * 1e-3) / 1e12
@@ -170,11 +178,9 @@ def main(argv=None):
                     live = forced_live(1, heads, m_tiles, n_tiles, fraction, kind, gen)
                     forced.append((kind, fraction, pack_bits(live).to(dev), live.float().mean().item()))
         if "ours" in only:
-            for variant in [v for _ in range(args.repeats) for v in variants]:
-                os.environ["LITEATTN_VARIANT"] = variant
-                tag = None if variants == ["default"] else variant
+            for tag, has_skip_path in each_variant():
                 record(shape, "ours dense", timer(lambda: torch.ops.liteattn.attention(q, k, v), flop), variant=tag)
-                if "bn" in variant:  # a dense-only BN: the skip state is per tile of the table's BN
+                if not has_skip_path:
                     continue
                 state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
                 record(shape, "ours state f=1.00",
@@ -182,7 +188,6 @@ def main(argv=None):
                 for kind, fraction, state, actual in forced:
                     ms = timer(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop)
                     record(shape, f"ours forced {kind} f={fraction:.2f}", ms, actual, variant=tag)
-            os.environ.pop("LITEATTN_VARIANT", None)
             if not args.no_structured and seqlen in GRIDS:
                 sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
                 state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
@@ -200,18 +205,15 @@ def main(argv=None):
                 return lambda: launch_int8(a, b, c, st, thr, None, None, None)
 
             record(shape, "ours_int8 prepass", timer(lambda: quantize(q, k), flop))
-            for variant in [v for _ in range(args.repeats) for v in variants]:
-                os.environ["LITEATTN_VARIANT"] = variant
-                tag = None if variants == ["default"] else variant
+            for tag, has_skip_path in each_variant():
                 record(shape, "ours_int8 dense", timer(int8_call(q, k, v), flop), variant=tag)
-                if "bn" in variant:  # a dense-only BN
+                if not has_skip_path:
                     continue
                 state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
                 record(shape, "ours_int8 state f=1.00", timer(int8_call(q, k, v, state, no_thr), flop), variant=tag)
                 for kind, fraction, state, actual in forced:
                     record(shape, f"ours_int8 forced {kind} f={fraction:.2f}",
                            timer(int8_call(q, k, v, state, no_thr), flop), actual, variant=tag)
-            os.environ.pop("LITEATTN_VARIANT", None)
             if not args.no_structured and seqlen in GRIDS:
                 sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
                 state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
