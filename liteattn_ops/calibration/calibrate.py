@@ -365,7 +365,7 @@ class _Calibrator:
     def _resync(self, site: _Site, pending: _Pending) -> Tensor:
         """The live set after the call: the op's own state where it can be read (the prediction where
         the op's decisions cannot differ from it, or the mass criterion's simulated state)."""
-        if self.criterion == "mass" or pending.state is None:
+        if self.criterion == "mass":
             return pending.new_live
         name, seqlen_k, head_dim, dtype = pending.state
         state = site.module.states().get(name)
@@ -416,13 +416,9 @@ class _Calibrator:
                               schedule=[list(r) for r in self.ranges], calibration=calibration)
 
 
-def _op_state(site: _Site, q: Tensor, k: Tensor, key: tuple) -> Optional[tuple]:
-    """(buffer name, seqlen_k, head_dim, dtype) of the op's skip state for this call ((B, H, S, D) q and k);
-    None for a module without the LiteAttention state store."""
-    state_name = getattr(site.module, "state_name", None)
-    if state_name is None:
-        return None
-    return state_name(q, k, key[0]), int(k.shape[2]), int(q.shape[-1]), q.dtype
+def _op_state(site: _Site, q: Tensor, k: Tensor, key: tuple) -> tuple:
+    """(buffer name, seqlen_k, head_dim, dtype) of the op's skip state for this call ((B, H, S, D) q and k)."""
+    return site.module.state_name(q, k, key[0]), int(k.shape[2]), int(q.shape[-1]), q.dtype
 
 
 @dataclass
