@@ -164,6 +164,21 @@ def test_emulation_equals_a_literal_per_block_loop(batch, heads, seqlen_q, seqle
     assert _equal(quant.int8_scores(q, k, scale), want)
     # The LSE correction's q . mu, in the pre-pass's order (bit for bit barring fma double-rounding ties).
     assert _equal(quant.query_mean_dots(q, got.mu), literal_query_mean_dots(q, got.mu.numpy()))
+    # A given mean (the kernel's, when it rounds a channel the other way at a tie) is the one quantized with,
+    # and in the emulation the LSE correction follows it.
+    other = got.mu.clone()
+    other[..., 0] += 0.25
+    moved = quant.quantize_qk(q, k, mu=other)
+    q8, q_scale, k8, k_scale = literal_quantize(q, k, other.numpy(), tile)
+    assert torch.equal(moved.mu, other) and torch.equal(moved.k8, torch.from_numpy(k8))
+    assert _equal(moved.k_scale, k_scale) and torch.equal(moved.q8, got.q8)
+    if seqlen_k > 1:
+        _, lse_own, _ = reference.sparse_attention_reference(q, k, k, new_state(batch, heads, seqlen_q, seqlen_k,
+                                                             head_dim, q.dtype, "cpu"), torch.full((heads,), -math.inf),
+                                                             scale=scale, use_int8=True, int8_mean=other)
+        _, lse = reference.attention_reference(q, k, k, scale, use_int8=True)
+        assert not torch.equal(lse_own, lse)          # the other quantization, not the default mean's
+        assert (lse_own - lse).abs().max() < 0.5      # both are the true LSE up to quantization error
 
 
 def test_scale_log2_is_the_kernels():

@@ -26,7 +26,7 @@ from .margins import analyse_call, relative_error, threshold_grid
 
 def live_at_budget(q, k, v, budgets, *, metric="l1", criterion="max") -> list[dict]:
     """Per budget: per-head calibrated threshold, live fraction after the call, and error."""
-    grid = threshold_grid()
+    grid = threshold_grid(device=q.device)
     batch, heads = q.shape[:2]
     bm, bn = tile_shape(q.shape[-1], q.dtype)
     live = torch.ones(batch, heads, math.ceil(q.shape[2] / bm), math.ceil(k.shape[2] / bn), dtype=torch.bool,

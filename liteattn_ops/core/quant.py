@@ -111,11 +111,15 @@ def quantize_blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     return x8.view(batch, heads, blocks * block, head_dim)[:, :, :seqlen], scale
 
 
-def quantize_qk(q: Tensor, k: Tensor, tile: Optional[tuple[int, int]] = None) -> QuantizedQK:
+def quantize_qk(q: Tensor, k: Tensor, tile: Optional[tuple[int, int]] = None,
+                mu: Optional[Tensor] = None) -> QuantizedQK:
     """Quantize q per block of BM rows and k, smoothed by its mean, per block of BN rows (see the
-    module docstring). `tile`: (BM, BN), by default the kernel's `tile_shape(head_dim, q.dtype)`."""
+    module docstring). `tile`: (BM, BN), by default the kernel's `tile_shape(head_dim, q.dtype)`.
+    `mu` (B, H, D): the smoothing mean to use instead of `smoothing_mean(k)` — the kernel's pre-pass
+    may round a channel whose exact mean lies at a tie of k's dtype the other way, and every k8 of
+    that channel then follows its mean, so the kernel is checked against the emulation on its own mean."""
     block_m, block_n = tile if tile is not None else tile_shape(q.shape[-1], q.dtype)
-    mu = smoothing_mean(k)
+    mu = smoothing_mean(k) if mu is None else mu.to(device=k.device, dtype=torch.float32)
     q8, q_scale = quantize_blocks(q.float(), block_m)
     k8, k_scale = quantize_blocks(k.float() - mu[:, :, None, :], block_n)
     return QuantizedQK(q8, q_scale, k8, k_scale, mu)

@@ -73,8 +73,9 @@ def first_tile(block_m: int, block_n: int, seqlen_q: int, seqlen_k: int, device=
 
 
 def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_skip=None, scale=None,
-                               use_int8=False):
-    """Returns (out, lse, new_state); does not modify `state`. use_int8: the INT8 Q/K mode's scores.
+                               use_int8=False, int8_mean=None):
+    """Returns (out, lse, new_state); does not modify `state`. use_int8: the INT8 Q/K mode's scores;
+    int8_mean: the smoothing mean to quantize with instead of k's (quant.quantize_qk's `mu`).
 
     out: q.dtype, logical (B, H, S_q, D) in (B, S_q, H, D) memory; lse: float32 (B, H, S_q), natural log.
     """
@@ -96,7 +97,7 @@ def sparse_attention_reference(q, k, v, state, threshold, must_do=None, must_ski
     thr = threshold.to(device=device, dtype=torch.float32).view(1, heads, 1, 1)
 
     if use_int8:
-        quantized = quant.quantize_qk(q, k, (block_m, block_n))
+        quantized = quant.quantize_qk(q, k, (block_m, block_n), mu=int8_mean)
         keys = quant.padded_keys(quantized.k8, block_n)
         # The LSE correction in log2 units, one float32 multiply (fwd_kernel.cuh: q_mu * scale_log2).
         lse_bias_log2 = quant.query_mean_dots(q, quantized.mu) * torch.tensor(
