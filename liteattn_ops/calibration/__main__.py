@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--allocation", default="global",
                    help="global (the budget is the mean per-call site error, the cap --cap x budget per call), site "
                         "(every site's per-call error <= budget), or both: global,site")
-    p.add_argument("--cap", type=float, default=None, help="global allocation: per-call cap as a multiple of the budget")
+    p.add_argument("--cap", default="", help="global allocation: per-call cap as a multiple of the budget, or several, "
+                   "comma-separated (each cap x budget is one table; one profile pass between them); default 3")
     p.add_argument("--passes", type=int, default=None, help="generations per calibration (global: 2 or 3; site: 1 or 2)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=0,
@@ -76,6 +77,7 @@ def parse_args(argv=None):
         else:
             args.schedule = [int(s) for s in args.schedule.split(",") if s.strip()] or None
         args.uniform = [float(u) for u in args.uniform.split(",") if u.strip()]
+        args.caps = [float(c) for c in args.cap.split(",") if c.strip()] or [None]
         args.height, args.width = (int(x) for x in args.resolution.lower().split("x"))
     except ValueError as e:
         p.error(f"bad number: {e}")
@@ -86,6 +88,8 @@ def parse_args(argv=None):
         p.error(f"--budget must be positive numbers, got {args.budget!r}")
     if args.write_default and len(args.budgets) != 1:
         p.error("--write-default needs exactly one --budget")
+    if any(c is not None and not 0 < c < math.inf for c in args.caps):
+        p.error(f"--cap must be positive numbers, got {args.cap!r}")
     if any(u > 0 for u in args.uniform):
         p.error("--uniform thresholds must be <= 0")
     if not 0 <= args.label < 4:
@@ -304,23 +308,25 @@ def main(argv=None) -> int:
             prof = profile(model, demo, metric=args.metric, granularity=args.granularity, schedule=args.schedule)
             report[f"profile_wall_s"] = round(prof.wall_s, 2)
             print(f"profile pass: {prof.wall_s:.1f} s", flush=True)
-        for budget in args.budgets:
+        runs = [(b, c) for c in (args.caps if allocation == "global" else [None]) for b in args.budgets]
+        for budget, cap in runs:
             t0 = time.perf_counter()
             extra = {} if args.passes is None else {"passes": args.passes}
             if allocation == "global":
-                extra.update(profile=prof, cap=CAP if args.cap is None else args.cap)
+                extra.update(profile=prof, cap=CAP if cap is None else cap)
             table = calibrate(model, demo, target_error=budget, metric=args.metric, granularity=args.granularity,
                               schedule=args.schedule, criterion=args.criterion, allocation=allocation, **extra)
             wall = time.perf_counter() - t0 + (prof.wall_s if prof is not None else 0.0)
             last_pass_video = demo.last_video
-            name = f"thresholds_{budget:g}.json" if allocation == "global" else f"thresholds_{budget:g}_{allocation}.json"
+            name = f"thresholds_{budget:g}" + (f"_cap{cap:g}" if len(args.caps) > 1 else "") + \
+                (".json" if allocation == "global" else f"_{allocation}.json")
             table.calibration.update(_generation_record(args, demo))
             path = table.save(out / name)
             if args.write_default:
                 default = table.save(default_table_path(args))
                 report["default_table"] = str(default)
                 print(f"the demo's default table: {default}", flush=True)
-            entry = {"budget": budget, "allocation": allocation, "table": str(path),
+            entry = {"budget": budget, "allocation": allocation, "cap": table.calibration.get("cap_factor"), "table": str(path),
                      "calibration_wall_s": round(wall, 2), "calibration": table.calibration,
                      "sites": {n: {"thresholds": e.thresholds, "live_fraction": e.live_fraction,
                                    "live_fraction_per_head": e.live_fraction_per_head, "error": e.error,
@@ -339,7 +345,7 @@ def main(argv=None) -> int:
                               "fresh_max_error": gen["max_error"], "fresh_mean_error": gen["mean_error"],
                               **_quality(dense, demo.frames(gen["video"]))})
             report["tables"].append(entry)
-            print(f"{allocation} budget {budget:g}: {path} ({wall:.1f} s)"
+            print(f"{_label(entry)}: {path} ({wall:.1f} s)"
                   + (f", PSNR {_fmt(entry['psnr_db'], 2)} dB, live {entry['live_end']:.3f}" if "psnr_db" in entry else ""),
                   flush=True)
 
@@ -393,6 +399,14 @@ def _fmt(x, digits=3):
     return str(x)
 
 
+def _label(entry: dict) -> str:
+    """'global 0.01' (or 'global 0.01 cap 10' when the cap is not the default)."""
+    from .calibrate import CAP
+
+    cap = entry.get("cap")
+    return f"{entry['allocation']} {entry['budget']:g}" + (f" cap {cap:g}" if cap not in (None, CAP) else "")
+
+
 def markdown(report: dict) -> str:
     """Per-table site details first, the summary table (calibrated vs the uniform sweep) last."""
     lines = []
@@ -426,7 +440,7 @@ def markdown(report: dict) -> str:
             if "psnr_db" not in e:
                 continue
             fe, fc = e["factor_vs_uniform_live_end"], e["factor_vs_uniform_computed"]
-            lines.append(f"| {e['allocation']} {e['budget']:g} | {_fmt(e['live_end'])} | {_fmt(e['computed'])} | "
+            lines.append(f"| {_label(e)} | {_fmt(e['live_end'])} | {_fmt(e['computed'])} | "
                          f"{_fmt(e['psnr_db'], 2)} | {_fmt(e['ssim'], 4)} | {_fmt(fe[0])} / {_fmt(fe[1])} | "
                          f"{_fmt(fc[0])} / {_fmt(fc[1])} | {_fmt(e['fresh_max_error'], 4)} / "
                          f"{_fmt(e['fresh_mean_error'], 4)} | {e['calibration_wall_s']:.0f} |")
