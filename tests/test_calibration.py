@@ -11,6 +11,7 @@ sharp (local), head 1 broad.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -713,3 +714,35 @@ def test_cli_compare_runs_a_scheduled_table_step_by_step(tmp_path, monkeypatch):
     (entry,) = json.loads((out / "report.json").read_text())["tables"]
     assert len(ThresholdTable.load(entry["table"]).schedule) == 2
     assert {"psnr_db", "live_end", "computed", "fresh_max_error"} <= set(entry)
+
+
+def test_cli_several_caps_share_one_profile(tmp_path, monkeypatch):
+    """--cap 3,10: one table per cap and budget, each made with its own cap (recorded in the table), from one
+    profile pass between them; a bad cap is a usage error."""
+    pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+
+    from liteattn_ops.calibration import __main__ as cli
+    from liteattn_ops.demo.models.wan_small import WanClassModel, WanSmallConfig
+
+    assert cli.parse_args(["--cap", "3,10"]).caps == [3.0, 10.0] and cli.parse_args([]).caps == [None]
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--cap", "0"])
+    torch.manual_seed(0)
+    cfg = WanSmallConfig(dim=128, num_heads=2, depth=1, mlp_ratio=1.0, class_tokens=2, freq_dim=16)
+    ckpt = tmp_path / "tiny_wan.safetensors"
+    save_file({k: v.contiguous() for k, v in WanClassModel(cfg).state_dict().items()}, str(ckpt))
+    ckpt.with_suffix(".json").write_text(json.dumps({"arch": "wan", "model_config": cfg.to_dict()}))
+    calibrate_module = importlib.import_module("liteattn_ops.calibration.calibrate")  # the module, not the function
+
+    profiles = []
+    real_profile = calibrate_module.profile
+    monkeypatch.setattr(calibrate_module, "profile", lambda *a, **k: profiles.append(1) or real_profile(*a, **k))
+    out = tmp_path / "out"
+    rc = cli.main(["--preset", "wan-small", "--checkpoint", str(ckpt), "--frames", "2", "--resolution", "32x32",
+                   "--steps", "2", "--budget", "0.05", "--cap", "3,10", "--out", str(out)])
+    assert rc == 0
+    caps = {ThresholdTable.load(out / f"thresholds_0.05_cap{c}.json").calibration["cap_factor"] for c in (3, 10)}
+    assert caps == {3.0, 10.0}
+    assert [e["cap"] for e in json.loads((out / "report.json").read_text())["tables"]] == [3.0, 10.0]
+    assert profiles == [1]
