@@ -34,16 +34,6 @@ CPU_NOTE = ("CPU: the LiteAttention op runs its exact reference implementation, 
             "tiles); the live fractions and the quality numbers are the real ones.")
 
 
-def _apply_table(model, table, step: int) -> None:
-    """A calibrated ThresholdTable's thresholds for `step` (a table of one step range: its only set)."""
-    import liteattn_ops
-
-    if len(table.schedule) > 1:
-        table.apply(model, step=step)
-    else:
-        liteattn_ops.set_threshold(model, table)
-
-
 @dataclasses.dataclass
 class RunRecord:
     """One timed denoising run."""
@@ -166,7 +156,7 @@ class DemoRunner:
         try:
             liteattn_ops.enable(self.model, threshold=self.args.threshold)
             try:
-                _apply_table(self.model, table, step=0)
+                table.apply(self.model, step=0)
             finally:
                 liteattn_ops.disable(self.model)
         except ValueError as e:
@@ -303,7 +293,7 @@ class DemoRunner:
         use_int8 = bool(getattr(self.args, "int8", False))
         self.sites = liteattn_ops.enable(self.model, threshold=threshold, use_int8=use_int8)
         if table is not None:
-            _apply_table(self.model, table, step=0)
+            table.apply(self.model, step=0)
         model = self.model
         if self.mode == "compile":
             from ..compile.dynamo_backend import backend
@@ -325,7 +315,7 @@ class DemoRunner:
             self._enable(threshold, table)
         scheduled = table if table is not None and len(table.schedule) > 1 else None
         if table is not None:
-            _apply_table(self.model, table, step=0)
+            table.apply(self.model, step=0)
         else:
             liteattn_ops.set_threshold(self.model, threshold)
         liteattn_ops.reset(self.model)
