@@ -22,7 +22,7 @@ from torch import nn
 
 import liteattn_ops
 from liteattn_ops.calibration import ThresholdTable, ThresholdTableError, analyse_call, calibrate
-from liteattn_ops.calibration.calibrate import CAP, TOLERANCE, Profile, _Curves, allocate, profile
+from liteattn_ops.calibration.calibrate import CAP, TOLERANCE, Profile, _Curves, _Units, allocate, profile
 from liteattn_ops.calibration.margins import next_live, relative_error, threshold_grid
 from liteattn_ops.core.state import pack_bits, unpack_bits
 from liteattn_ops.testing import local_qkv, token_grid
@@ -401,6 +401,69 @@ def test_schedule_ranges_are_non_decreasing_over_the_steps():
     # range's prediction assumed its threshold for every step, so it is lowered to the late one's
     first, second = (float(t[0]) for t in thr["a"])
     assert (first, second) == (-4.0, -4.0)
+
+
+def test_replan_takes_the_spent_error_and_the_floor():
+    """_Units.solve for the later ranges: what the earlier ones spent comes off the goal, and no
+    unit goes below its floor (the highest threshold its head already used)."""
+    curves = ([100, 90, 70, 40, 30, 20], [0, 0.001, 0.004, 0.01, 0.03, 0.1])
+    prof = _synthetic_profile({"a": curves})
+    prof.curves["a"] = [prof.curves["a"][0], prof.curves["a"][0]]
+    prof.ranges = [[0, 1], [1, None]]
+    units = _Units(prof)                                   # 2 calls (one per range)
+    thr, summary = units.solve(0.01, 1.0, 1.0, first_range=1)
+    assert thr["a"][0] is None and float(thr["a"][1][0]) == -4.0        # 0.01 of the 0.02 allowed (-2: 0.03)
+    thr, summary = units.solve(0.01, 1.0, 1.0, first_range=1, spent=0.012)
+    assert float(thr["a"][1][0]) == -6.0                                # 0.008 left: one step lower
+    assert summary["predicted_mean_error"] == pytest.approx((0.012 + 0.004) / 2)
+    floor = torch.tensor([0, 4])                           # range 1's head already used grid[4] = -2
+    thr, _ = units.solve(0.01, 1.0, 1.0, first_range=1, spent=0.019, floor=floor)
+    assert float(thr["a"][1][0]) == -2.0                                # the floor, though over the goal
+
+
+def _scheduled_run(table, steps):
+    """run(model) of make_run(steps) applying a scheduled table step by step (a fresh run)."""
+    def run(model):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, GRID[0] * GRID[1] * GRID[2], model.dim, generator=g)
+        with torch.no_grad():
+            for i in range(steps):
+                table.apply(model, step=i)
+                x = 0.8 * x + 0.2 * torch.tanh(model(x))
+        return x
+    return run
+
+
+def test_replan_spends_what_the_earlier_ranges_left():
+    """Per-step ranges: the profile's curves take each range's threshold as if applied from the first
+    step, so they overstate a rising schedule's error; the check pass re-plans the later ranges from
+    the error the earlier ones measurably spent. On fresh runs the re-planned tables stay within the
+    budget and the cap, spend more of the budget than the profile's allocation alone, and leave no more
+    tiles live (fewer at the loose budget)."""
+    steps, schedule = 5, [1, 2, 3, 4]
+    model, run = LocalModel(), make_run(steps=steps)
+    prof = profile(model, run, schedule=schedule)
+    for budget in (0.005, 0.08):
+        result = {}
+        for replan in (False, True):
+            table = calibrate(model, run, target_error=budget, schedule=schedule, profile=prof, replan=replan)
+            assert table.calibration["allocation_replans"] == [len(schedule) if replan else 0]
+            whole = {}
+            errors, live = measured_errors(model, _scheduled_run(table, steps), site_errors=whole)
+            calls = [e for per_call in whole.values() for e in per_call]
+            mean = sum(calls) / len(calls)
+            assert mean <= TOLERANCE * budget, (budget, replan, mean)
+            worst = max(float(torch.stack(per_call).max()) for per_call in errors.values())
+            assert worst <= TOLERANCE * CAP * budget, (budget, replan, worst)
+            # the check pass ran the final table's trajectory: it measured this very mean
+            assert table.calibration["mean_error"] == pytest.approx(mean, rel=1e-3, abs=1e-6)
+            if replan:   # the last re-plan's prediction: what was spent plus a pessimistic rest, within the goal
+                predicted = table.calibration["allocation_replanned_mean_error"][0]
+                assert mean <= predicted + 1e-6 <= 0.8 * budget + 2e-6, (budget, mean, predicted)
+            result[replan] = (mean, sum(float(f.mean()) for f in live.values()) / len(live))
+        assert result[True][0] > 1.2 * result[False][0], (budget, result)
+        assert result[True][1] <= result[False][1], (budget, result)
+    assert result[True][1] < result[False][1] - 0.05, result          # budget 0.08: clearly fewer live
 
 
 # ------------------------------------------------------------------------------------------------

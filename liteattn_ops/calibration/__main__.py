@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--cap", default="", help="global allocation: per-call cap as a multiple of the budget, or several, "
                    "comma-separated (each cap x budget is one table; one profile pass between them); default 3")
     p.add_argument("--passes", type=int, default=None, help="generations per calibration (global: 2 or 3; site: 1 or 2)")
+    p.add_argument("--no-replan", action="store_true",
+                   help="global allocation with a schedule: keep the profile's allocation in the check pass instead of "
+                        "re-planning the later ranges from the error the earlier ones spent")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=0,
                    help="dense warm-up calls per state (liteattn_ops.enable(..., warmup_steps=K)), for the "
@@ -313,7 +316,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             extra = {} if args.passes is None else {"passes": args.passes}
             if allocation == "global":
-                extra.update(profile=prof, cap=CAP if cap is None else cap)
+                extra.update(profile=prof, cap=CAP if cap is None else cap, replan=not args.no_replan)
             table = calibrate(model, demo, target_error=budget, metric=args.metric, granularity=args.granularity,
                               schedule=args.schedule, criterion=args.criterion, allocation=allocation, **extra)
             wall = time.perf_counter() - t0 + (prof.wall_s if prof is not None else 0.0)

@@ -117,6 +117,20 @@ class _Site:
     keys: dict = field(default_factory=dict)        # profile pass: state key -> running min of margins
     profile: list = field(default_factory=list)     # profile pass: per range, a _Curves
     resynced_tiles: int = 0                         # tiles the op decided otherwise than predicted
+    used_max: Optional[Tensor] = None               # check pass: (H,) highest threshold used so far
+
+
+@dataclass
+class _Plan:
+    """The check pass's re-planning (global allocation): the profile's units, the goal and cap,
+    the range planned for last and what each re-plan predicted."""
+
+    units: "_Units"
+    goal: float
+    cap: float
+    safety: float
+    planned: int = 0
+    summaries: list = field(default_factory=list)
 
 
 @dataclass
@@ -136,6 +150,7 @@ class _Calibrator:
         self.model, self.target, self.metric, self.criterion = model, target_error, metric, criterion
         self.granularity, self.ranges, self.safety, self.grid = granularity, ranges, safety, grid
         self.mode = "check"          # "profile": dense trajectory, curves; "check": the per-call cap rule
+        self.plan: Optional[_Plan] = None   # check pass of the global allocation: re-plan at each new range
         self.roots = _roots(model)
         self.sites: dict[str, _Site] = {}
         for prefix, root in self.roots:
@@ -156,6 +171,7 @@ class _Calibrator:
             site.error_per_head = [None] * len(self.ranges)
             site.error_sum = [0.0] * len(self.ranges)
             site.lowered = False
+            site.used_max = None
             site.analysed_s = 0.0
             site.root[0] = 0
             site.keys.clear()
@@ -247,6 +263,8 @@ class _Calibrator:
             best = best.expand(heads).clone()
 
         r = self._range_of(max(0, site.root[0] - 1))
+        if self.plan is not None and r > self.plan.planned:
+            self._replan(r)
         warm = site.counts.get(key, 0) < int(getattr(site.module, "warmup_steps", 0) or 0)
         current = site.thresholds[r]
         if not warm:
@@ -255,6 +273,7 @@ class _Calibrator:
                 site.lowered = True
             site.thresholds[r] = current = new
         used = torch.full((heads,), -math.inf, dtype=torch.float64) if warm or current is None else current
+        site.used_max = used.clone() if site.used_max is None else torch.maximum(site.used_max, used)
         values = used.tolist()
         if self.criterion == "mass":   # simulated: the op removes nothing, the hook supplies the output
             values = [-math.inf] * heads
@@ -264,6 +283,27 @@ class _Calibrator:
         site.pending[-1] = _Pending(key, new_live, a.out, rel[..., 0].amax(0).cpu(), float(rel_site[..., 0].max()), r,
                                     float(rel_site[..., 0].mean()), _op_state(site, q, k, key))
         return None
+
+    def _replan(self, r: int) -> None:
+        """First call of step range r in the check pass: allocate ranges r.. again with the budget the
+        earlier ranges left (goal * calls minus the per-call errors they measurably spent), each
+        head no lower than the highest threshold it has used so far. The profile's curves assume a
+        range's threshold from the first step, so they overstate the error of a schedule that rises
+        over the steps; measuring what was spent keeps the budget from going unspent, and the floor
+        keeps every remaining prediction on the safe side (earlier steps used no higher threshold).
+        Ranges not yet reached are the only ones changed, so the pass stays one generation with the
+        final table (apart from what the cap rule lowers)."""
+        plan = self.plan
+        spent = sum(sum(s.error_sum[:r]) for s in self.sites.values())
+        thresholds, summary = plan.units.solve(plan.goal, plan.cap, plan.safety, first_range=r,
+                                               floor=plan.units.floor(self.sites), spent=spent)
+        for name, s in self.sites.items():
+            for r2 in range(r, len(self.ranges)):
+                if name in thresholds and thresholds[name][r2] is not None:
+                    s.thresholds[r2] = thresholds[name][r2]
+        plan.planned = r
+        summary["range"] = r
+        plan.summaries.append(summary)
 
     def _profile_call(self, site: _Site, key, q, k, v, live, scale):
         """Profile pass: the op runs dense (threshold -inf); the analysis gets as removal key each
@@ -476,6 +516,105 @@ def _restore(cal: "_Calibrator", saved: dict) -> None:
             reset(root)
 
 
+class _Units:
+    """The global allocation's units (a site's head and step range; granularity "layer": a site and
+    range) with the profile's curves stacked: cost, err, emax float64 (U, G)."""
+
+    def __init__(self, prof: Profile):
+        self.prof = prof
+        self.grid = prof.grid.double().cpu()
+        units, costs, errs, maxes = [], [], [], []
+        for name, per_range in prof.curves.items():
+            for r, c in enumerate(per_range):
+                if c is None:
+                    continue
+                if prof.granularity == "layer":
+                    units.append((name, r, None))
+                    costs.append(c.cost.sum(0)); errs.append(c.err_sum.sum(0)); maxes.append(c.site_max)
+                else:
+                    for h in range(c.cost.shape[0]):
+                        units.append((name, r, h))
+                        costs.append(c.cost[h]); errs.append(c.err_sum[h]); maxes.append(c.err_max[h])
+        self.units = units
+        self.calls = sum(c.calls for per_range in prof.curves.values() for c in per_range if c is not None)
+        if units:
+            self.cost, self.err, self.emax = torch.stack(costs), torch.stack(errs), torch.stack(maxes)
+            self.total_tiles = float(self.cost[:, 0].sum())
+        self.range_of = torch.tensor([r for _, r, _ in units], dtype=torch.long)
+
+    def solve(self, goal: float, cap: float, safety: float, *, first_range: int = 0,
+              floor: Optional[Tensor] = None, spent: float = 0.0) -> tuple[dict, dict]:
+        """Thresholds for the units of ranges >= first_range (the others get None) minimising their
+        predicted visited tiles subject to (spent + their predicted error sum) / calls <= goal, every
+        unit's per-call error envelope <= safety * cap, and grid index >= floor (U,) where given.
+        Returns ({site: [per range: float64 (H,) or None]}, summary)."""
+        prof = self.prof
+        out = {name: [None] * len(prof.ranges) for name in prof.curves}
+        summary = {"goal": goal, "cap": cap, "lambda": None, "predicted_mean_error": 0.0, "predicted_computed": 1.0}
+        if not self.units:
+            return out, summary
+        sel = self.range_of >= first_range
+        cost_n = self.cost[sel] / max(self.total_tiles, 1.0)
+        err_n = self.err[sel] / max(self.calls, 1)
+        allowed = torch.cummax(self.emax[sel], -1).values <= safety * cap
+        allowed[:, 0] = True                                                            # -inf: nothing removed
+        if floor is not None:
+            low = floor[sel]
+            index = torch.arange(self.grid.shape[0])
+            allowed &= index >= low[:, None]
+            allowed[torch.arange(low.shape[0]), low] = True     # the floor itself, whatever the cap says
+        budget = goal - spent / max(self.calls, 1)
+
+        def choose(lam: float) -> Tensor:
+            obj = (cost_n + lam * err_n).masked_fill(~allowed, math.inf)
+            return obj.argmin(-1)                                                       # first: the lowest g
+
+        def error(g: Tensor) -> float:
+            return float(err_n.gather(1, g[:, None]).sum())
+
+        lo, hi = 1e-6, 1e14
+        if error(choose(lo)) <= budget:
+            lam = lo
+        else:
+            for _ in range(80):
+                mid = math.sqrt(lo * hi)
+                if error(choose(mid)) <= budget:
+                    hi = mid
+                else:
+                    lo = mid
+            lam = hi
+        g = choose(lam)
+        chosen = [u for u, s in zip(self.units, sel.tolist()) if s]
+        for (name, r, h), gi in zip(chosen, g.tolist()):
+            heads = prof.heads[name]
+            if out[name][r] is None:
+                out[name][r] = torch.full((heads,), -math.inf, dtype=torch.float64)
+            if h is None:
+                out[name][r].fill_(float(self.grid[gi]))
+            else:
+                out[name][r][h] = float(self.grid[gi])
+        for name, per_range in out.items():                 # non-decreasing over the step ranges
+            later = None
+            for r in reversed(range(len(per_range))):
+                if per_range[r] is None:
+                    continue
+                later = per_range[r] if later is None else torch.minimum(per_range[r], later)
+                per_range[r] = later.clone()
+        summary.update(lam=lam, predicted_mean_error=round(spent / max(self.calls, 1) + error(g), 6),
+                       predicted_computed=round(float(cost_n.gather(1, g[:, None]).sum()), 6))
+        summary["lambda"] = summary.pop("lam")
+        return out, summary
+
+    def floor(self, sites: dict) -> Tensor:
+        """(U,) grid index of the highest threshold each unit's head (site) has used so far in the pass."""
+        values = []
+        for name, _, h in self.units:
+            used = sites[name].used_max
+            values.append(-math.inf if used is None else float(used.max() if h is None else used[h]))
+        v = torch.tensor(values, dtype=torch.float64)
+        return ((self.grid[None, :] <= v[:, None]).sum(-1) - 1).clamp_min(0)
+
+
 def allocate(prof: Profile, goal: float, cap: float, *, safety: float = SAFETY) -> tuple[dict, dict]:
     """The global allocation: thresholds that minimise the predicted visited tiles of the whole
     model subject to a predicted mean per-call site error <= goal, every head's (granularity
@@ -489,71 +628,11 @@ def allocate(prof: Profile, goal: float, cap: float, *, safety: float = SAFETY) 
     smallest lam with error <= goal is found by bisection on log(lam). Step ranges are allocated
     as units of their own and then made non-decreasing over the steps (each range's threshold
     becomes the minimum of its own and the later ones'), which keeps every range's prediction, made
-    for its threshold applied from the first step, on the safe side.
+    for its threshold applied from the first step, on the safe side. (The check pass then re-plans
+    the later ranges from what the earlier ones measurably spent: `_Calibrator._replan`.)
 
     Returns ({site: [per range: float64 (H,) or None]}, summary)."""
-    grid = prof.grid.double().cpu()
-    units, costs, errs, maxes = [], [], [], []
-    for name, per_range in prof.curves.items():
-        for r, c in enumerate(per_range):
-            if c is None:
-                continue
-            if prof.granularity == "layer":
-                units.append((name, r, None))
-                costs.append(c.cost.sum(0)); errs.append(c.err_sum.sum(0)); maxes.append(c.site_max)
-            else:
-                for h in range(c.cost.shape[0]):
-                    units.append((name, r, h))
-                    costs.append(c.cost[h]); errs.append(c.err_sum[h]); maxes.append(c.err_max[h])
-    summary = {"goal": goal, "cap": cap, "lambda": None, "predicted_mean_error": 0.0, "predicted_computed": 1.0}
-    out = {name: [None] * len(prof.ranges) for name in prof.curves}
-    if not units:
-        return out, summary
-    cost, err, emax = torch.stack(costs), torch.stack(errs), torch.stack(maxes)       # (U, G)
-    total_tiles = float(cost[:, 0].sum())
-    calls = sum(c.calls for per_range in prof.curves.values() for c in per_range if c is not None)
-    allowed = torch.cummax(emax, -1).values <= safety * cap
-    allowed[:, 0] = True                                                                # -inf: nothing removed
-    cost_n, err_n = cost / max(total_tiles, 1.0), err / max(calls, 1)
-
-    def choose(lam: float) -> Tensor:
-        obj = (cost_n + lam * err_n).masked_fill(~allowed, math.inf)
-        return obj.argmin(-1)                                                           # first: the lowest g
-
-    def mean_error(g: Tensor) -> float:
-        return float(err_n.gather(1, g[:, None]).sum())
-
-    lo, hi = 1e-6, 1e14
-    if mean_error(choose(lo)) <= goal:
-        lam = lo
-    else:
-        for _ in range(80):
-            mid = math.sqrt(lo * hi)
-            if mean_error(choose(mid)) <= goal:
-                hi = mid
-            else:
-                lo = mid
-        lam = hi
-    g = choose(lam)
-    for (name, r, h), gi in zip(units, g.tolist()):
-        heads = prof.heads[name]
-        if out[name][r] is None:
-            out[name][r] = torch.full((heads,), -math.inf, dtype=torch.float64)
-        if h is None:
-            out[name][r].fill_(float(grid[gi]))
-        else:
-            out[name][r][h] = float(grid[gi])
-    for name, per_range in out.items():                 # non-decreasing over the step ranges
-        later = None
-        for r in reversed(range(len(per_range))):
-            if per_range[r] is None:
-                continue
-            later = per_range[r] if later is None else torch.minimum(per_range[r], later)
-            per_range[r] = later.clone()
-    summary.update(lam=lam, predicted_mean_error=round(mean_error(g), 6),
-                   predicted_computed=round(float(cost_n.gather(1, g[:, None]).sum()), 6))
-    summary["lambda"] = summary.pop("lam")
-    return out, summary
+    return _Units(prof).solve(goal, cap, safety)
 
 
 def _check_common(metric, granularity, run):
@@ -568,7 +647,7 @@ def _check_common(metric, granularity, run):
 def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str = "l1", granularity: str = "head",
               schedule: Optional[Sequence[int]] = None, allocation: str = "global", cap: float = CAP,
               passes: int = 2, safety: float = SAFETY, criterion: str = "max",
-              profile: Optional[Profile] = None) -> ThresholdTable:
+              profile: Optional[Profile] = None, replan: bool = True) -> ThresholdTable:
     """Thresholds for every LiteAttention site of `model` that skip as much as an error budget
     allows. Returns a ThresholdTable (see table.py); README "Calibration" has the algorithm.
 
@@ -606,6 +685,10 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
         applied (the op, the reference and the kernel implement only the max test).
     profile: (allocation "global") a `profile(model, run, ...)` of this model to reuse instead of a
         profile pass of its own (calibrating several budgets then costs one profile pass in all).
+    replan: (allocation "global", a schedule of several ranges) at the first call of each step range
+        the check pass allocates that range and the later ones again, with the budget the earlier
+        ranges left by measurement (see `_Calibrator._replan`); False keeps the profile's allocation
+        (only the cap rule changes it).
 
     The model's thresholds are restored and its states reset afterwards; apply the result with
     `liteattn_ops.set_threshold(model, table)`.
@@ -620,6 +703,8 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if allocation == "global" and passes not in (2, 3):
         raise ValueError(f"passes must be 2 or 3 with allocation='global', got {passes!r}")
+    if not isinstance(replan, bool):
+        raise TypeError(f"replan must be True or False, got {replan!r}")
     if allocation == "site" and passes not in (1, 2):
         raise ValueError(f"passes must be 1 or 2 with allocation='site', got {passes!r}")
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 1 <= cap < math.inf:
@@ -661,11 +746,19 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
                 walls.append(prof.wall_s)
             goal = safety * float(target_error)
             cal.mode, cal.target = "check", cap_abs
+            units = _Units(prof)
             for attempt in range(passes - 1):
-                thresholds, summary = allocate(prof, goal, cap_abs, safety=safety)
-                walls.append(cal.run_pass(run, thresholds))
+                thresholds, summary = units.solve(goal, cap_abs, safety)
+                cal.plan = _Plan(units, goal, cap_abs, safety) if replan else None
+                try:
+                    walls.append(cal.run_pass(run, thresholds))
+                finally:
+                    plan, cal.plan = cal.plan, None
                 lowered.append(sorted(name for name, s in cal.sites.items() if s.lowered))
                 summary["measured_mean_error"] = round(cal.mean_error(), 6)
+                summary["replans"] = 0 if plan is None else len(plan.summaries)
+                summary["replanned_mean_error"] = (summary["predicted_mean_error"] if not (plan and plan.summaries)
+                                                   else plan.summaries[-1]["predicted_mean_error"])
                 allocations.append(summary)
                 measured, predicted = summary["measured_mean_error"], summary["predicted_mean_error"]
                 if measured > 0 and predicted > 0:   # the correction for the next attempt, if any
@@ -691,7 +784,8 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
         calibration.update(cap=round(float(cap) * float(target_error), 9), cap_factor=float(cap),
                            mean_error=round(cal.mean_error(), 6),
                            **{f"allocation_{k}": [a[k] for a in allocations] for k in
-                              ("goal", "lambda", "predicted_mean_error", "predicted_computed", "measured_mean_error")},
+                              ("goal", "lambda", "predicted_mean_error", "predicted_computed", "measured_mean_error",
+                               "replans", "replanned_mean_error")},
                            budget="target_error bounds the mean per-call site error over the generation; cap bounds "
                                   "every head's (layer granularity: site's) per-call error")
     else:
