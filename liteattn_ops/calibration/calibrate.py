@@ -584,6 +584,14 @@ class _Units:
                     lo = mid
             lam = hi
         g = choose(lam)
+        # A unit whose own calls cannot be changed by its threshold (flat curves: the first step's range, whose
+        # calls see nothing removed yet) would take -inf by the tie-break, but its threshold decides what the
+        # later calls find removed: it takes the highest candidate, and the non-decreasing pass below lowers it
+        # to the later ranges' minimum, which their predictions (made for their thresholds from the first step)
+        # already assume. Otherwise the first step removes nothing and every later step computes those tiles.
+        flat = ((cost_n == cost_n[:, :1]).all(-1) & (err_n == err_n[:, :1]).all(-1) & allowed.all(-1))
+        if first_range == 0 and len(prof.ranges) > 1:
+            g = torch.where(flat, torch.full_like(g, self.grid.shape[0] - 1), g)
         chosen = [u for u, s in zip(self.units, sel.tolist()) if s]
         for (name, r, h), gi in zip(chosen, g.tolist()):
             heads = prof.heads[name]
