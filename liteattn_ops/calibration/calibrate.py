@@ -589,7 +589,10 @@ class _Units:
         # later calls find removed: it takes the highest candidate, and the non-decreasing pass below lowers it
         # to the later ranges' minimum, which their predictions (made for their thresholds from the first step)
         # already assume. Otherwise the first step removes nothing and every later step computes those tiles.
-        flat = ((cost_n == cost_n[:, :1]).all(-1) & (err_n == err_n[:, :1]).all(-1) & allowed.all(-1))
+        # (Only the first range: a flat unit later on is a head with nothing removable on this trajectory, which
+        # keeps -inf rather than a threshold that a fresh run's inputs could make bite.)
+        flat = ((cost_n == cost_n[:, :1]).all(-1) & (err_n == err_n[:, :1]).all(-1) & allowed.all(-1)
+                & (self.range_of[sel] == 0))
         if first_range == 0 and len(prof.ranges) > 1:
             g = torch.where(flat, torch.full_like(g, self.grid.shape[0] - 1), g)
         chosen = [u for u, s in zip(self.units, sel.tolist()) if s]
