@@ -1,7 +1,11 @@
 """calibrate(model, run): per-site, per-head (optionally per step range) thresholds that keep every
 site's per-call attention error within a budget, found in two generations.
 
-The algorithm (README "Calibration" has the why):
+The algorithm (README "Calibration" has the why). The default, allocation "global": a profile pass
+(the op dense) records every candidate threshold's predicted tiles and errors per site, head and step
+range (`_profile_call`); `_Units.solve` allocates the budget where it buys the most tiles; a check pass
+runs the table with the per-call cap rule below and, at each new step range, re-plans the ranges not yet
+reached from the error already spent (`_replan`). Allocation "site" is the per-call rule alone:
 
 Each pass calls `run(model)` once, with hooks on every attention site. At each call of a site the
 hook, before the op runs, analyses the call (`margins.analyse_call`, one pass over the scores):
