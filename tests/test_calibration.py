@@ -481,6 +481,14 @@ def test_first_range_takes_the_later_ranges_minimum():
     assert [float(t[0]) for t in thr["a"]] == [-4.0, -4.0, -4.0]
     thr, _ = allocate(prof, 1e-9, cap=1.0, safety=1.0)            # no budget: -inf everywhere
     assert [float(t[0]) for t in thr["a"]] == [-math.inf] * 3
+    # a dense warm-up step after the first (flat too) does the same; a head flat at every range keeps -inf
+    prof.curves["a"] = [first, first, prof.curves["a"][1], prof.curves["a"][2]]
+    prof.curves["broad"] = [first] * 4
+    prof.heads["broad"] = 1
+    prof.ranges = [[0, 1], [1, 2], [2, 3], [3, None]]
+    thr, _ = allocate(prof, 0.01 * 2 / 5, cap=1.0, safety=1.0)
+    assert [float(t[0]) for t in thr["a"]] == [-4.0] * 4
+    assert [float(t[0]) for t in thr["broad"]] == [-math.inf] * 4
 
 
 # ------------------------------------------------------------------------------------------------

@@ -589,16 +589,28 @@ class _Units:
             lam = hi
         g = choose(lam)
         # A unit whose own calls cannot be changed by its threshold (flat curves: the first step's range, whose
-        # calls see nothing removed yet) would take -inf by the tie-break, but its threshold decides what the
-        # later calls find removed: it takes the highest candidate, and the non-decreasing pass below lowers it
-        # to the later ranges' minimum, which their predictions (made for their thresholds from the first step)
-        # already assume. Otherwise the first step removes nothing and every later step computes those tiles.
-        # (Only the first range: a flat unit later on is a head with nothing removable on this trajectory, which
-        # keeps -inf rather than a threshold that a fresh run's inputs could make bite.)
-        flat = ((cost_n == cost_n[:, :1]).all(-1) & (err_n == err_n[:, :1]).all(-1) & allowed.all(-1)
-                & (self.range_of[sel] == 0))
+        # calls see nothing removed yet, and the ranges of dense warm-up steps after it) would take -inf by the
+        # tie-break, but its threshold decides what the later calls find removed: it takes the highest
+        # candidate, and the non-decreasing pass below lowers it to the later ranges' minimum, which their
+        # predictions (made for their thresholds from the first step) already assume. Otherwise those steps
+        # remove nothing and the next one computes every tile again. Only such a leading run of flat ranges
+        # followed by a range that is not flat: a head with nothing removable on this trajectory keeps -inf
+        # rather than a threshold that a fresh run's inputs could make bite.
         if first_range == 0 and len(prof.ranges) > 1:
-            g = torch.where(flat, torch.full_like(g, self.grid.shape[0] - 1), g)
+            flat = ((cost_n == cost_n[:, :1]).all(-1) & (err_n == err_n[:, :1]).all(-1) & allowed.all(-1)).tolist()
+            by_head: dict = {}
+            for i, (name, r, h) in enumerate(self.units):
+                by_head.setdefault((name, h), []).append((r, i))
+            lift = torch.zeros_like(g, dtype=torch.bool)
+            for ranges in by_head.values():
+                ranges.sort()
+                lead = 0
+                while lead < len(ranges) and flat[ranges[lead][1]]:
+                    lead += 1
+                if lead < len(ranges):           # a range that is not flat follows
+                    for _, i in ranges[:lead]:
+                        lift[i] = True
+            g = torch.where(lift, torch.full_like(g, self.grid.shape[0] - 1), g)
         chosen = [u for u, s in zip(self.units, sel.tolist()) if s]
         for (name, r, h), gi in zip(chosen, g.tolist()):
             heads = prof.heads[name]
