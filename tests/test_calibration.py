@@ -88,14 +88,17 @@ class OtherModel(LocalModel):
     pass
 
 
-def make_run(steps=3, batch=1, seed=0):
-    """run(model): a small 'denoising loop' whose attention inputs drift from step to step."""
+def make_run(steps=3, batch=1, seed=0, table=None):
+    """run(model): a small 'denoising loop' whose attention inputs drift from step to step; with a
+    scheduled `table`, applied step by step (a fresh run of that table)."""
 
     def run(model):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, GRID[0] * GRID[1] * GRID[2], model.dim, generator=g)
         with torch.no_grad():
-            for _ in range(steps):
+            for i in range(steps):
+                if table is not None:
+                    table.apply(model, step=i)
                 x = 0.8 * x + 0.2 * torch.tanh(model(x))
         return x
 
@@ -421,19 +424,6 @@ def test_replan_takes_the_spent_error_and_the_floor():
     assert float(thr["a"][1][0]) == -2.0                                # the floor, though over the goal
 
 
-def _scheduled_run(table, steps):
-    """run(model) of make_run(steps) applying a scheduled table step by step (a fresh run)."""
-    def run(model):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, GRID[0] * GRID[1] * GRID[2], model.dim, generator=g)
-        with torch.no_grad():
-            for i in range(steps):
-                table.apply(model, step=i)
-                x = 0.8 * x + 0.2 * torch.tanh(model(x))
-        return x
-    return run
-
-
 def test_replan_spends_what_the_earlier_ranges_left():
     """Per-step ranges: the profile's curves take each range's threshold as if applied from the first
     step, so they overstate a rising schedule's error; the check pass re-plans the later ranges from
@@ -449,7 +439,7 @@ def test_replan_spends_what_the_earlier_ranges_left():
             table = calibrate(model, run, target_error=budget, schedule=schedule, profile=prof, replan=replan)
             assert table.calibration["allocation_replans"] == [len(schedule) if replan else 0]
             whole = {}
-            errors, live = measured_errors(model, _scheduled_run(table, steps), site_errors=whole)
+            errors, live = measured_errors(model, make_run(steps=steps, table=table), site_errors=whole)
             calls = [e for per_call in whole.values() for e in per_call]
             mean = sum(calls) / len(calls)
             assert mean <= TOLERANCE * budget, (budget, replan, mean)

@@ -783,9 +783,9 @@ def calibrate(model, run: Callable, *, target_error: float = 0.05, metric: str =
                     plan, cal.plan = cal.plan, None
                 lowered.append(sorted(name for name, s in cal.sites.items() if s.lowered))
                 summary["measured_mean_error"] = round(cal.mean_error(), 6)
-                summary["replans"] = 0 if plan is None else len(plan.summaries)
-                summary["replanned_mean_error"] = (summary["predicted_mean_error"] if not (plan and plan.summaries)
-                                                   else plan.summaries[-1]["predicted_mean_error"])
+                replans = plan.summaries if plan is not None else []
+                summary["replans"] = len(replans)
+                summary["replanned_mean_error"] = (replans[-1] if replans else summary)["predicted_mean_error"]
                 allocations.append(summary)
                 measured, predicted = summary["measured_mean_error"], summary["predicted_mean_error"]
                 if measured > 0 and predicted > 0:   # the correction for the next attempt, if any
