@@ -19,7 +19,7 @@ int element_bytes(DType) { return 2; }
 
 // The kernel variant of this call: the head dim's default, or (A/B builds only) what LITEATTN_VARIANT says:
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
-// "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch", "bn<N>" (a
+// "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch", "persist" / "nopersist", "bn<N>" (a
 // dense-only BN), and "nolpt" (no heaviest-first
 // schedule). Parsed per call, so one process can time several variants.
 struct CallVariant {
@@ -50,6 +50,8 @@ CallVariant variant_of_call(int head_dim) {
       set_bit(kVariantSerialSoftmax, token == "serial");
     } else if (token == "maskbranch" || token == "nomaskbranch") {
       set_bit(kVariantMaskBranch, token == "maskbranch");
+    } else if (token == "persist" || token == "nopersist") {
+      set_bit(kVariantPersistent, token == "persist");
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -60,7 +62,7 @@ CallVariant variant_of_call(int head_dim) {
     } else {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
-                         "nomaskbranch, bn<N>, nolpt)");
+                         "nomaskbranch, persist, nopersist, bn<N>, nolpt)");
     }
     start = end + 1;
   }

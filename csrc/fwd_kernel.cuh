@@ -1,5 +1,5 @@
-// The forward kernel: one CTA per query tile (tile_scheduler.cuh picks which). Warpgroup 0 is the
-// producer (one thread issues the TMA loads, mainloop.cuh); warpgroups 1.. are consumers of 64
+// The forward kernel: one CTA per query tile, or (persistent variant, dense path) one CTA per SM
+// walking several (tile_scheduler.cuh picks which). Warpgroup 0 is the producer (one thread issues the TMA loads, mainloop.cuh); warpgroups 1.. are consumers of 64
 // query rows each: GEMMs, softmax and skip vote (mainloop.cuh, softmax.cuh, skip_state.cuh), then
 // the O / LSE epilogue (epilogue.cuh) and, on the skip path, the state write-back (skip_state.cuh).
 #pragma once
@@ -19,7 +19,8 @@ namespace liteattn {
 
 template <class Tr>
 __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
-                                                   QueryTile tile, int warpgroup, int thread) {
+                                                   QueryTile tile, int iteration, PipelineState& k_read,
+                                                   PipelineState& v_read, int warpgroup, int thread) {
   using namespace cute;
   const int t = thread % 128;  // thread in this warpgroup
   const int lane = t % 32;
@@ -42,7 +43,7 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kD>>{});
   clear(tOrO);
   OnlineSoftmax<Tr::kLazyRescale> softmax;
-  consumer_mainloop<Tr>(p, ss, tile, warpgroup, t, softmax, vote, tOrO);
+  consumer_mainloop<Tr>(p, ss, tile, iteration, warpgroup, t, k_read, v_read, softmax, vote, tOrO);
   store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 
   if constexpr (Tr::kSkip) {
@@ -59,10 +60,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
   extern __shared__ __align__(1024) char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
   const int warpgroup = cutlass::canonical_warp_group_idx();
-  const QueryTile tile = scheduled_tile(p);
+  static_assert(!(Tr::kPersistent && Tr::kSkip), "the skip path's state row is read per CTA (one tile per CTA)");
+  const QueryTile tile = scheduled_tile(p);  // the skip path's (only) tile
 
   if (threadIdx.x == 0) {
     ss.q_full.init(1);
+    ss.q_empty.init(Tr::kConsumerWarps);  // one arrival per consumer warp
 #pragma unroll
     for (int s = 0; s < Tr::kStages; ++s) {
       ss.k_full[s].init(1);
@@ -85,12 +88,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
     if (threadIdx.x == 0) {
       cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_vt.get_tma_descriptor());
-      producer_load<Tr>(p, ss, tile);
+      PipelineState write;
+      for (TileSequence<Tr::kPersistent> seq(p); seq.more(); seq.advance())
+        producer_load<Tr>(p, ss, seq.current, seq.iteration, write);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
     MmaTurn<Tr::kConsumerWarpgroups, Tr::kPingPong>::start(warpgroup - 1);
-    consumer_warpgroup<Tr>(p, ss, tile, warpgroup - 1, threadIdx.x - 128);
+    PipelineState k_read, v_read;
+    for (TileSequence<Tr::kPersistent> seq(p); seq.more(); seq.advance())
+      consumer_warpgroup<Tr>(p, ss, seq.current, seq.iteration, k_read, v_read, warpgroup - 1, threadIdx.x - 128);
   }
 }
 

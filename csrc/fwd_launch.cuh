@@ -84,7 +84,15 @@ void run_fwd(const FwdArgs& a) {
   // during CUDA-graph capture).
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
              "cudaFuncSetAttribute(max dynamic shared memory)");
-  const dim3 grid(p.num_m_tiles, a.heads, a.batch);
+  dim3 grid(p.num_m_tiles, a.heads, a.batch);
+  if constexpr (Tr::kPersistent) {
+    // At most one CTA per SM (one fits: __launch_bounds__(kThreads, 1) and the shared memory).
+    int device = 0, sms = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute(SM count)");
+    const int64_t tiles = int64_t(p.num_m_tiles) * a.heads * a.batch;
+    grid = dim3(unsigned(tiles < sms ? tiles : sms));
+  }
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, static_cast<cudaStream_t>(a.stream)>>>(p);
   check_cuda(cudaGetLastError(), "forward kernel launch");
 }

@@ -27,7 +27,8 @@ using KMajorAtom = std::conditional_t<
 
 // kVariant: decode_variant (liteattn.h) -- ping-pong (the consumer warpgroups take turns to issue their
 // GEMMs, named_barriers.cuh, so one warpgroup's softmax runs while another's GEMMs use the tensor cores),
-// lazy / early O rescale, serial softmax, and a BN other than the table's (dense path only).
+// lazy / early O rescale, serial softmax, persistent CTAs and a BN other than the table's (the last two
+// dense path only).
 // kInt8: INT8 Q/K mode (out/INT8_SPEC.md): Q and K arrive as int8 (the pre-pass, int8_prepass.cu, wrote them
 // with per-block scales), S = Q K^T is an s8 x s8 -> s32 wgmma and the scores are scaled per tile pair
 // (int8_scores.cuh); V, P, O and everything after the scores are as in the 16-bit mode.
@@ -42,6 +43,9 @@ struct FwdTraits {
   static constexpr bool kLazyRescale = kVariantInfo.lazy_rescale;
   static constexpr bool kEarlyRescale = kVariantInfo.early_rescale;
   static constexpr bool kSerialSoftmax = kVariantInfo.serial_softmax;
+  // 16-bit dense path only: the skip path reads and writes one state row per tile with the whole CTA; the INT8
+  // mode is not measured persistent yet.
+  static constexpr bool kPersistent = kVariantInfo.persistent && !kSkip_ && !kInt8_;
   static constexpr bool kInt8 = kInt8_;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
   using ElementQK = std::conditional_t<kInt8, int8_t, Element>;  // Q and K in shared memory
@@ -129,6 +133,7 @@ struct FwdTraits {
     // Pipeline barriers (mainloop.cuh): *_full complete when TMA has landed the bytes,
     // *_empty when every consumer warp is done reading the stage.
     cutlass::arch::ClusterTransactionBarrier q_full;
+    cutlass::arch::ClusterBarrier q_empty;  // every consumer warp is done with Q (the persistent kernel's next tile)
     cutlass::arch::ClusterTransactionBarrier k_full[kStages];
     cutlass::arch::ClusterTransactionBarrier v_full[kStages];
     cutlass::arch::ClusterBarrier k_empty[kStages];

@@ -106,8 +106,8 @@ void quantize_qk(const QuantArgs& args);
 // in an int (a template argument). forward() runs default_variant(head_dim) (NOTES.md has the measurements
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
 // bf16 (dense, and skip unless the variant overrides BN) and let the environment variable LITEATTN_VARIANT
-// pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch", "bn176", "nolpt",
-// joined by '+').
+// pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch", "persist", "bn176",
+// "nolpt", joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)
@@ -116,16 +116,22 @@ struct KernelVariant {
   bool serial_softmax; // wait for O += P(n-1) V(n-1) too before the softmax of tile n (no overlap inside the
                        // warpgroup; the other warpgroups' GEMMs still overlap it)
   bool mask_branch;    // the partial last tile's column mask on its own branch (always so at head dim 64)
+  bool persistent;     // 16-bit dense path: one CTA per SM walks the query tiles (tile_scheduler.cuh), so the next
+                       // tile's Q and K load while this one's last P V and epilogue run
 };
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
-              kVariantSerialSoftmax = 256, kVariantMaskBranch = 512;
+              kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024;
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
-          16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0};
+          16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,
+          (id & kVariantPersistent) != 0};
 }
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
+// Both: persistent CTAs on the 16-bit dense path (NOTES.md v10).
 constexpr int default_variant(int head_dim) {
-  return head_dim == 128 ? kVariantPingPong | kVariantLazyRescale : head_dim == 64 ? kVariantPingPong : 0;
+  return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent
+         : head_dim == 64 ? kVariantPingPong | kVariantPersistent
+                          : 0;
 }
 
 // tile_scheduler.cu: the heaviest-first order of each segment of `segment_rows` consecutive

@@ -67,10 +67,12 @@ __device__ __forceinline__ decltype(auto) float_scores(Frag& acc) {
 }
 
 // Producer (one thread): Q of query tile m, then K and V^T of each visited tile, in the order of
-// the contract, into the ring.
+// the contract, into the ring. `iteration` is the CTA's tile count so far (TileSequence) and `write` the
+// ring position, kept across the tiles of a persistent CTA: Q is reloaded once every consumer warp has
+// released it (after the last S GEMM of the previous tile), and the ring runs on into the next tile.
 template <class Tr>
 __device__ __forceinline__ void producer_load(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
-                                              QueryTile tile) {
+                                              QueryTile tile, int iteration, PipelineState& write) {
   using namespace cute;
   constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD;
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
@@ -86,10 +88,10 @@ __device__ __forceinline__ void producer_load(typename Tr::Params const& p, type
   auto [tKg, tKs] = tma_partition(p.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
   auto [tVg, tVs] = tma_partition(p.tma_vt, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sVt), group_modes<0, 2>(gVt));
 
+  ss.q_empty.wait((iteration & 1) ^ 1);  // the first tile's wait returns at once
   ss.q_full.arrive_and_expect_tx(Tr::kQBytes);
   copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full)), tQg, tQs);
 
-  PipelineState write;
   const int n0 = first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles);
   for (TileOrder<Tr::kSkip> tiles(ss.visit, ss.order, n0, p.num_n_tiles); tiles.more(); tiles.advance()) {
     const int n = tiles.current();
@@ -110,10 +112,13 @@ __device__ __forceinline__ void producer_load(typename Tr::Params const& p, type
 // take turns to issue (MmaTurn): one warpgroup's softmax overlaps another's GEMMs. O is rescaled by the
 // softmax step's correction after the wait for P(n-1) V(n-1) or, with Tr::kEarlyRescale, after S(n+1) is
 // issued (the tensor cores start on S(n+1) sooner); with Tr::kLazyRescale only when the step asks for it.
-// On return tOrO holds the unnormalised O of the visited tiles and `softmax` its row max / sum.
+// On return tOrO holds the unnormalised O of the visited tiles and `softmax` its row max / sum, and every
+// warp has released Q (before the last P V, so that a persistent CTA's next Q loads under it and the
+// epilogue). k_read / v_read: the ring positions, kept across a persistent CTA's tiles like the producer's.
 template <class Tr, class TensorO>
 __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
-                                                  QueryTile tile, int warpgroup, int t,
+                                                  QueryTile tile, int iteration, int warpgroup, int t,
+                                                  PipelineState& k_read, PipelineState& v_read,
                                                   OnlineSoftmax<Tr::kLazyRescale>& softmax,
                                                   TileVote<Tr::kSkip> const& vote, TensorO& tOrO) {
   using namespace cute;
@@ -172,11 +177,13 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   };
 
   Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
-  PipelineState k_read, v_read;
-  ss.q_full.wait(0);
+  ss.q_full.wait(iteration & 1);
   TileOrder<Tr::kSkip> tiles(ss.visit, ss.order, first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
                              p.num_n_tiles);
-  if (!tiles.more()) return;
+  if (!tiles.more()) {
+    release(ss.q_empty, lane);
+    return;
+  }
 
   // First tile: S only.
   ss.k_full[k_read.stage].wait(k_read.phase);
@@ -229,6 +236,9 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     vote.record(n, keep);
   }
 
+  // Every S GEMM has completed (the waits above): Q is free for the next tile.
+  release(ss.q_empty, lane);
+
   // Last tile: O += P V only.
   if constexpr (Tr::kEarlyRescale)
     if (rescale) rescale_rows(tOrO, correction);
@@ -237,6 +247,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   warpgroup_wait<0>();
   warpgroup_fence_operand(tOrO);
   release(ss.v_empty[v_read.stage], lane);
+  v_read.advance(Tr::kStages);  // the ring position carries into a persistent CTA's next tile
 }
 
 }  // namespace liteattn

@@ -6,8 +6,13 @@
 
 namespace liteattn {
 
-__global__ void lpt_schedule_kernel(const int32_t* __restrict__ state, int segment_rows, int num_state_words,
-                                    int num_n_tiles, int32_t* __restrict__ schedule) {
+// Grid (segments, slices): CTA (s, c) ranks rows [c * slice_rows, (c + 1) * slice_rows) of segment s. Every CTA of a
+// segment counts the live tiles of all its rows (a rank needs them all; cheap for the segments that are sliced:
+// at most kMaxSlicedSegmentRows rows of a few words), then one warp per row sums its compares over the lanes:
+// the O(rows^2) compares are spread over rows / slice_rows CTAs and all their warps instead of one CTA's threads
+// (one CTA ranking 384 rows took ~7.5 us, latency-bound on the broadcast shared loads of its 12 warps).
+__global__ void lpt_schedule_kernel(const int32_t* __restrict__ state, int segment_rows, int slice_rows,
+                                    int num_state_words, int num_n_tiles, int32_t* __restrict__ schedule) {
   extern __shared__ uint16_t live_count[];  // segment_rows entries; counts <= Nt <= 2^14
   const int64_t first_row = int64_t(blockIdx.x) * segment_rows;
   const int32_t* rows = state + first_row * num_state_words;
@@ -19,14 +24,18 @@ __global__ void lpt_schedule_kernel(const int32_t* __restrict__ state, int segme
   }
   __syncthreads();
   int32_t* out = schedule + first_row;
-  for (int i = threadIdx.x; i < segment_rows; i += blockDim.x) {
+  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int slice_begin = blockIdx.y * slice_rows;
+  const int slice_end = min(slice_begin + slice_rows, segment_rows);
+  for (int i = slice_begin + int(threadIdx.x) / 32; i < slice_end; i += warps) {
     const int count = live_count[i];
-    int rank = 0;
-    for (int j = 0; j < segment_rows; ++j) {
+    int rank = 0;  // rows before i in the order: heavier, or as heavy and lower
+    for (int j = lane; j < segment_rows; j += 32) {
       const int other = live_count[j];
       rank += (other > count) | ((other == count) & (j < i));
     }
-    out[rank] = int32_t(first_row + i);
+    rank = __reduce_add_sync(0xffffffffu, rank);
+    if (lane == 0) out[rank] = int32_t(first_row + i);
   }
 }
 
@@ -40,9 +49,13 @@ ScheduleScope schedule_scope(int batch, int heads, int num_m_tiles, int seqlen_k
 
 void launch_lpt_schedule(const int32_t* state, int segments, int segment_rows, int num_state_words,
                          int num_n_tiles, int32_t* schedule, void* stream) {
-  constexpr int kThreads = 512;
-  lpt_schedule_kernel<<<segments, kThreads, segment_rows * sizeof(uint16_t), static_cast<cudaStream_t>(stream)>>>(
-      state, segment_rows, num_state_words, num_n_tiles, schedule);
+  // Segments of up to kMaxSlicedSegmentRows rows (the global scope, the heads of every realistic shape) are
+  // ranked in slices of kSliceRows rows; longer ones by one CTA (recounting them per slice would cost more).
+  constexpr int kThreads = 1024, kSliceRows = 64, kMaxSlicedSegmentRows = 4096;
+  const int slice_rows = segment_rows <= kMaxSlicedSegmentRows ? kSliceRows : segment_rows;
+  const dim3 grid(segments, (segment_rows + slice_rows - 1) / slice_rows);
+  lpt_schedule_kernel<<<grid, kThreads, segment_rows * sizeof(uint16_t), static_cast<cudaStream_t>(stream)>>>(
+      state, segment_rows, slice_rows, num_state_words, num_n_tiles, schedule);
 }
 
 }  // namespace liteattn

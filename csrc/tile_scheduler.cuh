@@ -1,4 +1,4 @@
-// Tile-scheduler stage: which (b, h, m) query tile a CTA computes.
+// Tile-scheduler stage: which (b, h, m) query tiles a CTA computes.
 //
 // The grid is (Mt, H, B). The hardware starts CTAs in blockIdx order (x fastest, then y, z)
 // whenever an SM frees up: greedy list scheduling. Dense path: CTA (x, h, b) is query tile m = x.
@@ -33,11 +33,54 @@ __device__ __forceinline__ QueryTile scheduled_tile(const Params& p) {
   return {row - bh * p.num_m_tiles, bh % p.heads, bh / p.heads};
 }
 
-// One CTA per segment of `segment_rows` consecutive state rows (one head, or all of them): the
-// live count of each row (valid bits only), then its rank in the segment by descending count
-// (ties: ascending row), O(segment_rows^2 / threads) compares in shared memory -- small next to
-// the segment's attention tiles (segment_rows * Nt of them).
-__global__ void lpt_schedule_kernel(const int32_t* __restrict__ state, int segment_rows, int num_state_words,
-                                    int num_n_tiles, int32_t* __restrict__ schedule);
+// The query tiles of one CTA, as a sequence (`for (TileSequence<..> s(p); s.more(); s.advance())`);
+// `iteration` counts them (the parity of the Q buffer's barriers, mainloop.cuh).
+// - One tile per CTA (TileSequence<false>): scheduled_tile above.
+// - Persistent (dense path, KernelVariant::persistent): a grid of at most one CTA per SM; CTA c takes
+//   the tiles c, c + G, c + 2G, ... of the linear order (m fastest, then h, then b), so the G tiles in
+//   flight are neighbours as in the one-tile grid's launch order, and one CTA's next Q and K load
+//   while its last P V and epilogue run.
+template <bool kPersistent>
+struct TileSequence;
+
+template <>
+struct TileSequence<false> {
+  QueryTile current;
+  int iteration = 0;
+  template <class Params>
+  __device__ explicit TileSequence(const Params& p) : current(scheduled_tile(p)) {}
+  __device__ __forceinline__ bool more() const { return iteration == 0; }
+  __device__ __forceinline__ void advance() { ++iteration; }
+};
+
+template <>
+struct TileSequence<true> {
+  QueryTile current;
+  int iteration = 0;
+  int linear, total, num_m_tiles, heads;
+  template <class Params>
+  __device__ explicit TileSequence(const Params& p)
+      : linear(int(blockIdx.x)), total(p.num_m_tiles * p.heads * p.batch), num_m_tiles(p.num_m_tiles),
+        heads(p.heads) {
+    decode();
+  }
+  __device__ __forceinline__ bool more() const { return linear < total; }
+  __device__ __forceinline__ void advance() {
+    ++iteration;
+    linear += int(gridDim.x);
+    decode();
+  }
+  __device__ __forceinline__ void decode() {
+    const int bh = linear / num_m_tiles;
+    current = {linear - bh * num_m_tiles, bh % heads, bh / heads};
+  }
+};
+
+// Segments of `segment_rows` consecutive state rows (one head, or all of them), each ranked by one or
+// more CTAs of `slice_rows` rows: the live count of each row (valid bits only), then its rank in the
+// segment by descending count (ties: ascending row), O(segment_rows^2) compares in shared memory --
+// small next to the segment's attention tiles (segment_rows * Nt of them).
+__global__ void lpt_schedule_kernel(const int32_t* __restrict__ state, int segment_rows, int slice_rows,
+                                    int num_state_words, int num_n_tiles, int32_t* __restrict__ schedule);
 
 }  // namespace liteattn

@@ -31,6 +31,16 @@ TOL_EMULATION = 1e-2  # INT8 mode vs its own emulation: only P's rounding and su
 
 
 @pytest.fixture(autouse=True)
+def _int8_kernels_built():
+    """A build configured without them (cmake -DLITEATTN_BUILD_INT8=OFF, e.g. a quick A/B build) skips this file;
+    the default build has them."""
+    from liteattn_ops.core.extension import extension
+
+    if not getattr(extension(), "HAS_INT8", False):
+        pytest.skip("liteattn_ops._C was built with LITEATTN_BUILD_INT8=OFF")
+
+
+@pytest.fixture(autouse=True)
 def _exact_float32_matmul():
     """The emulation's int8 dot products are float32 matmuls of integers, exact only without TF32."""
     saved = torch.backends.cuda.matmul.allow_tf32

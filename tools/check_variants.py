@@ -24,7 +24,8 @@ def relerr(a, b):
 
 cases = []
 for d in (128, 64):
-    for (sq, sk) in ((1000, 1000), (4096, 4096), (333, 2900), (2500, 600)):
+    # (12000, 700): several query tiles per CTA of a persistent grid (564 tiles), a partial last key tile
+    for (sq, sk) in ((1000, 1000), (4096, 4096), (333, 2900), (2500, 600), (12000, 700)):
         cases.append((d, sq, sk, "randn"))
     cases.append((d, 3000, 3000, "growing"))   # row max grows by many log2 units over the tiles
     cases.append((d, 3000, 3000, "big"))

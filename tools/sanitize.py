@@ -82,6 +82,14 @@ def worker() -> int:
         ref, _ = reference.attention_reference(q, k, v)
         check(f"dense d{head_dim} {str(dtype)[6:]} {sq}x{sk}", out, ref)
 
+    # Dense path with more query tiles than SMs (192 and 288): a persistent grid's CTAs take 2-3 tiles each,
+    # reusing the Q buffer and running the K/V ring on from one tile into the next.
+    for head_dim in (64, 128):
+        q, k, v = qkv(2, 8, 2200, 300, head_dim, torch.bfloat16)
+        out, _ = direct(q, k, v)
+        ref, _ = reference.attention_reference(q, k, v)
+        check(f"dense d{head_dim} bfloat16 2x8x2200x300 (several tiles per persistent CTA)", out, ref)
+
     # Skip path through the op (device schedule), 3 calls on one state, with must-do/must-skip
     # ranges on the 2nd and 3rd call.
     for head_dim, dtype, sq, sk in [(128, torch.bfloat16, 256, 700), (64, torch.float16, 300, 1000),
