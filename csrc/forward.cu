@@ -19,9 +19,9 @@ int element_bytes(DType) { return 2; }
 
 // The kernel variant of this call: the head dim's default, or (A/B builds only) what LITEATTN_VARIANT says:
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
-// "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch", "persist" / "nopersist", "bn<N>" (a
-// dense-only BN), and "nolpt" (no heaviest-first
-// schedule). Parsed per call, so one process can time several variants.
+// "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
+// "persist" / "nopersist", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
+// per call, so one process can time several variants.
 struct CallVariant {
   int id;
   bool schedule;

@@ -25,13 +25,17 @@ struct QueryTile {
   int m, h, b;
 };
 
+// The query tile of state row (b * H + h) * Mt + m.
+__device__ __forceinline__ QueryTile tile_of_row(int row, int num_m_tiles, int heads) {
+  const int bh = row / num_m_tiles;
+  return {row - bh * num_m_tiles, bh % heads, bh / heads};
+}
+
 template <class Params>
 __device__ __forceinline__ QueryTile scheduled_tile(const Params& p) {
   if (p.schedule == nullptr) return {int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
   const int64_t cta = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-  const int row = p.schedule[cta];  // (b * H + h) * Mt + m
-  const int bh = row / p.num_m_tiles;
-  return {row - bh * p.num_m_tiles, bh % p.heads, bh / p.heads};
+  return tile_of_row(p.schedule[cta], p.num_m_tiles, p.heads);
 }
 
 // The query tiles of one CTA, as a sequence (`for (TileSequence<..> s(p); s.more(); s.advance())`);
@@ -61,19 +65,13 @@ struct TileSequence<true> {
   int linear, total, num_m_tiles, heads;
   template <class Params>
   __device__ explicit TileSequence(const Params& p)
-      : linear(int(blockIdx.x)), total(p.num_m_tiles * p.heads * p.batch), num_m_tiles(p.num_m_tiles),
-        heads(p.heads) {
-    decode();
-  }
+      : current(tile_of_row(int(blockIdx.x), p.num_m_tiles, p.heads)), linear(int(blockIdx.x)),
+        total(p.num_m_tiles * p.heads * p.batch), num_m_tiles(p.num_m_tiles), heads(p.heads) {}
   __device__ __forceinline__ bool more() const { return linear < total; }
   __device__ __forceinline__ void advance() {
     ++iteration;
     linear += int(gridDim.x);
-    decode();
-  }
-  __device__ __forceinline__ void decode() {
-    const int bh = linear / num_m_tiles;
-    current = {linear - bh * num_m_tiles, bh % heads, bh / heads};
+    current = tile_of_row(linear, num_m_tiles, heads);
   }
 };
 
