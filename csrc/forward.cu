@@ -20,7 +20,8 @@ int element_bytes(DType) { return 2; }
 // The kernel variant of this call: the head dim's default, or (A/B builds only) what LITEATTN_VARIANT says:
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
-// "persist" / "nopersist", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
+// "persist" / "nopersist", "treemax" / "notreemax", "poly<N>" (N of 8 exponentials on the FMA pipe, 0-3),
+// "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
 // per call, so one process can time several variants.
 struct CallVariant {
   int id;
@@ -52,6 +53,10 @@ CallVariant variant_of_call(int head_dim) {
       set_bit(kVariantMaskBranch, token == "maskbranch");
     } else if (token == "persist" || token == "nopersist") {
       set_bit(kVariantPersistent, token == "persist");
+    } else if (token == "treemax" || token == "notreemax") {
+      set_bit(kVariantTreeMax, token == "treemax");
+    } else if (token.size() == 5 && token.compare(0, 4, "poly") == 0 && token[4] >= '0' && token[4] <= '3') {
+      v.id = (v.id & ~(3 << kVariantPolyShift)) | ((token[4] - '0') << kVariantPolyShift);
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -62,17 +67,17 @@ CallVariant variant_of_call(int head_dim) {
     } else {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
-                         "nomaskbranch, persist, nopersist, bn<N>, nolpt)");
+                         "nomaskbranch, persist, nopersist, treemax, notreemax, poly0-poly3, bn<N>, nolpt)");
     }
     start = end + 1;
   }
   return v;
 }
 
-// Variants of A/B builds: bf16 (both Q/K modes of the build), dense always, skip only with the table's BN
-// (CMakeLists.txt).
+// Variants of A/B builds: bf16 (both Q/K modes of the build); a variant with its own BN only on the 16-bit dense
+// path (the skip state and the INT8 k_scale are per table tile; CMakeLists.txt).
 [[maybe_unused]] constexpr bool ab_variant_built(int id, DType dtype, bool skip, bool int8) {
-  return dtype == DType::kBFloat16 && (!int8 || LITEATTN_INT8) && !(skip && decode_variant(id).bn != 0);
+  return dtype == DType::kBFloat16 && (!int8 || LITEATTN_INT8) && !((skip || int8) && decode_variant(id).bn != 0);
 }
 
 template <DType kDType, int kHeadDim, bool kSkip, bool kInt8>

@@ -1,4 +1,4 @@
-// The forward kernel: one CTA per query tile, or (persistent, the 16-bit dense path) at most one CTA
+// The forward kernel: one CTA per query tile, or (persistent, the dense path) at most one CTA
 // per SM walking several (tile_scheduler.cuh picks which). Warpgroup 0 is the producer (one thread
 // issues the TMA loads, mainloop.cuh); warpgroups 1.. are consumers of 64 query rows each: GEMMs,
 // softmax and skip vote (mainloop.cuh, softmax.cuh, skip_state.cuh), then the O / LSE epilogue (epilogue.cuh) and, on the skip path, the state write-back (skip_state.cuh).
@@ -42,7 +42,7 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   typename Tr::TiledMmaPV mma_pv;
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kD>>{});
   clear(tOrO);
-  OnlineSoftmax<Tr::kLazyRescale> softmax;
+  typename Tr::Softmax softmax;
   consumer_mainloop<Tr>(p, ss, tile, iteration, warpgroup, t, k_read, v_read, softmax, vote, tOrO);
   store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 

@@ -11,6 +11,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "liteattn.h"
+#include "softmax.cuh"
 
 namespace liteattn {
 
@@ -27,8 +28,8 @@ using KMajorAtom = std::conditional_t<
 
 // kVariant: decode_variant (liteattn.h) -- ping-pong (the consumer warpgroups take turns to issue their
 // GEMMs, named_barriers.cuh, so one warpgroup's softmax runs while another's GEMMs use the tensor cores),
-// lazy / early O rescale, serial softmax, persistent CTAs and a BN other than the table's (the last two
-// dense path only).
+// lazy / early O rescale, serial softmax, persistent CTAs (dense path only) and a BN other than the table's
+// (16-bit dense path only).
 // kInt8: INT8 Q/K mode (out/INT8_SPEC.md): Q and K arrive as int8 (the pre-pass, int8_prepass.cu, wrote them
 // with per-block scales), S = Q K^T is an s8 x s8 -> s32 wgmma and the scores are scaled per tile pair
 // (int8_scores.cuh); V, P, O and everything after the scores are as in the 16-bit mode.
@@ -43,10 +44,10 @@ struct FwdTraits {
   static constexpr bool kLazyRescale = kVariantInfo.lazy_rescale;
   static constexpr bool kEarlyRescale = kVariantInfo.early_rescale;
   static constexpr bool kSerialSoftmax = kVariantInfo.serial_softmax;
-  // 16-bit dense path only: the skip path reads and writes one state row per tile with the whole CTA; the INT8
-  // mode is not measured persistent yet.
-  static constexpr bool kPersistent = kVariantInfo.persistent && !kSkip_ && !kInt8_;
+  // Dense path only (both Q/K modes): the skip path reads and writes one state row per tile with the whole CTA.
+  static constexpr bool kPersistent = kVariantInfo.persistent && !kSkip_;
   static constexpr bool kInt8 = kInt8_;
+  using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max, kVariantInfo.poly_eighths>;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
   using ElementQK = std::conditional_t<kInt8, int8_t, Element>;  // Q and K in shared memory
   using AccumQK = std::conditional_t<kInt8, int32_t, float>;     // S = Q K^T accumulator
@@ -57,6 +58,7 @@ struct FwdTraits {
   static constexpr int kBN = kVariantInfo.bn ? kVariantInfo.bn : tile_shape(kD, kDType).bn;
   static_assert(kBM > 0 && kBN > 0, "tile_shapes.json has no entry for this (head_dim, dtype)");
   static_assert(!kSkip || kBN == tile_shape(kD, kDType).bn, "the skip state is kept per tile of the table's BN");
+  static_assert(!kInt8 || kBN == tile_shape(kD, kDType).bn, "INT8 mode: k_scale is per key block of the table's BN");
   static_assert(kD == 64 || kD == 128, "head dims 64 and 128");
   // One producer warpgroup, then one consumer warpgroup per 64 query rows (2 or 3).
   static_assert(kBM == 128 || kBM == 192, "BM must be 128 or 192 (two or three consumer warpgroups of 64 rows)");

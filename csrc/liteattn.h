@@ -105,9 +105,9 @@ void quantize_qk(const QuantArgs& args);
 // Kernel variant: the code-path choices of one instantiation that the tile table does not fix, packed
 // in an int (a template argument). forward() runs default_variant(head_dim) (NOTES.md has the measurements
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
-// bf16 (dense, and skip unless the variant overrides BN) and let the environment variable LITEATTN_VARIANT
-// pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch", "persist", "bn176",
-// "nolpt", joined by '+').
+// bf16 (both Q/K modes; a variant that overrides BN only for the 16-bit dense path) and let the environment variable LITEATTN_VARIANT
+// pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch", "persist", "treemax",
+// "poly2", "bn176", "nolpt", joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)
@@ -116,21 +116,24 @@ struct KernelVariant {
   bool serial_softmax; // wait for O += P(n-1) V(n-1) too before the softmax of tile n (no overlap inside the
                        // warpgroup; the other warpgroups' GEMMs still overlap it)
   bool mask_branch;    // the partial last tile's column mask on its own branch (always so at head dim 64)
-  bool persistent;     // 16-bit dense path: one CTA per SM walks the query tiles (tile_scheduler.cuh), so the next
+  bool persistent;     // dense path: one CTA per SM walks the query tiles (tile_scheduler.cuh), so the next
                        // tile's Q and K load while this one's last P V and epilogue run
+  bool tree_max;       // the tile row max over 4 chains per row (softmax.cuh; the same bits)
+  int poly_eighths;    // of every 8 exponentials, this many on the FMA pipe (softmax.cuh, exp2_fma)
 };
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
-              kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024;
+              kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048,
+              kVariantPolyShift = 12;  // 2 bits: poly_eighths 0-3
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
           16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,
-          (id & kVariantPersistent) != 0};
+          (id & kVariantPersistent) != 0, (id & kVariantTreeMax) != 0, (id >> kVariantPolyShift) & 3};
 }
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
-// Both: persistent CTAs on the 16-bit dense path (NOTES.md v10).
+// Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).
 constexpr int default_variant(int head_dim) {
-  return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent
-         : head_dim == 64 ? kVariantPingPong | kVariantPersistent
+  return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent | kVariantTreeMax
+         : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax
                           : 0;
 }
 

@@ -119,7 +119,7 @@ template <class Tr, class TensorO>
 __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
                                                   QueryTile tile, int iteration, int warpgroup, int t,
                                                   PipelineState& k_read, PipelineState& v_read,
-                                                  OnlineSoftmax<Tr::kLazyRescale>& softmax,
+                                                  typename Tr::Softmax& softmax,
                                                   TileVote<Tr::kSkip> const& vote, TensorO& tOrO) {
   using namespace cute;
   using Element = typename Tr::Element;

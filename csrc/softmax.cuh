@@ -10,6 +10,8 @@
 #include <cute/tensor.hpp>
 #include <cmath>
 
+#include "ieee_f32.cuh"
+
 namespace liteattn {
 
 __device__ __forceinline__ int frag_row_half(int i) { return (i >> 1) & 1; }
@@ -42,7 +44,29 @@ struct RawScores {
 // tile after the first few.
 constexpr float kLazyRescaleLog2 = 8.f;
 
-template <bool kLazy>
+// 2^x on the FMA pipe (FlashAttention-4's idea, our code): where the exponentials' MUFU (16 per clock and SM,
+// 8 issue cycles per warp instruction) bounds the softmax, some of them are computed from 8 FMA/ALU
+// instructions that issue in MUFU's shadow. x = j + f, j = round(x) by the 1.5 * 2^23 addition, f in
+// [-1/2, 1/2], 2^f by a degree-3 polynomial (relative error <= 7.5e-5, below P's bf16 rounding 3.9e-3),
+// 2^j added to the exponent bits (the low bits of x + 1.5 * 2^23 are j). x is clamped below at -126
+// (2^-126, a normal float: a masked -inf gives ~1e-38 instead of 0, weightless against a row sum >= 1)
+// with max.NaN, so a NaN stays NaN and the skip vote's finiteness test sees what MUFU would give it.
+__device__ __forceinline__ float exp2_fma(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  float clamped;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(clamped) : "f"(x), "f"(-126.0f));
+  const float t = ieee::add(clamped, kRound);  // pinned: no compiler may fold (x + R) - R into x
+  const float f = ieee::sub(clamped, ieee::sub(t, kRound));
+  float p = fmaf(0.05517132f, f, 0.24261054f);
+  p = fmaf(p, f, 0.69326097f);
+  p = fmaf(p, f, 0.99992812f);
+  return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));  // mod 2^32: only j's bits stay
+}
+
+// kTreeMax: the tile's row max over 4 independent chains per row (11-deep at BN 176) instead of one
+// (44-deep): the max is exact in any order, so the same bits, sooner. kPolyEighths: how many of every 8
+// exponentials use exp2_fma (0: all on MUFU).
+template <bool kLazy, bool kTreeMax = false, int kPolyEighths = 0>
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -61,11 +85,26 @@ struct OnlineSoftmax {
       for (int i = 0; i < kN; ++i)
         if (frag_col(i, lane) >= valid_cols) s(i) = -INFINITY;
     }
-    float mx[2] = {-INFINITY, -INFINITY};
+    // Values i of one row half come in column groups of 2 (i >> 2); chain c takes the groups g with g % kChains == c.
+    constexpr int kChains = kTreeMax ? 4 : 1;
+    float mx[2][kChains];
 #pragma unroll
-    for (int i = 0; i < kN; ++i) mx[frag_row_half(i)] = fmaxf(mx[frag_row_half(i)], s(i));
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) tile_max_log2[r] = scores.max_to_log2(quad_max(mx[r]));
+      for (int c = 0; c < kChains; ++c) mx[r][c] = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      float& m = mx[frag_row_half(i)][(i >> 2) % kChains];
+      m = fmaxf(m, s(i));
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int width = kChains / 2; width > 0; width /= 2)
+#pragma unroll
+        for (int c = 0; c < width; ++c) mx[r][c] = fmaxf(mx[r][c], mx[r][c + width]);
+      tile_max_log2[r] = scores.max_to_log2(quad_max(mx[r][0]));
+    }
   }
 
   // Updates the running max with the tile max, turns s into probabilities
@@ -105,7 +144,8 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
       const int r = frag_row_half(i);
-      s(i) = exp2f(fmaf(s(i), scores.exp_scale(), bias[r]));
+      const float x = fmaf(s(i), scores.exp_scale(), bias[r]);
+      s(i) = (i % 8) < kPolyEighths ? exp2_fma(x) : exp2f(x);
       row_sum[r] += s(i);
     }
     return rescale;

@@ -2,7 +2,7 @@
 //
 // One tile per CTA (skip path, INT8 mode): the grid is (Mt, H, B). The hardware starts CTAs in blockIdx
 // order (x fastest, then y, z) whenever an SM frees up: greedy list scheduling. Dense INT8 path: CTA
-// (x, h, b) is query tile m = x. The 16-bit dense path is persistent (TileSequence<true> below).
+// (x, h, b) is query tile m = x. The dense path is persistent (TileSequence<true> below).
 // Skip path with a schedule: CTA number i (linear blockIdx) computes the query tile whose row index
 // (b*H + h)*Mt + m is schedule[i]; lpt_schedule_kernel writes the schedule just before the forward
 // kernel, on the same stream (no host synchronisation: CUDA-graph capturable), sorted by descending
@@ -41,7 +41,7 @@ __device__ __forceinline__ QueryTile scheduled_tile(const Params& p) {
 // The query tiles of one CTA, as a sequence (`for (TileSequence<..> s(p); s.more(); s.advance())`);
 // `iteration` counts them (the parity of the Q buffer's barriers, mainloop.cuh).
 // - One tile per CTA (TileSequence<false>): scheduled_tile above.
-// - Persistent (16-bit dense path, KernelVariant::persistent): at most one CTA per SM; CTA c takes
+// - Persistent (dense path, KernelVariant::persistent): at most one CTA per SM; CTA c takes
 //   the tiles c, c + G, c + 2G, ... of the linear order (m fastest, then h, then b), so the G tiles in
 //   flight are neighbours as in the one-tile grid's launch order, and one CTA's next Q and K load
 //   while its last P V and epilogue run.

@@ -21,7 +21,8 @@ Forced masks use thr = -inf, so the same tiles are live at every timed call. Sha
 GRAPH_CALLS calls (per-call time = replay time / GRAPH_CALLS), ours and SDPA alike.
 --variants (A/B builds, cmake -DLITEATTN_AB_VARIANTS="ids") times "ours" once per value of the
 environment variable LITEATTN_VARIANT (csrc/forward.cu): names joined by '+', e.g. default, nopp, lazy,
-early, lazy+early, bn176, nolpt; a variant with its own BN (bnN) times the dense row only.
+early, lazy+early, bn176, nolpt; a variant with its own BN (bnN) times the bf16 dense row only (the INT8
+mode's k_scale blocks are the table's BN).
 --repeats R times the variants R times in turn (A B A B ...), so drift between them shows.
 TFLOP/s = 4 * B * H * S^2 * D / t (dense-equivalent for the sparse rows); times are the median of
 triton.testing.do_bench. Prints every row, then a summary against the targets of issue 10, and
@@ -206,9 +207,9 @@ def main(argv=None):
 
             record(shape, "ours_int8 prepass", timer(lambda: quantize(q, k), flop))
             for tag, has_skip_path in each_variant():
-                record(shape, "ours_int8 dense", timer(int8_call(q, k, v), flop), variant=tag)
-                if not has_skip_path:
+                if not has_skip_path:  # a bnN variant: 16-bit dense only
                     continue
+                record(shape, "ours_int8 dense", timer(int8_call(q, k, v), flop), variant=tag)
                 state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
                 record(shape, "ours_int8 state f=1.00", timer(int8_call(q, k, v, state, no_thr), flop), variant=tag)
                 for kind, fraction, state, actual in forced:

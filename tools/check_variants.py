@@ -2,7 +2,8 @@
 
     python3 tools/check_variants.py default,lazy,bn176      # an A/B build (cmake -DLITEATTN_AB_VARIANTS=...)
 
-A variant the build does not have for a head dim ("not built") is reported and skipped there."""
+A variant the build does not have for a head dim ("not built") is reported and skipped there. Builds with the INT8
+kernels also check each variant in the INT8 Q/K mode (against the INT8 emulation, and its skip decisions)."""
 import math, os, sys, torch
 
 import liteattn_ops  # noqa: F401  (registers torch.ops.liteattn)
@@ -91,5 +92,52 @@ for variant in variants:
         bad = diff != 0 or e > 1e-2
         fails += bad
         print(f"{variant:>18} d{d} structured: state words differing {diff}, out vs default {e:.2e} {'FAIL' if bad else 'ok'}", flush=True)
+
+# INT8 Q/K mode (builds with the INT8 kernels): dense against the CPU-exact INT8 emulation (run on the GPU, float32
+# matmuls without TF32: the int8 dot products stay exact) and against float32; the skip path's decisions on local
+# inputs identical to the default variant's.
+from liteattn_ops.core.extension import extension
+if getattr(extension(), "HAS_INT8", False):
+    from liteattn_ops.core import reference
+    from liteattn_ops.core.int8_cuda import launch_int8
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for variant in [v for v in variants if "bn" not in v]:
+        for d in (128, 64):
+            os.environ["LITEATTN_VARIANT"] = variant
+            x = torch.randn(1, 1, 64, d, device=dev, dtype=torch.bfloat16)
+            try:
+                launch_int8(x, x, x, None, None, None, None, None)
+            except (RuntimeError, ValueError) as e:
+                if "not built" not in str(e):
+                    raise
+                print(f"{variant:>18} d{d} int8: not built, skipped", flush=True)
+                continue
+            for sq, sk in ((1000, 1000), (333, 2900), (12000, 700)):
+                g = torch.Generator(device=dev).manual_seed(hash((variant, d, sq, sk, "int8")) % 2**31)
+                q, k, v = (torch.randn(2, 3, s_, d, device=dev, generator=g).bfloat16() for s_ in (sq, sk, sk))
+                out, lse = launch_int8(q, k, v, None, None, None, None, None)
+                emu, _ = reference.attention_reference(q, k, v, use_int8=True)
+                e, e32 = relerr(out, emu), relerr(out, ref(q, k, v)[0])
+                bad = not (e <= 1e-2 and e32 <= 2e-2) or torch.isnan(out).any().item()
+                fails += bad
+                print(f"{variant:>18} d{d} {sq}x{sk} int8 dense  out vs emulation {e:.2e} vs float32 {e32:.2e} "
+                      f"{'FAIL' if bad else 'ok'}", flush=True)
+            g = torch.Generator().manual_seed(6)
+            q, k, v = (t.to(dev, torch.bfloat16) for t in local_qkv((16, 24, 24), 1, 4, d, generator=g))
+            states = {}
+            for var in ("default", variant):
+                os.environ["LITEATTN_VARIANT"] = var
+                st = new_state(1, 4, q.shape[2], k.shape[2], d, torch.bfloat16, dev)
+                thr = torch.full((4,), -10.0, device=dev)
+                for _ in range(3):
+                    out, lse = launch_int8(q, k, v, st, thr, None, None, None)
+                states[var] = (st.clone(), out.float())
+            diff = (states["default"][0] != states[variant][0]).sum().item()
+            e = relerr(states[variant][1], states["default"][1])
+            bad = diff != 0 or e > 1e-2
+            fails += bad
+            print(f"{variant:>18} d{d} int8 structured: state words differing {diff}, out vs default {e:.2e} "
+                  f"{'FAIL' if bad else 'ok'}", flush=True)
 os.environ.pop("LITEATTN_VARIANT", None)
 print("CHECK FAILURES:", fails)

@@ -119,6 +119,12 @@ def worker() -> int:
     if getattr(ext, "HAS_INT8", False):
         from liteattn_ops.core.int8_cuda import launch_int8
 
+        # Dense, more query tiles than SMs: persistent CTAs of 2-3 tiles, as in the 16-bit dense cases.
+        for head_dim in (64, 128):
+            q, k, v = qkv(2, 8, 2200, 300, head_dim, torch.bfloat16)
+            out, _ = launch_int8(q, k, v, None, None, None, None, None)
+            ref, _ = reference.attention_reference(q, k, v, use_int8=True)
+            check(f"int8 dense d{head_dim} bfloat16 2x8x2200x300", out, ref)
         for head_dim, dtype, sq, sk in [(64, torch.bfloat16, 129, 300), (128, torch.float16, 256, 700)]:
             q, k, v = qkv(2, 2, sq, sk, head_dim, dtype)
             out, _ = launch_int8(q, k, v, None, None, None, None, None)
