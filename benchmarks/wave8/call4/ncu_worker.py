@@ -1,0 +1,21 @@
+"""One kernel launch to profile: bf16 32760x12x128, `dense` (attention op), `skip` (sparse op, fresh state, thr -inf:
+every tile visited) or `int8` (the INT8 Q/K mode's dense kernel, after its pre-pass). Run under ncu, 3 warm-up calls
+first (ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1)."""
+import math, sys
+import torch
+import liteattn_ops  # noqa: F401
+from liteattn_ops.core.state import new_state
+
+mode = sys.argv[1]
+S, H, D = 32760, 12, 128
+q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+thr = torch.full((H,), -math.inf, device="cuda")
+for _ in range(4):
+    if mode == "dense":
+        torch.ops.liteattn.attention(q, k, v)
+    elif mode == "int8":
+        torch.ops.liteattn.attention(q, k, v, None, True)
+    else:
+        state = new_state(1, H, S, S, D, torch.bfloat16, "cuda")
+        torch.ops.liteattn.sparse_attention(q, k, v, state, thr)
+torch.cuda.synchronize()
