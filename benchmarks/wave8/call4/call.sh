@@ -1,6 +1,6 @@
 # Wave 8 call 4 (last of the session's device time): BN 192 on the v11 bf16 dense path (A/B; dense-only, the skip state
-# and the INT8 k_scale keep the table's 176), ncu stall samples of the INT8 dense kernel (the issue-12 lead), and the
-# 10,000-call soak on v11.
+# and the INT8 k_scale keep the table's 176), ncu stall samples of the INT8 dense kernel (the issue-12 lead).
+# (The 10,000-call soak was cut after the first try found no machine: the skip path it exercises is unchanged since v9.)
 set -u
 export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) PYTHONUNBUFFERED=1
 T0=$(date +%s); st() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
@@ -22,8 +22,5 @@ ncu -i $OUT/ncu_int8.ncu-rep --page source --csv --print-source sass 2>&1 | gzip
 ncu -i $OUT/ncu_int8.ncu-rep --page details > $OUT/ncu_int8_details.txt 2>&1
 rm -f $OUT/ncu_int8.ncu-rep
 grep -E "Duration|Warp Cycles Per Issued|tensor_cycles|pipe_xu" $OUT/ncu_int8_details.txt | head -6
-st soak
-timeout 200 python3 tools/soak.py --device cuda > $OUT/soak.log 2>&1; echo "soak rc $?"
-tail -12 $OUT/soak.log
 st done
 python3 benchmarks/wave8/call1/table.py $OUT/ab.json
