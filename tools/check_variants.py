@@ -23,6 +23,26 @@ def ref(q, k, v):
 def relerr(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
+def structured_check(variant, d, seed, label, call):
+    """Local (3-D grid) inputs, thr -10, 3 calls on one state: the variant's state words must equal the default's
+    and its output be within 1e-2 of it. Returns 1 on failure."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (t.to(dev, torch.bfloat16) for t in local_qkv((16, 24, 24), 1, 4, d, generator=g))
+    states = {}
+    for var in ("default", variant):
+        os.environ["LITEATTN_VARIANT"] = var
+        st = new_state(1, 4, q.shape[2], k.shape[2], d, torch.bfloat16, dev)
+        thr = torch.full((4,), -10.0, device=dev)
+        for _ in range(3):
+            out, _ = call(q, k, v, st, thr)
+        states[var] = (st.clone(), out.float())
+    diff = (states["default"][0] != states[variant][0]).sum().item()
+    e = relerr(states[variant][1], states["default"][1])
+    bad = diff != 0 or e > 1e-2
+    print(f"{variant:>18} d{d} {label}: state words differing {diff}, out vs default {e:.2e} {'FAIL' if bad else 'ok'}",
+          flush=True)
+    return int(bad)
+
 cases = []
 for d in (128, 64):
     # (12000, 700): several query tiles per CTA of a persistent grid (564 tiles), a partial last key tile
@@ -77,21 +97,7 @@ for variant in variants:
     for d in (128, 64):
         if "bn" in variant or not built[d]:
             continue
-        g = torch.Generator().manual_seed(5)
-        q, k, v = (t.to(dev, torch.bfloat16) for t in local_qkv((16, 24, 24), 1, 4, d, generator=g))
-        states = {}
-        for var in ("default", variant):
-            os.environ["LITEATTN_VARIANT"] = var
-            st = new_state(1, 4, q.shape[2], k.shape[2], d, torch.bfloat16, dev)
-            thr = torch.full((4,), -10.0, device=dev)
-            for _ in range(3):
-                out, lse = torch.ops.liteattn.sparse_attention(q, k, v, st, thr)
-            states[var] = (st.clone(), out.float(), lse)
-        diff = (states["default"][0] != states[variant][0]).sum().item()
-        e = relerr(states[variant][1], states["default"][1])
-        bad = diff != 0 or e > 1e-2
-        fails += bad
-        print(f"{variant:>18} d{d} structured: state words differing {diff}, out vs default {e:.2e} {'FAIL' if bad else 'ok'}", flush=True)
+        fails += structured_check(variant, d, 5, "structured", torch.ops.liteattn.sparse_attention)
 
 # INT8 Q/K mode (builds with the INT8 kernels): dense against the CPU-exact INT8 emulation (run on the GPU, float32
 # matmuls without TF32: the int8 dot products stay exact) and against float32; the skip path's decisions on local
@@ -123,21 +129,7 @@ if getattr(extension(), "HAS_INT8", False):
                 fails += bad
                 print(f"{variant:>18} d{d} {sq}x{sk} int8 dense  out vs emulation {e:.2e} vs float32 {e32:.2e} "
                       f"{'FAIL' if bad else 'ok'}", flush=True)
-            g = torch.Generator().manual_seed(6)
-            q, k, v = (t.to(dev, torch.bfloat16) for t in local_qkv((16, 24, 24), 1, 4, d, generator=g))
-            states = {}
-            for var in ("default", variant):
-                os.environ["LITEATTN_VARIANT"] = var
-                st = new_state(1, 4, q.shape[2], k.shape[2], d, torch.bfloat16, dev)
-                thr = torch.full((4,), -10.0, device=dev)
-                for _ in range(3):
-                    out, lse = launch_int8(q, k, v, st, thr, None, None, None)
-                states[var] = (st.clone(), out.float())
-            diff = (states["default"][0] != states[variant][0]).sum().item()
-            e = relerr(states[variant][1], states["default"][1])
-            bad = diff != 0 or e > 1e-2
-            fails += bad
-            print(f"{variant:>18} d{d} int8 structured: state words differing {diff}, out vs default {e:.2e} "
-                  f"{'FAIL' if bad else 'ok'}", flush=True)
+            fails += structured_check(variant, d, 6, "int8 structured",
+                                      lambda q, k, v, st, thr: launch_int8(q, k, v, st, thr, None, None, None))
 os.environ.pop("LITEATTN_VARIANT", None)
 print("CHECK FAILURES:", fails)

@@ -4,7 +4,6 @@
 set -u
 export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) PYTHONUNBUFFERED=1
 T0=$(date +%s); st() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-D=benchmarks/wave8/call4
 OUT=$OUT CMAKE_ARGS='-DLITEATTN_AB_VARIANTS=3171@128' bash tools/gpu_suite.sh build || exit 1
 rm -f $OUT/build.log
 export PYTHONPATH=/tmp/site
@@ -17,7 +16,7 @@ timeout 50 python3 tools/bench.py --only ours --shapes 4096,12,128 16384,24,128 
 st ncu
 timeout 100 ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1 --section SpeedOfLight --section WarpStateStats \
   --section SourceCounters --metrics sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active \
-  -o $OUT/ncu_int8 -f python3 $D/ncu_worker.py int8 > $OUT/ncu.log 2>&1; echo "ncu rc $?"
+  -o $OUT/ncu_int8 -f python3 tools/ncu_worker.py int8 > $OUT/ncu.log 2>&1; echo "ncu rc $?"
 ncu -i $OUT/ncu_int8.ncu-rep --page source --csv --print-source sass 2>&1 | gzip > $OUT/ncu_int8_sass.csv.gz
 ncu -i $OUT/ncu_int8.ncu-rep --page details > $OUT/ncu_int8_details.txt 2>&1
 rm -f $OUT/ncu_int8.ncu-rep

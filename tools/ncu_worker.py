@@ -1,5 +1,6 @@
-"""One kernel launch to profile: bf16 32760x12x128, `dense` (attention op) or `skip` (sparse op, fresh state,
-thr -inf: every tile visited, the skip instantiation's per-tile cost). Run under ncu, 3 warm-up calls first."""
+"""ncu target (tools/ncu_worker.py MODE): one kernel launch to profile, bf16 32760x12x128, `dense` (attention op), `skip` (sparse op, fresh state, thr -inf:
+every tile visited) or `int8` (the INT8 Q/K mode's dense kernel, after its pre-pass). Run under ncu, 3 warm-up calls
+first (ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1)."""
 import math, sys
 import torch
 import liteattn_ops  # noqa: F401
@@ -12,6 +13,8 @@ thr = torch.full((H,), -math.inf, device="cuda")
 for _ in range(4):
     if mode == "dense":
         torch.ops.liteattn.attention(q, k, v)
+    elif mode == "int8":
+        torch.ops.liteattn.attention(q, k, v, None, True)
     else:
         state = new_state(1, H, S, S, D, torch.bfloat16, "cuda")
         torch.ops.liteattn.sparse_attention(q, k, v, state, thr)
