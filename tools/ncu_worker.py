@@ -1,6 +1,6 @@
-"""ncu target (tools/ncu_worker.py MODE): one kernel launch to profile, bf16 32760x12x128, `dense` (attention op), `skip` (sparse op, fresh state, thr -inf:
-every tile visited) or `int8` (the INT8 Q/K mode's dense kernel, after its pre-pass). Run under ncu, 3 warm-up calls
-first (ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1)."""
+"""ncu target, `python3 tools/ncu_worker.py MODE`: kernel launches to profile at bf16 32760x12x128, MODE `dense` (the
+attention op), `skip` (the sparse op, fresh state, thr -inf: every tile visited) or `int8` (the INT8 Q/K mode's dense
+kernel, after its pre-pass); 4 calls, so `ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1` takes the last."""
 import math, sys
 import torch
 import liteattn_ops  # noqa: F401
