@@ -21,7 +21,7 @@ int element_bytes(DType) { return 2; }
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
 // "persist" / "nopersist", "treemax" / "notreemax", "poly<N>" (N of 8 exponentials on the FMA pipe, 0-3),
-// "prewait<N>" (0-2: what of the softmax step precedes the previous P V's wait),
+// "prewait<N>" (0-2: what of the softmax step precedes the previous P V's wait), "mmasum" / "nommasum",
 // "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
 // per call, so one process can time several variants.
 struct CallVariant {
@@ -54,6 +54,8 @@ CallVariant variant_of_call(int head_dim) {
       set_bit(kVariantMaskBranch, token == "maskbranch");
     } else if (token == "persist" || token == "nopersist") {
       set_bit(kVariantPersistent, token == "persist");
+    } else if (token == "mmasum" || token == "nommasum") {
+      set_bit(kVariantMmaRowSum, token == "mmasum");
     } else if (token == "treemax" || token == "notreemax") {
       set_bit(kVariantTreeMax, token == "treemax");
     } else if (token.size() == 5 && token.compare(0, 4, "poly") == 0 && token[4] >= '0' && token[4] <= '3') {
@@ -70,7 +72,7 @@ CallVariant variant_of_call(int head_dim) {
     } else {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
-                         "nomaskbranch, persist, nopersist, treemax, notreemax, poly0-poly3, prewait0-prewait2, bn<N>, nolpt)");
+                         "nomaskbranch, persist, nopersist, treemax, notreemax, poly0-poly3, prewait0-prewait2, mmasum, nommasum, bn<N>, nolpt)");
     }
     start = end + 1;
   }

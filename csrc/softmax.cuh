@@ -65,8 +65,9 @@ __device__ __forceinline__ float exp2_fma(float x) {
 
 // kTreeMax: the tile's row max over 4 independent chains per row (11-deep at BN 176) instead of one
 // (44-deep): the max is exact in any order, so the same bits, sooner. kPolyEighths: how many of every 8
-// exponentials use exp2_fma (0: all on MUFU).
-template <bool kLazy, bool kTreeMax = false, int kPolyEighths = 0>
+// exponentials use exp2_fma (0: all on MUFU). kTrackSum = false: row_sum is not kept here (the tensor core
+// sums the rows, KernelVariant::mma_row_sum), only the maxima.
+template <bool kLazy, bool kTreeMax = false, int kPolyEighths = 0, bool kTrackSum = true>
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -128,7 +129,7 @@ struct OnlineSoftmax {
         if (rescale) {
           correction[r] = exp2f(lazy_max[r] - new_max[r]);
           lazy_max[r] = new_max[r];
-          row_sum[r] *= correction[r];
+          if constexpr (kTrackSum) row_sum[r] *= correction[r];
         }
       }
     } else {
@@ -137,7 +138,7 @@ struct OnlineSoftmax {
         const float new_max = fmaxf(row_max[r], tile_max_log2[r]);
         correction[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (-inf)
         row_max[r] = new_max;
-        row_sum[r] *= correction[r];
+        if constexpr (kTrackSum) row_sum[r] *= correction[r];
       }
     }
     const float bias[2] = {scores.exp_bias(ref_max(0)), scores.exp_bias(ref_max(1))};
@@ -146,7 +147,7 @@ struct OnlineSoftmax {
       const int r = frag_row_half(i);
       const float x = fmaf(s(i), scores.exp_scale(), bias[r]);
       s(i) = (i % 8) < kPolyEighths ? exp2_fma(x) : exp2f(x);
-      row_sum[r] += s(i);
+      if constexpr (kTrackSum) row_sum[r] += s(i);
     }
     return rescale;
   }
