@@ -283,6 +283,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
                                    [&](float x) { release_after(ss.k_empty[k_stage], lane, x); });
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
+    if constexpr (Tr::kMmaRowSum) warpgroup_fence_operand(tLrL);  // its reads stay after the wait, like O's
     warpgroup_fence_operand(tOrP);
     release(ss.v_empty[v_read.stage], lane);
     v_read.advance(Tr::kStages);
@@ -302,6 +303,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   issue_pv(v_read.stage);
   warpgroup_wait<0>();
   warpgroup_fence_operand(tOrO);
+  if constexpr (Tr::kMmaRowSum) warpgroup_fence_operand(tLrL);
   release(ss.v_empty[v_read.stage], lane);
   v_read.advance(Tr::kStages);  // the ring position carries into a persistent CTA's next tile
 }
