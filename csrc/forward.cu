@@ -72,7 +72,8 @@ CallVariant variant_of_call(int head_dim) {
     } else {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
-                         "nomaskbranch, persist, nopersist, treemax, notreemax, poly0-poly3, prewait0-prewait2, mmasum, nommasum, bn<N>, nolpt)");
+                         "nomaskbranch, persist, nopersist, treemax, notreemax, poly0-poly3, prewait0-prewait2, "
+                         "mmasum, nommasum, bn<N>, nolpt)");
     }
     start = end + 1;
   }

@@ -105,9 +105,9 @@ void quantize_qk(const QuantArgs& args);
 // Kernel variant: the code-path choices of one instantiation that the tile table does not fix, packed
 // in an int (a template argument). forward() runs default_variant(head_dim) (NOTES.md has the measurements
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
-// bf16 (both Q/K modes; a variant that overrides BN only for the 16-bit dense path) and let the environment variable LITEATTN_VARIANT
-// pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch", "persist", "treemax",
-// "poly2", "prewait1", "mmasum", "bn176", "nolpt", joined by '+').
+// bf16 (both Q/K modes; a variant that overrides BN only for the 16-bit dense path) and let the environment
+// variable LITEATTN_VARIANT pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch",
+// "persist", "treemax", "poly2", "prewait1", "mmasum", "bn176", "nolpt", joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)

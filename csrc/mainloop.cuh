@@ -145,7 +145,8 @@ __device__ __forceinline__ void producer_load(typename Tr::Params const& p, type
 // take turns to issue (MmaTurn): one warpgroup's softmax overlaps another's GEMMs. O is rescaled by the
 // softmax step's correction after the wait for P(n-1) V(n-1) or, with Tr::kEarlyRescale, after S(n+1) is
 // issued (the tensor cores start on S(n+1) sooner); with Tr::kLazyRescale only when the step asks for it.
-// On return tOrO holds the unnormalised O of the visited tiles and `softmax` its row max / sum, and every
+// On return tOrO holds the unnormalised O of the visited tiles and `softmax` its row max / sum (with
+// Tr::kMmaRowSum the sums are in tLrL, from the tensor core: see warpgroup_gemm_pv_sum), and every
 // warp has released Q (before the last P V, so that a persistent CTA's next Q loads under it and the
 // epilogue). k_read / v_read: the ring positions, kept across a persistent CTA's tiles like the producer's.
 template <class Tr, class TensorO, class TensorL>
