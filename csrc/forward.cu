@@ -20,8 +20,7 @@ int element_bytes(DType) { return 2; }
 // The kernel variant of this call: the head dim's default, or (A/B builds only) what LITEATTN_VARIANT says:
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
-// "persist" / "nopersist", "treemax" / "notreemax", "poly<N>" (N of 8 exponentials on the FMA pipe, 0-3),
-// "prewait<N>" (0-2: what of the softmax step precedes the previous P V's wait), "mmasum" / "nommasum",
+// "persist" / "nopersist", "treemax" / "notreemax", "mmasum" / "nommasum",
 // "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
 // per call, so one process can time several variants.
 struct CallVariant {
@@ -58,10 +57,6 @@ CallVariant variant_of_call(int head_dim) {
       set_bit(kVariantMmaRowSum, token == "mmasum");
     } else if (token == "treemax" || token == "notreemax") {
       set_bit(kVariantTreeMax, token == "treemax");
-    } else if (token.size() == 5 && token.compare(0, 4, "poly") == 0 && token[4] >= '0' && token[4] <= '3') {
-      v.id = (v.id & ~(3 << kVariantPolyShift)) | ((token[4] - '0') << kVariantPolyShift);
-    } else if (token.size() == 8 && token.compare(0, 7, "prewait") == 0 && token[7] >= '0' && token[7] <= '2') {
-      v.id = (v.id & ~(3 << kVariantPreWaitShift)) | ((token[7] - '0') << kVariantPreWaitShift);
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -72,8 +67,7 @@ CallVariant variant_of_call(int head_dim) {
     } else {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
-                         "nomaskbranch, persist, nopersist, treemax, notreemax, poly0-poly3, prewait0-prewait2, "
-                         "mmasum, nommasum, bn<N>, nolpt)");
+                         "nomaskbranch, persist, nopersist, treemax, notreemax, mmasum, nommasum, bn<N>, nolpt)");
     }
     start = end + 1;
   }

@@ -30,19 +30,6 @@ __device__ __forceinline__ void release(cutlass::arch::ClusterBarrier& empty, in
   if (lane == 0) empty.arrive();
 }
 
-// release(), with an arrival count of 1 that ptxas cannot compute before `x` is: min(bits(x) | 1, 1) in inline PTX.
-// ptxas keeps mbarrier arrivals in program order with the wgmma waits (it does not with plain arithmetic), so
-// an arrival that reads x pins the instructions that produce x before the next wait (KernelVariant::pre_wait).
-__device__ __forceinline__ void release_after(cutlass::arch::ClusterBarrier& empty, int lane, float x) {
-  uint32_t one;
-  asm("min.u32 %0, %1, 1;" : "=r"(one) : "r"(__float_as_uint(x) | 1u));
-  __syncwarp();
-  if (lane == 0) {
-    const uint32_t addr = cute::cast_smem_ptr_to_uint(&empty);
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(addr), "r"(one) : "memory");
-  }
-}
-
 // C (+)= A * B on one warpgroup: fence, issue every k block, commit. The caller waits.
 template <bool kZeroInit, bool kRegisterA, class TiledMma, class TA, class TB, class TC>
 __device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, TA& a, TB const& b, TC& c) {
@@ -193,8 +180,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   // probabilities in place. Returns this thread's vote (skip path); sets `rescale` and the factor that
   // rescales the old O. Only the last tile of a sequence whose length is not a multiple of BN needs the mask.
   const int masked_tile = p.seqlen_k % kBN ? p.num_n_tiles - 1 : -1;
-  // release_k(x): the steady-state loop's K release, given a value of the step (KernelVariant::pre_wait).
-  auto softmax_step = [&](int n, auto const& scores, float (&correction)[2], bool& rescale, auto&& release_k) {
+  auto softmax_step = [&](int n, auto const& scores, float (&correction)[2], bool& rescale) {
     if constexpr (Tr::kInt8) int8_accumulator_to_magic(tSrS);
     float tile_max[2];
     if constexpr (Tr::kMaskOnBranch) {
@@ -206,13 +192,10 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     } else {
       softmax.template tile_max</*kMask=*/true>(tSrSf, lane, p.seqlen_k - n * kBN, scores, tile_max);
     }
-    if constexpr (Tr::kPreWait == 1) release_k(tile_max[0]);
     const float old_max[2] = {softmax.row_max[0], softmax.row_max[1]};
     rescale = softmax.update(tSrSf, tile_max, scores, correction);
-    if constexpr (Tr::kPreWait == 2) release_k(softmax.row_sum[0]);
     return vote.keeps(tile_max, old_max, softmax.row_sum);
   };
-  auto no_release = [](float) {};
 
   Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
   // O += P V (and with Tr::kMmaRowSum, L += P (x) ones in the same batch: tLrL's every column is the row sum).
@@ -253,7 +236,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   k_read.advance(Tr::kStages);
   float correction[2];
   bool rescale = false;
-  vote.record(n, softmax_step(n, scores_of(k_scale), correction, rescale, no_release));
+  vote.record(n, softmax_step(n, scores_of(k_scale), correction, rescale));
   rescale = false;  // O is still 0
   convert_fragment<Element>(tSrSf, tOrP);
 
@@ -275,13 +258,9 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     if constexpr (Tr::kSerialSoftmax) warpgroup_wait<0>();
     else warpgroup_wait<1>();
     warpgroup_fence_operand(tSrS);
-    // K(n) is read: release it now, or (pre_wait) with a value of the softmax step that then stays before the
-    // wait for O += P(n-1) V(n-1) below, where ptxas would otherwise move most of the step.
-    const int k_stage = k_read.stage;
-    if constexpr (Tr::kPreWait == 0) release(ss.k_empty[k_stage], lane);
+    release(ss.k_empty[k_read.stage], lane);
     k_read.advance(Tr::kStages);
-    const bool keep = softmax_step(n, scores_of(k_scale), correction, rescale,
-                                   [&](float x) { release_after(ss.k_empty[k_stage], lane, x); });
+    const bool keep = softmax_step(n, scores_of(k_scale), correction, rescale);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     if constexpr (Tr::kMmaRowSum) warpgroup_fence_operand(tLrL);  // its reads stay after the wait, like O's

@@ -10,8 +10,6 @@
 #include <cute/tensor.hpp>
 #include <cmath>
 
-#include "ieee_f32.cuh"
-
 namespace liteattn {
 
 __device__ __forceinline__ int frag_row_half(int i) { return (i >> 1) & 1; }
@@ -44,30 +42,10 @@ struct RawScores {
 // tile after the first few.
 constexpr float kLazyRescaleLog2 = 8.f;
 
-// 2^x on the FMA pipe (FlashAttention-4's idea, our code): where the exponentials' MUFU (16 per clock and SM,
-// 8 issue cycles per warp instruction) bounds the softmax, some of them are computed from 8 FMA/ALU
-// instructions that issue in MUFU's shadow. x = j + f, j = round(x) by the 1.5 * 2^23 addition, f in
-// [-1/2, 1/2], 2^f by a degree-3 polynomial (relative error <= 7.5e-5, below P's bf16 rounding 3.9e-3),
-// 2^j added to the exponent bits (the low bits of x + 1.5 * 2^23 are j). x is clamped below at -126
-// (2^-126, a normal float: a masked -inf gives ~1e-38 instead of 0, weightless against a row sum >= 1)
-// with max.NaN, so a NaN stays NaN and the skip vote's finiteness test sees what MUFU would give it.
-__device__ __forceinline__ float exp2_fma(float x) {
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
-  float clamped;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(clamped) : "f"(x), "f"(-126.0f));
-  const float t = ieee::add(clamped, kRound);  // pinned: no compiler may fold (x + R) - R into x
-  const float f = ieee::sub(clamped, ieee::sub(t, kRound));
-  float p = fmaf(0.05517132f, f, 0.24261054f);
-  p = fmaf(p, f, 0.69326097f);
-  p = fmaf(p, f, 0.99992812f);
-  return __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));  // mod 2^32: only j's bits stay
-}
-
 // kTreeMax: the tile's row max over 4 independent chains per row (11-deep at BN 176) instead of one
-// (44-deep): the max is exact in any order, so the same bits, sooner. kPolyEighths: how many of every 8
-// exponentials use exp2_fma (0: all on MUFU). kTrackSum = false: row_sum is not kept here (the tensor core
-// sums the rows, KernelVariant::mma_row_sum), only the maxima.
-template <bool kLazy, bool kTreeMax = false, int kPolyEighths = 0, bool kTrackSum = true>
+// (44-deep): the max is exact in any order, so the same bits, sooner. kTrackSum = false: row_sum is not kept
+// here (the tensor core sums the rows, KernelVariant::mma_row_sum), only the maxima.
+template <bool kLazy, bool kTreeMax = false, bool kTrackSum = true>
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -145,8 +123,7 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
       const int r = frag_row_half(i);
-      const float x = fmaf(s(i), scores.exp_scale(), bias[r]);
-      s(i) = (i % 8) < kPolyEighths ? exp2_fma(x) : exp2f(x);
+      s(i) = exp2f(fmaf(s(i), scores.exp_scale(), bias[r]));
       if constexpr (kTrackSum) row_sum[r] += s(i);
     }
     return rescale;
