@@ -1,7 +1,8 @@
 // The forward kernel: one CTA per query tile, or (persistent, the dense path) at most one CTA
 // per SM walking several (tile_scheduler.cuh picks which). Warpgroup 0 is the producer (one thread
 // issues the TMA loads, mainloop.cuh); warpgroups 1.. are consumers of 64 query rows each: GEMMs,
-// softmax and skip vote (mainloop.cuh, softmax.cuh, skip_state.cuh), then the O / LSE epilogue (epilogue.cuh) and, on the skip path, the state write-back (skip_state.cuh).
+// softmax and skip vote (mainloop.cuh, softmax.cuh, skip_state.cuh), then the O / LSE epilogue
+// (epilogue.cuh) and, on the skip path, the state write-back (skip_state.cuh).
 #pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>

@@ -1,8 +1,8 @@
 // Tile-scheduler stage: which (b, h, m) query tiles a CTA computes.
 //
-// One tile per CTA (skip path, INT8 mode): the grid is (Mt, H, B). The hardware starts CTAs in blockIdx
-// order (x fastest, then y, z) whenever an SM frees up: greedy list scheduling. Dense INT8 path: CTA
-// (x, h, b) is query tile m = x. The dense path is persistent (TileSequence<true> below).
+// One tile per CTA (skip path; a dense variant without the persist bit): the grid is (Mt, H, B). The hardware
+// starts CTAs in blockIdx order (x fastest, then y, z) whenever an SM frees up: greedy list scheduling; CTA
+// (x, h, b) is query tile m = x. The dense path of both Q/K modes is persistent (TileSequence<true> below).
 // Skip path with a schedule: CTA number i (linear blockIdx) computes the query tile whose row index
 // (b*H + h)*Mt + m is schedule[i]; lpt_schedule_kernel writes the schedule just before the forward
 // kernel, on the same stream (no host synchronisation: CUDA-graph capturable), sorted by descending
