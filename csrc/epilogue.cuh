@@ -11,17 +11,15 @@
 
 namespace liteattn {
 
-// row_sum: each row's whole sum (quad-reduced, or from the tensor core), relative to softmax.ref_max().
 template <class Tr, class Softmax, class TensorO>
 __device__ __forceinline__ void store_output(typename Tr::Params const& p, QueryTile tile, int row0,
                                              const bool (&row_valid)[2], int lane, Softmax const& softmax,
-                                             const float (&row_sum)[2], TensorO const& tOrO,
-                                             const float (&lse_bias_log2)[2]) {
+                                             TensorO const& tOrO, const float (&lse_bias_log2)[2]) {
   using Element = typename Tr::Element;
   float inv_sum[2], lse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float sum = row_sum[r];
+    const float sum = quad_sum(softmax.row_sum[r]);
     inv_sum[r] = sum > 0.f ? 1.f / sum : 0.f;
     if constexpr (Tr::kInt8) {
       lse[r] = sum > 0.f ? (softmax.ref_max(r) + log2f(sum) + lse_bias_log2[r]) * p.ln2 : -INFINITY;

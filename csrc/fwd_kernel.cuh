@@ -43,17 +43,9 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   typename Tr::TiledMmaPV mma_pv;
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kD>>{});
   clear(tOrO);
-  // Tr::kMmaRowSum: the row sums as a 64 x 8 accumulator whose columns are all equal (value 0 holds row0's, value 2
-  // row0 + 8's); unused otherwise.
-  typename Tr::TiledMmaSum mma_sum;
-  Tensor tLrL = partition_fragment_C(mma_sum, Shape<_64, _8>{});
-  if constexpr (Tr::kMmaRowSum) clear(tLrL);
   typename Tr::Softmax softmax;
-  consumer_mainloop<Tr>(p, ss, tile, iteration, warpgroup, t, k_read, v_read, softmax, vote, tOrO, tLrL);
-  float row_sum[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) row_sum[r] = Tr::kMmaRowSum ? tLrL(2 * r) : quad_sum(softmax.row_sum[r]);
-  store_output<Tr>(p, tile, row0, row_valid, lane, softmax, row_sum, tOrO, lse_bias_log2);
+  consumer_mainloop<Tr>(p, ss, tile, iteration, warpgroup, t, k_read, v_read, softmax, vote, tOrO);
+  store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 
   if constexpr (Tr::kSkip) {
     // Every consumer warp's verdicts are in ss.warp_keep (CUTLASS's bar.sync has no memory clobber).
@@ -86,11 +78,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
   }
   if constexpr (Tr::kSkip)
     load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, tile.b, tile.h, tile.m, ss.visit, ss.keep, ss.warp_keep);
-  if constexpr (Tr::kMmaRowSum) {
-    for (int i = threadIdx.x; i < int(cute::cosize_v<typename Tr::SmemLayoutOnes>); i += Tr::kThreads)
-      ss.ones[i] = typename Tr::Element(1.f);
-    cutlass::arch::fence_view_async_shared();  // generic-proxy writes, read by wgmma through the async proxy
-  }
   __syncthreads();
   if constexpr (Tr::kSkip) {
     build_visit_order(p, ss.visit, ss.order);

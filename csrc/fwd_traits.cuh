@@ -46,10 +46,8 @@ struct FwdTraits {
   static constexpr bool kSerialSoftmax = kVariantInfo.serial_softmax;
   // Dense path only (both Q/K modes): the skip path reads and writes one state row per tile with the whole CTA.
   static constexpr bool kPersistent = kVariantInfo.persistent && !kSkip_;
-  // Dense path only: the skip vote tests each tile's running row sum, which the tensor core gives one tile late.
-  static constexpr bool kMmaRowSum = kVariantInfo.mma_row_sum && !kSkip_;
   static constexpr bool kInt8 = kInt8_;
-  using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max, !kMmaRowSum>;
+  using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max>;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
   using ElementQK = std::conditional_t<kInt8, int8_t, Element>;  // Q and K in shared memory
   using AccumQK = std::conditional_t<kInt8, int32_t, float>;     // S = Q K^T accumulator
@@ -106,12 +104,6 @@ struct FwdTraits {
   using TiledMmaPV = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kD>, cute::Int<kBN>>,
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
-  // kMmaRowSum: L += P (x) ones (64 x 8, every column the row sum), issued with O += P V (the same A registers).
-  using TiledMmaSum = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::_8, cute::Int<kBN>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::K>()));
-  using SmemLayoutOnes = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_INTER_Atom<Element>{},
-                                                      cute::Shape<cute::_8, cute::Int<kBN>>{}));
 
   // Global views handed to TMA: (S, D, H, B) for Q and K, (D, S, H, B) for V^T.
   using GmemLayoutRowMajor = cute::Layout<cute::Shape<int32_t, int32_t, int32_t, int32_t>,
@@ -156,9 +148,6 @@ struct FwdTraits {
     uint32_t warp_keep[kSkip ? kConsumerWarps : 1][kStateWords];
     // Skip path: the visited tiles in ascending order (skip_state.cuh, build_visit_order).
     uint16_t order[kSkip ? kStateWords * 32 : 1];
-    // kMmaRowSum: the B operand of L += P (x) ones, 1.0 everywhere (written once per CTA). Last, so that the other
-    // members' offsets do not depend on it.
-    cute::array_aligned<Element, kMmaRowSum ? cute::cosize_v<SmemLayoutOnes> : 1, 128> ones;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");

@@ -48,26 +48,6 @@ __device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, TA& a, TB const& b
   if constexpr (kRegisterA) warpgroup_fence_operand(a);
 }
 
-// O += P V and L += P (x) ones in one batch (KernelVariant::mma_row_sum): both read the same P registers; one
-// commit, so the waits count them as one GEMM.
-template <class MmaPV, class MmaSum, class TP, class TV, class TOnes, class TO, class TL>
-__device__ __forceinline__ void warpgroup_gemm_pv_sum(MmaPV& mma_pv, MmaSum& mma_sum, TP& p, TV const& v,
-                                                      TOnes const& ones, TO& o, TL& l) {
-  using namespace cute;
-  warpgroup_fence_operand(p);
-  warpgroup_fence_operand(o);
-  warpgroup_fence_operand(l);
-  warpgroup_arrive();
-  CUTLASS_PRAGMA_UNROLL
-  for (int kb = 0; kb < size<2>(p); ++kb) cute::gemm(mma_pv, p(_, _, kb), v(_, _, kb), o);
-  CUTLASS_PRAGMA_UNROLL
-  for (int kb = 0; kb < size<2>(p); ++kb) cute::gemm(mma_sum, p(_, _, kb), ones(_, _, kb), l);
-  warpgroup_commit_batch();
-  warpgroup_fence_operand(l);
-  warpgroup_fence_operand(o);
-  warpgroup_fence_operand(p);
-}
-
 // Float fragment -> 16-bit fragment with the same value order (packed conversions).
 template <class Element, class Src, class Dst>
 __device__ __forceinline__ void convert_fragment(Src const& src, Dst& dst) {
@@ -132,16 +112,15 @@ __device__ __forceinline__ void producer_load(typename Tr::Params const& p, type
 // take turns to issue (MmaTurn): one warpgroup's softmax overlaps another's GEMMs. O is rescaled by the
 // softmax step's correction after the wait for P(n-1) V(n-1) or, with Tr::kEarlyRescale, after S(n+1) is
 // issued (the tensor cores start on S(n+1) sooner); with Tr::kLazyRescale only when the step asks for it.
-// On return tOrO holds the unnormalised O of the visited tiles and `softmax` its row max / sum (with
-// Tr::kMmaRowSum the sums are in tLrL, from the tensor core: see warpgroup_gemm_pv_sum), and every
+// On return tOrO holds the unnormalised O of the visited tiles and `softmax` its row max / sum, and every
 // warp has released Q (before the last P V, so that a persistent CTA's next Q loads under it and the
 // epilogue). k_read / v_read: the ring positions, kept across a persistent CTA's tiles like the producer's.
-template <class Tr, class TensorO, class TensorL>
+template <class Tr, class TensorO>
 __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
                                                   QueryTile tile, int iteration, int warpgroup, int t,
                                                   PipelineState& k_read, PipelineState& v_read,
                                                   typename Tr::Softmax& softmax,
-                                                  TileVote<Tr::kSkip> const& vote, TensorO& tOrO, TensorL& tLrL) {
+                                                  TileVote<Tr::kSkip> const& vote, TensorO& tOrO) {
   using namespace cute;
   using Element = typename Tr::Element;
   using Turn = MmaTurn<Tr::kConsumerWarpgroups, Tr::kPingPong>;
@@ -198,21 +177,6 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   };
 
   Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
-  // O += P V (and with Tr::kMmaRowSum, L += P (x) ones in the same batch: tLrL's every column is the row sum).
-  typename Tr::TiledMmaSum mma_sum;
-  Tensor sOnes = make_tensor(make_smem_ptr(ss.ones.data()), typename Tr::SmemLayoutOnes{});
-  Tensor tLrOnes = mma_sum.get_thread_slice(t).partition_fragment_B(sOnes);
-  auto issue_pv = [&](int stage) {
-    if constexpr (Tr::kMmaRowSum) {
-      warpgroup_gemm_pv_sum(mma_pv, mma_sum, tOrP, tOrVt(_, _, _, stage), tLrOnes, tOrO, tLrL);
-    } else {
-      warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, stage), tOrO);
-    }
-  };
-  auto rescale_o = [&](const float (&c)[2]) {
-    rescale_rows(tOrO, c);
-    if constexpr (Tr::kMmaRowSum) rescale_rows(tLrL, c);
-  };
   ss.q_full.wait(iteration & 1);
   TileOrder<Tr::kSkip> tiles(ss.visit, ss.order, first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
                              p.num_n_tiles);
@@ -248,9 +212,9 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     Turn::wait(warpgroup);
     warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
     if constexpr (Tr::kEarlyRescale)
-      if (rescale) rescale_o(correction);
+      if (rescale) rescale_rows(tOrO, correction);
     ss.v_full[v_read.stage].wait(v_read.phase);
-    issue_pv(v_read.stage);
+    warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
     Turn::pass(warpgroup);
     tiles.advance();  // the next tile's arithmetic runs while the tensor cores work
     k_scale_next = k_scales.load(tiles.more() ? tiles.current() : n);
@@ -263,12 +227,11 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     const bool keep = softmax_step(n, scores_of(k_scale), correction, rescale);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
-    if constexpr (Tr::kMmaRowSum) warpgroup_fence_operand(tLrL);  // its reads stay after the wait, like O's
     warpgroup_fence_operand(tOrP);
     release(ss.v_empty[v_read.stage], lane);
     v_read.advance(Tr::kStages);
     if constexpr (!Tr::kEarlyRescale)
-      if (rescale) rescale_o(correction);
+      if (rescale) rescale_rows(tOrO, correction);
     convert_fragment<Element>(tSrSf, tOrP);
     vote.record(n, keep);
   }
@@ -278,12 +241,11 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
 
   // Last tile: O += P V only.
   if constexpr (Tr::kEarlyRescale)
-    if (rescale) rescale_o(correction);
+    if (rescale) rescale_rows(tOrO, correction);
   ss.v_full[v_read.stage].wait(v_read.phase);
-  issue_pv(v_read.stage);
+  warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
   warpgroup_wait<0>();
   warpgroup_fence_operand(tOrO);
-  if constexpr (Tr::kMmaRowSum) warpgroup_fence_operand(tLrL);
   release(ss.v_empty[v_read.stage], lane);
   v_read.advance(Tr::kStages);  // the ring position carries into a persistent CTA's next tile
 }

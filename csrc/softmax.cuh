@@ -43,9 +43,8 @@ struct RawScores {
 constexpr float kLazyRescaleLog2 = 8.f;
 
 // kTreeMax: the tile's row max over 4 independent chains per row (11-deep at BN 176) instead of one
-// (44-deep): the max is exact in any order, so the same bits, sooner. kTrackSum = false: row_sum is not kept
-// here (the tensor core sums the rows, KernelVariant::mma_row_sum), only the maxima.
-template <bool kLazy, bool kTreeMax = false, bool kTrackSum = true>
+// (44-deep): the max is exact in any order, so the same bits, sooner.
+template <bool kLazy, bool kTreeMax = false>
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -107,7 +106,7 @@ struct OnlineSoftmax {
         if (rescale) {
           correction[r] = exp2f(lazy_max[r] - new_max[r]);
           lazy_max[r] = new_max[r];
-          if constexpr (kTrackSum) row_sum[r] *= correction[r];
+          row_sum[r] *= correction[r];
         }
       }
     } else {
@@ -116,7 +115,7 @@ struct OnlineSoftmax {
         const float new_max = fmaxf(row_max[r], tile_max_log2[r]);
         correction[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (-inf)
         row_max[r] = new_max;
-        if constexpr (kTrackSum) row_sum[r] *= correction[r];
+        row_sum[r] *= correction[r];
       }
     }
     const float bias[2] = {scores.exp_bias(ref_max(0)), scores.exp_bias(ref_max(1))};
@@ -124,7 +123,7 @@ struct OnlineSoftmax {
     for (int i = 0; i < kN; ++i) {
       const int r = frag_row_half(i);
       s(i) = exp2f(fmaf(s(i), scores.exp_scale(), bias[r]));
-      if constexpr (kTrackSum) row_sum[r] += s(i);
+      row_sum[r] += s(i);
     }
     return rescale;
   }
