@@ -1,0 +1,18 @@
+# Wave 9 call 2: A/B of `pin1` / `pin2` (NOTES.md "Experiment (wave 9): pin"): the softmax step kept before the wait
+# for the previous P.V by a dummy mbarrier arrival, the K release staying where it was. One build, correctness of
+# every variant (both Q/K modes), then the timing A/B with cuDNN in the same run.
+set -u
+export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) PYTHONUNBUFFERED=1
+T0=$(date +%s); st() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+OUT=$OUT CMAKE_ARGS='-DLITEATTN_AB_VARIANTS=7171@128;11267@128;7169@64;11265@64' bash tools/gpu_suite.sh build || exit 1
+rm -f $OUT/build.log
+export PYTHONPATH=/tmp/site
+st check
+timeout 90 python3 tools/check_variants.py default,pin1,pin2 > $OUT/check.log 2>&1
+echo "check rc $? ok lines: $(grep -c ' ok' $OUT/check.log)"; grep -E "FAIL|Error|CHECK" $OUT/check.log | head -8
+st ab
+timeout 200 python3 tools/bench.py --only ours,ours_int8,sdpa --shapes 4096,12,128 16384,4,64 16384,24,128 32760,12,128 \
+  32760,24,64 --variants default,pin1,pin2 --repeats 3 --fractions "" --big-fractions "" --no-structured \
+  --json $OUT/ab.json > $OUT/ab.log 2>&1; echo "ab rc $?"
+st done
+python3 benchmarks/wave8/call1/table.py $OUT/ab.json
