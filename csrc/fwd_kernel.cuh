@@ -74,7 +74,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
       ss.k_empty[s].init(Tr::kConsumerWarps);  // one arrival per consumer warp
       ss.v_empty[s].init(Tr::kConsumerWarps);
     }
-    if constexpr (Tr::kPinSoftmax != 0) ss.pin.init(1);  // every arrival completes a phase
     cutlass::arch::fence_barrier_init();
   }
   if constexpr (Tr::kSkip)

@@ -46,7 +46,6 @@ struct FwdTraits {
   static constexpr bool kSerialSoftmax = kVariantInfo.serial_softmax;
   // Dense path only (both Q/K modes): the skip path reads and writes one state row per tile with the whole CTA.
   static constexpr bool kPersistent = kVariantInfo.persistent && !kSkip_;
-  static constexpr int kPinSoftmax = kVariantInfo.pin_softmax;
   static constexpr bool kInt8 = kInt8_;
   using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max>;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
@@ -149,9 +148,6 @@ struct FwdTraits {
     uint32_t warp_keep[kSkip ? kConsumerWarps : 1][kStateWords];
     // Skip path: the visited tiles in ascending order (skip_state.cuh, build_visit_order).
     uint16_t order[kSkip ? kStateWords * 32 : 1];
-    // kPinSoftmax: an mbarrier nobody waits on; each consumer warp arrives once per tile (mainloop.cuh,
-    // pin_before_next_wait). Last, so that the other members' offsets do not depend on it.
-    cutlass::arch::ClusterBarrier pin;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");

@@ -30,19 +30,6 @@ __device__ __forceinline__ void release(cutlass::arch::ClusterBarrier& empty, in
   if (lane == 0) empty.arrive();
 }
 
-// Keeps the instructions that produce a and b before the next wgmma wait (KernelVariant::pin_softmax): ptxas keeps
-// mbarrier arrivals in program order with the wgmma waits (not so plain arithmetic, which it moves after the wait
-// for the previous P V), so an arrival whose count it cannot know before a and b are computed pins them. The count
-// is min(bits(a) | bits(b) | 1, 1) = 1, in inline PTX; the barrier (count 1) is one nobody waits on.
-__device__ __forceinline__ void pin_before_next_wait(cutlass::arch::ClusterBarrier& pin, int lane, float a, float b) {
-  uint32_t one;
-  asm("min.u32 %0, %1, 1;" : "=r"(one) : "r"(__float_as_uint(a) | __float_as_uint(b) | 1u));
-  if (lane == 0) {
-    const uint32_t addr = cute::cast_smem_ptr_to_uint(&pin);
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(addr), "r"(one) : "memory");
-  }
-}
-
 // C (+)= A * B on one warpgroup: fence, issue every k block, commit. The caller waits.
 template <bool kZeroInit, bool kRegisterA, class TiledMma, class TA, class TB, class TC>
 __device__ __forceinline__ void warpgroup_gemm(TiledMma& mma, TA& a, TB const& b, TC& c) {
@@ -172,10 +159,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   // probabilities in place. Returns this thread's vote (skip path); sets `rescale` and the factor that
   // rescales the old O. Only the last tile of a sequence whose length is not a multiple of BN needs the mask.
   const int masked_tile = p.seqlen_k % kBN ? p.num_n_tiles - 1 : -1;
-  // kPin: this step runs while O += P(n-1) V(n-1) is in flight (the steady-state loop), and Tr::kPinSoftmax says
-  // how much of it must stay before that GEMM's wait.
-  auto softmax_step = [&](int n, auto const& scores, float (&correction)[2], bool& rescale, auto pin) {
-    constexpr bool kPin = decltype(pin)::value;
+  auto softmax_step = [&](int n, auto const& scores, float (&correction)[2], bool& rescale) {
     if constexpr (Tr::kInt8) int8_accumulator_to_magic(tSrS);
     float tile_max[2];
     if constexpr (Tr::kMaskOnBranch) {
@@ -187,10 +171,8 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     } else {
       softmax.template tile_max</*kMask=*/true>(tSrSf, lane, p.seqlen_k - n * kBN, scores, tile_max);
     }
-    if constexpr (kPin && Tr::kPinSoftmax == 1) pin_before_next_wait(ss.pin, lane, tile_max[0], tile_max[1]);
     const float old_max[2] = {softmax.row_max[0], softmax.row_max[1]};
     rescale = softmax.update(tSrSf, tile_max, scores, correction);
-    if constexpr (kPin && Tr::kPinSoftmax == 2) pin_before_next_wait(ss.pin, lane, softmax.row_sum[0], softmax.row_sum[1]);
     return vote.keeps(tile_max, old_max, softmax.row_sum);
   };
 
@@ -218,7 +200,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   k_read.advance(Tr::kStages);
   float correction[2];
   bool rescale = false;
-  vote.record(n, softmax_step(n, scores_of(k_scale), correction, rescale, cute::false_type{}));
+  vote.record(n, softmax_step(n, scores_of(k_scale), correction, rescale));
   rescale = false;  // O is still 0
   convert_fragment<Element>(tSrSf, tOrP);
 
@@ -242,7 +224,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     warpgroup_fence_operand(tSrS);
     release(ss.k_empty[k_read.stage], lane);
     k_read.advance(Tr::kStages);
-    const bool keep = softmax_step(n, scores_of(k_scale), correction, rescale, cute::true_type{});
+    const bool keep = softmax_step(n, scores_of(k_scale), correction, rescale);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     warpgroup_fence_operand(tOrP);
