@@ -47,7 +47,7 @@ struct FwdTraits {
   // Dense path only (both Q/K modes): the skip path reads and writes one state row per tile with the whole CTA.
   static constexpr bool kPersistent = kVariantInfo.persistent && !kSkip_;
   static constexpr bool kInt8 = kInt8_;
-  using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max, kVariantInfo.row_lazy>;
+  using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max>;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
   using ElementQK = std::conditional_t<kInt8, int8_t, Element>;  // Q and K in shared memory
   using AccumQK = std::conditional_t<kInt8, int32_t, float>;     // S = Q K^T accumulator

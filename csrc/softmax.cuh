@@ -43,10 +43,8 @@ struct RawScores {
 constexpr float kLazyRescaleLog2 = 8.f;
 
 // kTreeMax: the tile's row max over 4 independent chains per row (11-deep at BN 176) instead of one
-// (44-deep): the max is exact in any order, so the same bits, sooner. kRowLazy (with kLazy): each row decides its
-// own lazy rescale (its quad agrees: the tile max is quad-reduced), so a row's exponentials need only that row's
-// max; the warp vote then only decides whether O is rescaled (rows that did not grow use the factor 1).
-template <bool kLazy, bool kTreeMax = false, bool kRowLazy = false>
+// (44-deep): the max is exact in any order, so the same bits, sooner.
+template <bool kLazy, bool kTreeMax = false>
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -89,27 +87,13 @@ struct OnlineSoftmax {
 
   // Updates the running max with the tile max, turns s into probabilities
   // exp2(s*scale_log2 - ref_max) (RawScores) and, when it returns true, the factor that rescales the
-  // old O (always true without kLazy; warp-uniform with it; with kRowLazy the rows that keep their reference
-  // max have the factor 1).
+  // old O (always true without kLazy; warp-uniform with it).
   template <class Scores, class Frag>
   __device__ __forceinline__ bool update(Frag& s, const float (&tile_max_log2)[2], Scores const& scores,
                                          float (&correction)[2]) {
     constexpr int kN = decltype(cute::size(s))::value;
     bool rescale = true;
-    if constexpr (kLazy && kRowLazy) {
-      bool grows[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float new_max = fmaxf(row_max[r], tile_max_log2[r]);
-        // -inf + 8 = -inf: the first tile with a finite max always rescales (O and the sums are 0 then).
-        grows[r] = new_max > lazy_max[r] + kLazyRescaleLog2;
-        correction[r] = grows[r] ? exp2f(lazy_max[r] - new_max) : 1.f;
-        lazy_max[r] = grows[r] ? new_max : lazy_max[r];
-        row_sum[r] *= correction[r];
-        row_max[r] = new_max;
-      }
-      rescale = __any_sync(0xffffffffu, grows[0] | grows[1]);
-    } else if constexpr (kLazy) {
+    if constexpr (kLazy) {
       float new_max[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) new_max[r] = fmaxf(row_max[r], tile_max_log2[r]);
