@@ -27,44 +27,19 @@ __device__ __forceinline__ void store_output(typename Tr::Params const& p, Query
       lse[r] = sum > 0.f ? (softmax.ref_max(r) + log2f(sum)) * p.ln2 : -INFINITY;
     }
   }
-  if constexpr (Tr::kRowStores) {
-    // One base pointer per row (this thread's first column); every store is then that pointer plus a
-    // compile-time offset, predicated on the row being valid (a branch per store made ptxas rebuild the
-    // 64-bit address for each of the 32: ~20 instructions a store, NOTES.md wave 9).
-    using Pair = cutlass::Array<Element, 2>;
-    Pair* row_out[2];
+  Element* out = p.out + tile.b * p.out_stride_b + tile.h * p.out_stride_h;
+  cutlass::NumericArrayConverter<Element, float, 2> convert_pair;
+  constexpr int kO = decltype(cute::size(tOrO))::value;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = row0 + 8 * r;
-      row_out[r] = reinterpret_cast<Pair*>(p.out + tile.b * p.out_stride_b + tile.h * p.out_stride_h +
-                                           row * p.out_stride_s + frag_col(0, lane));
-    }
-    cutlass::NumericArrayConverter<Element, float, 2> convert_pair;
-    constexpr int kO = decltype(cute::size(tOrO))::value;
-#pragma unroll
-    for (int i = 0; i < kO; i += 2) {
-      const int r = frag_row_half(i);
-      cutlass::Array<float, 2> pair;
-      pair[0] = tOrO(i) * inv_sum[r];
-      pair[1] = tOrO(i + 1) * inv_sum[r];
-      const Pair value = convert_pair(pair);
-      if (row_valid[r]) row_out[r][4 * (i >> 2)] = value;  // frag_col(i, lane) = frag_col(0, lane) + 8 (i / 4)
-    }
-  } else {
-    Element* out = p.out + tile.b * p.out_stride_b + tile.h * p.out_stride_h;
-    cutlass::NumericArrayConverter<Element, float, 2> convert_pair;
-    constexpr int kO = decltype(cute::size(tOrO))::value;
-#pragma unroll
-    for (int i = 0; i < kO; i += 2) {
-      const int r = frag_row_half(i);
-      if (!row_valid[r]) continue;
-      const int row = row0 + 8 * r;
-      cutlass::Array<float, 2> pair;
-      pair[0] = tOrO(i) * inv_sum[r];
-      pair[1] = tOrO(i + 1) * inv_sum[r];
-      *reinterpret_cast<cutlass::Array<Element, 2>*>(out + row * p.out_stride_s + frag_col(i, lane)) =
-          convert_pair(pair);
-    }
+  for (int i = 0; i < kO; i += 2) {
+    const int r = frag_row_half(i);
+    if (!row_valid[r]) continue;
+    const int row = row0 + 8 * r;
+    cutlass::Array<float, 2> pair;
+    pair[0] = tOrO(i) * inv_sum[r];
+    pair[1] = tOrO(i + 1) * inv_sum[r];
+    *reinterpret_cast<cutlass::Array<Element, 2>*>(out + row * p.out_stride_s + frag_col(i, lane)) =
+        convert_pair(pair);
   }
   if (lane % 4 == 0) {
     float* lse_row = p.lse + (int64_t(tile.b) * p.heads + tile.h) * p.seqlen_q;
