@@ -1,6 +1,11 @@
 """A/B summary of bench.py --variants ... --repeats R JSON files: per shape and variant, the mean TFLOP/s of the
 bf16 dense, bf16 skip f = 1, INT8 dense and INT8 skip f = 1 rows over the repeats (each repeat in brackets), and the
-ratio of each to the default variant's mean; cuDNN (SDPA) of the same run last."""
+ratio of each to the default variant's mean; cuDNN (SDPA) of the same run last.
+
+    python3 tools/ab_table.py ab.json [more.json ...]
+
+`tools/gpu_suite.sh ab` prints it after its timing run. (Until wave 9 this file was
+benchmarks/wave8/call1/table.py, the path the call scripts of waves 8-9 name.)"""
 import json, sys
 from collections import defaultdict
 
