@@ -122,7 +122,7 @@ struct KernelVariant {
 };
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
               kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048;
-// Bits 12-16 held the measured and removed poly / prewait / mmasum variants (NOTES.md).
+// Bits 12-16 held the measured and removed poly / prewait / mmasum / pin / rowlazy / rowstores variants (NOTES.md).
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
           16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,

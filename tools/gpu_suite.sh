@@ -4,7 +4,7 @@
 #   bash tools/gpu_suite.sh build tests soak parallel     # ~6 min: build, all `cuda` tests, soak, P=1 Ulysses
 #   bash tools/gpu_suite.sh build demo                    # ~8 min: tools/demo_gpu.py (demo, sweep, Wan preset)
 #   bash tools/gpu_suite.sh build sanitize bench          # compute-sanitizer (4 tools), the kernel benchmark
-#   CMAKE_ARGS='-DLITEATTN_AB_VARIANTS=7171@128' AB_VARIANTS=default,rowstores bash tools/gpu_suite.sh build ab
+#   CMAKE_ARGS='-DLITEATTN_AB_VARIANTS=1027@128' AB_VARIANTS=default,notreemax bash tools/gpu_suite.sh build ab
 #                                                         # ~4 min: a kernel-variant A/B (NOTES.md's method)
 #
 # Parts run in the order given; logs and short summaries go to $OUT (default ./out), and the last
@@ -69,11 +69,12 @@ part_bench() {
 part_ab() {
   # Kernel variants of an A/B build (CMAKE_ARGS='-DLITEATTN_AB_VARIANTS=ids' for the build part), named in
   # AB_VARIANTS (LITEATTN_VARIANT values, comma-separated): each checked against float32 attention and the default's
-  # skip decisions (both Q/K modes), then timed in turn, AB_REPEATS times (default 3), with cuDNN in the same run.
+  # skip decisions (both Q/K modes), then timed in turn, AB_REPEATS times (default 3), with cuDNN in the same run,
+  # at AB_SHAPES (space-separated S,H,D; default the five shapes of the wave 8-9 A/Bs).
   local variants=${AB_VARIANTS:-}
   [ -n "$variants" ] || { echo "gpu_suite ab: set AB_VARIANTS, e.g. AB_VARIANTS=default,lazy"; return 1; }
   timeout 120 python3 tools/check_variants.py "$variants" > "$OUT/check.log" 2>&1
-  grep -E "FAIL|Error" "$OUT/check.log" | head -8
+  grep -E " FAIL$|Error" "$OUT/check.log" | head -8
   grep -q "^CHECK FAILURES: 0$" "$OUT/check.log" || { tail -5 "$OUT/check.log"; return 1; }
   echo "check: $(grep -c ' ok' "$OUT/check.log") ok, 0 failures"
   timeout 300 python3 tools/bench.py --only ours,ours_int8,sdpa \
