@@ -158,14 +158,11 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   // One tile's softmax step on S (in registers): mask, tile max, running max and sum,
   // probabilities in place. Returns this thread's vote (skip path); sets `rescale` and the factor that
   // rescales the old O. Only the last tile of a sequence whose length is not a multiple of BN needs the mask.
-  // maybe_masked (a cute::bool_constant): false when n is known not to be the masked tile (Tr::kPeelMask's loop).
   const int masked_tile = p.seqlen_k % kBN ? p.num_n_tiles - 1 : -1;
-  auto softmax_step = [&](int n, auto const& scores, float (&correction)[2], bool& rescale, auto maybe_masked) {
+  auto softmax_step = [&](int n, auto const& scores, float (&correction)[2], bool& rescale) {
     if constexpr (Tr::kInt8) int8_accumulator_to_magic(tSrS);
     float tile_max[2];
-    if constexpr (!decltype(maybe_masked)::value) {
-      softmax.template tile_max</*kMask=*/false>(tSrSf, lane, kBN, scores, tile_max);
-    } else if constexpr (Tr::kMaskOnBranch) {
+    if constexpr (Tr::kMaskOnBranch) {
       if (n == masked_tile) {
         softmax.template tile_max</*kMask=*/true>(tSrSf, lane, p.seqlen_k - n * kBN, scores, tile_max);
       } else {
@@ -203,83 +200,40 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   k_read.advance(Tr::kStages);
   float correction[2];
   bool rescale = false;
-  vote.record(n, softmax_step(n, scores_of(k_scale), correction, rescale, cute::true_type{}));
+  vote.record(n, softmax_step(n, scores_of(k_scale), correction, rescale));
   rescale = false;  // O is still 0
   convert_fragment<Element>(tSrSf, tOrP);
 
   // Steady state: S(n) and O += P(n-1) V(n-1).
-  if constexpr (Tr::kPeelMask) {
-    // A/B candidate (wave 9, not yet measured): the tiles before the masked one in a loop with no mask code
-    // (ptxas then keeps more of the max before the P V wait, NOTES.md), the masked tile (the last: both visit
-    // orders ascend) in a second copy of the step. The default's loop below is kept as it is, so that its SASS
-    // stays the measured v11's; one of the two goes once this is measured.
-    auto steady_step = [&](int tile_n, auto maybe_masked) {
-      ss.k_full[k_read.stage].wait(k_read.phase);
-      n = tile_n;
-      k_scale = k_scale_next;
-      Turn::wait(warpgroup);
-      warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
-      if constexpr (Tr::kEarlyRescale)
-        if (rescale) rescale_rows(tOrO, correction);
-      ss.v_full[v_read.stage].wait(v_read.phase);
-      warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
-      Turn::pass(warpgroup);
-      tiles.advance();  // the next tile's arithmetic runs while the tensor cores work
-      k_scale_next = k_scales.load(tiles.more() ? tiles.current() : n);
-      // S(n) is ready; O += P V may still run (Tr::kSerialSoftmax: it is done too).
-      if constexpr (Tr::kSerialSoftmax) warpgroup_wait<0>();
-      else warpgroup_wait<1>();
-      warpgroup_fence_operand(tSrS);
-      release(ss.k_empty[k_read.stage], lane);
-      k_read.advance(Tr::kStages);
-      const bool keep = softmax_step(n, scores_of(k_scale), correction, rescale, maybe_masked);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrO);
-      warpgroup_fence_operand(tOrP);
-      release(ss.v_empty[v_read.stage], lane);
-      v_read.advance(Tr::kStages);
-      if constexpr (!Tr::kEarlyRescale)
-        if (rescale) rescale_rows(tOrO, correction);
-      convert_fragment<Element>(tSrSf, tOrP);
-      vote.record(n, keep);
-    };
-    while (tiles.more()) {
-      const int unmasked = tiles.current();
-      if (unmasked == masked_tile) break;
-      steady_step(unmasked, cute::false_type{});
-    }
-    while (tiles.more()) steady_step(tiles.current(), cute::true_type{});
-  } else {
-    while (tiles.more()) {
-      ss.k_full[k_read.stage].wait(k_read.phase);
-      n = tiles.current();
-      k_scale = k_scale_next;
-      Turn::wait(warpgroup);
-      warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
-      if constexpr (Tr::kEarlyRescale)
-        if (rescale) rescale_rows(tOrO, correction);
-      ss.v_full[v_read.stage].wait(v_read.phase);
-      warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
-      Turn::pass(warpgroup);
-      tiles.advance();  // the next tile's arithmetic runs while the tensor cores work
-      k_scale_next = k_scales.load(tiles.more() ? tiles.current() : n);
-      // S(n) is ready; O += P V may still run (Tr::kSerialSoftmax: it is done too).
-      if constexpr (Tr::kSerialSoftmax) warpgroup_wait<0>();
-      else warpgroup_wait<1>();
-      warpgroup_fence_operand(tSrS);
-      release(ss.k_empty[k_read.stage], lane);
-      k_read.advance(Tr::kStages);
-      const bool keep = softmax_step(n, scores_of(k_scale), correction, rescale, cute::true_type{});
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrO);
-      warpgroup_fence_operand(tOrP);
-      release(ss.v_empty[v_read.stage], lane);
-      v_read.advance(Tr::kStages);
-      if constexpr (!Tr::kEarlyRescale)
-        if (rescale) rescale_rows(tOrO, correction);
-      convert_fragment<Element>(tSrSf, tOrP);
-      vote.record(n, keep);
-    }
+  while (tiles.more()) {
+    ss.k_full[k_read.stage].wait(k_read.phase);
+    n = tiles.current();
+    k_scale = k_scale_next;
+    Turn::wait(warpgroup);
+    warpgroup_gemm</*kZeroInit=*/true, /*kRegisterA=*/false>(mma_qk, tSrQ, tSrK(_, _, _, k_read.stage), tSrS);
+    if constexpr (Tr::kEarlyRescale)
+      if (rescale) rescale_rows(tOrO, correction);
+    ss.v_full[v_read.stage].wait(v_read.phase);
+    warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
+    Turn::pass(warpgroup);
+    tiles.advance();  // the next tile's arithmetic runs while the tensor cores work
+    k_scale_next = k_scales.load(tiles.more() ? tiles.current() : n);
+    // S(n) is ready; O += P V may still run (Tr::kSerialSoftmax: it is done too).
+    if constexpr (Tr::kSerialSoftmax) warpgroup_wait<0>();
+    else warpgroup_wait<1>();
+    warpgroup_fence_operand(tSrS);
+    release(ss.k_empty[k_read.stage], lane);
+    k_read.advance(Tr::kStages);
+    const bool keep = softmax_step(n, scores_of(k_scale), correction, rescale);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    warpgroup_fence_operand(tOrP);
+    release(ss.v_empty[v_read.stage], lane);
+    v_read.advance(Tr::kStages);
+    if constexpr (!Tr::kEarlyRescale)
+      if (rescale) rescale_rows(tOrO, correction);
+    convert_fragment<Element>(tSrSf, tOrP);
+    vote.record(n, keep);
   }
 
   // Every S GEMM has completed (the waits above): Q is free for the next tile.
