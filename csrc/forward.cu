@@ -20,7 +20,7 @@ int element_bytes(DType) { return 2; }
 // The kernel variant of this call: the head dim's default, or (A/B builds only) what LITEATTN_VARIANT says:
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
-// "persist" / "nopersist", "treemax" / "notreemax",
+// "persist" / "nopersist", "treemax" / "notreemax", "latevote" / "nolatevote",
 // "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
 // per call, so one process can time several variants.
 struct CallVariant {
@@ -55,6 +55,8 @@ CallVariant variant_of_call(int head_dim) {
       set_bit(kVariantPersistent, token == "persist");
     } else if (token == "treemax" || token == "notreemax") {
       set_bit(kVariantTreeMax, token == "treemax");
+    } else if (token == "latevote" || token == "nolatevote") {
+      set_bit(kVariantLateVote, token == "latevote");
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -65,7 +67,7 @@ CallVariant variant_of_call(int head_dim) {
     } else {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
-                         "nomaskbranch, persist, nopersist, treemax, notreemax, bn<N>, nolpt)");
+                         "nomaskbranch, persist, nopersist, treemax, notreemax, latevote, nolatevote, bn<N>, nolpt)");
     }
     start = end + 1;
   }

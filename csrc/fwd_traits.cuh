@@ -46,6 +46,7 @@ struct FwdTraits {
   static constexpr bool kSerialSoftmax = kVariantInfo.serial_softmax;
   // Dense path only (both Q/K modes): the skip path reads and writes one state row per tile with the whole CTA.
   static constexpr bool kPersistent = kVariantInfo.persistent && !kSkip_;
+  static constexpr bool kLateVote = kVariantInfo.late_vote && kSkip_;  // the dense path has no vote
   static constexpr bool kInt8 = kInt8_;
   using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max>;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)

@@ -107,7 +107,7 @@ void quantize_qk(const QuantArgs& args);
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
 // bf16 (both Q/K modes; a variant that overrides BN only for the 16-bit dense path) and let the environment
 // variable LITEATTN_VARIANT pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch",
-// "persist", "treemax", "bn176", "nolpt", joined by '+').
+// "persist", "treemax", "latevote", "bn176", "nolpt", joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)
@@ -119,14 +119,18 @@ struct KernelVariant {
   bool persistent;     // dense path: one CTA per SM walks the query tiles (tile_scheduler.cuh), so the next
                        // tile's Q and K load while this one's last P V and epilogue run
   bool tree_max;       // the tile row max over 4 chains per row (softmax.cuh; the same bits)
+  bool late_vote;      // skip path: tile n's vote tested and recorded in tile n+1's step, between the GEMM issue
+                       // and the wait for S (where the warp waits anyway), not in the softmax (mainloop.cuh)
 };
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
-              kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048;
-// Bits 12-16 held the measured and removed poly / prewait / mmasum / pin / rowlazy / rowstores variants (NOTES.md).
+              kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048,
+              kVariantLateVote = 4096;
+// Bits 12-16 held the measured and removed poly / prewait / mmasum / pin / rowlazy / rowstores / peelmask variants
+// (NOTES.md); bit 12 is now latevote.
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
           16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,
-          (id & kVariantPersistent) != 0, (id & kVariantTreeMax) != 0};
+          (id & kVariantPersistent) != 0, (id & kVariantTreeMax) != 0, (id & kVariantLateVote) != 0};
 }
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
 // Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).

@@ -158,7 +158,17 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   // One tile's softmax step on S (in registers): mask, tile max, running max and sum,
   // probabilities in place. Returns this thread's vote (skip path); sets `rescale` and the factor that
   // rescales the old O. Only the last tile of a sequence whose length is not a multiple of BN needs the mask.
+  // `pending` gets the vote's inputs of tile n: with Tr::kLateVote they are tested and recorded during the next
+  // tile's step (record_pending), between its GEMM issue and its wait for S, where the warp would only wait --
+  // not on the softmax's instruction stream, which is the skip path's critical path (NOTES.md, wave 10).
   const int masked_tile = p.seqlen_k % kBN ? p.num_n_tiles - 1 : -1;
+  struct PendingVote {
+    int n;
+    float tile_max[2], old_max[2];
+  } pending;
+  auto record_pending = [&] {
+    if constexpr (Tr::kLateVote) vote.record(pending.n, vote.keeps(pending.tile_max, pending.old_max, softmax.row_sum));
+  };
   auto softmax_step = [&](int n, auto const& scores, float (&correction)[2], bool& rescale) {
     if constexpr (Tr::kInt8) int8_accumulator_to_magic(tSrS);
     float tile_max[2];
@@ -173,6 +183,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     }
     const float old_max[2] = {softmax.row_max[0], softmax.row_max[1]};
     rescale = softmax.update(tSrSf, tile_max, scores, correction);
+    pending = {n, {tile_max[0], tile_max[1]}, {old_max[0], old_max[1]}};
     return vote.keeps(tile_max, old_max, softmax.row_sum);
   };
 
@@ -200,7 +211,8 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   k_read.advance(Tr::kStages);
   float correction[2];
   bool rescale = false;
-  vote.record(n, softmax_step(n, scores_of(k_scale), correction, rescale));
+  const bool first_keep = softmax_step(n, scores_of(k_scale), correction, rescale);
+  if constexpr (!Tr::kLateVote) vote.record(n, first_keep);
   rescale = false;  // O is still 0
   convert_fragment<Element>(tSrSf, tOrP);
 
@@ -218,6 +230,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     Turn::pass(warpgroup);
     tiles.advance();  // the next tile's arithmetic runs while the tensor cores work
     k_scale_next = k_scales.load(tiles.more() ? tiles.current() : n);
+    record_pending();  // Tr::kLateVote: the previous tile's vote
     // S(n) is ready; O += P V may still run (Tr::kSerialSoftmax: it is done too).
     if constexpr (Tr::kSerialSoftmax) warpgroup_wait<0>();
     else warpgroup_wait<1>();
@@ -233,7 +246,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     if constexpr (!Tr::kEarlyRescale)
       if (rescale) rescale_rows(tOrO, correction);
     convert_fragment<Element>(tSrSf, tOrP);
-    vote.record(n, keep);
+    if constexpr (!Tr::kLateVote) vote.record(n, keep);
   }
 
   // Every S GEMM has completed (the waits above): Q is free for the next tile.
@@ -244,6 +257,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     if (rescale) rescale_rows(tOrO, correction);
   ss.v_full[v_read.stage].wait(v_read.phase);
   warpgroup_gemm</*kZeroInit=*/false, /*kRegisterA=*/true>(mma_pv, tOrP, tOrVt(_, _, _, v_read.stage), tOrO);
+  record_pending();  // Tr::kLateVote: the last tile's vote
   warpgroup_wait<0>();
   warpgroup_fence_operand(tOrO);
   release(ss.v_empty[v_read.stage], lane);

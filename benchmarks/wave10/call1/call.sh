@@ -5,6 +5,6 @@
 # the repository, make it the default bit (csrc/liteattn.h, default_variant), drop the other loop copy in
 # mainloop.cuh, and run `bash tools/gpu_suite.sh build tests sanitize bench` on that version.
 set -u
-git apply benchmarks/wave10_next/peelmask.patch || { echo "peelmask.patch does not apply to this csrc/"; exit 1; }
+git apply benchmarks/wave10/call1/peelmask.patch || { echo "peelmask.patch does not apply to this csrc/"; exit 1; }
 CMAKE_ARGS='-DLITEATTN_AB_VARIANTS=7171@128;7169@64' AB_VARIANTS=default,peelmask AB_REPEATS=3 \
   OUT=$OUT bash tools/gpu_suite.sh build ab
