@@ -188,7 +188,8 @@ struct TileVote {
   // The warp keeps tile n when any of its threads does; lane 0 ORs that into the warp's own
   // word with a predicated ld/or/st (no branch, no atomic). Called after the wait for O += P V:
   // the shared-memory asm is volatile, so were it issued before that wait it would pin the wait
-  // behind it, after most of the exponentials (NOTES.md v5).
+  // behind it, after most of the exponentials (NOTES.md v5). With Tr::kLateVote it is called one tile
+  // later instead, after the next GEMMs are issued and before their wait for S (mainloop.cuh).
   __device__ __forceinline__ void record(int n, bool keep) const {
     const bool warp_keeps = __any_sync(0xffffffffu, keep);
     shared_or_if(&warp_words[n >> 5], 1u << (n & 31), warp_keeps & (lane == 0));
