@@ -40,7 +40,7 @@ PYBIND11_MODULE(_C, m) {
          int seqlen_k, int head_dim, const std::string& dtype, Stride3 q_stride, Stride3 k_stride, Stride3 v_stride,
          Stride3 out_stride, float scale, uintptr_t state, uintptr_t threshold, uintptr_t must_do, int num_must_do,
          uintptr_t must_skip, int num_must_skip, uintptr_t stream, uintptr_t schedule, bool int8, uintptr_t q_scale,
-         uintptr_t k_scale, uintptr_t q_mu) {
+         uintptr_t k_scale, uintptr_t q_mu, uintptr_t work_counter) {
         liteattn::FwdArgs a;
         a.q = as_ptr<const void>(q);
         a.k = as_ptr<const void>(k);
@@ -66,6 +66,7 @@ PYBIND11_MODULE(_C, m) {
         a.num_must_skip = num_must_skip;
         a.stream = as_ptr<void>(stream);
         a.schedule = as_ptr<int32_t>(schedule);
+        a.work_counter = as_ptr<int32_t>(work_counter);
         a.int8 = int8;
         a.q_scale = as_ptr<const float>(q_scale);
         a.k_scale = as_ptr<const float>(k_scale);
@@ -79,9 +80,12 @@ PYBIND11_MODULE(_C, m) {
       py::arg("threshold"), py::arg("must_do"), py::arg("num_must_do"), py::arg("must_skip"),
       py::arg("num_must_skip"), py::arg("stream"), py::arg("schedule") = uintptr_t(0), py::arg("int8") = false,
       py::arg("q_scale") = uintptr_t(0), py::arg("k_scale") = uintptr_t(0), py::arg("q_mu") = uintptr_t(0),
+      py::arg("work_counter") = uintptr_t(0),
       "Forward attention. state == 0 runs the dense path; otherwise the skip state (B, H, Mt, W) int32 is read "
       "and updated in place. schedule (skip path, optional): B*H*Mt int32 of device scratch for the "
-      "heaviest-first query-tile order; 0 runs the query tiles in natural order. int8=True: INT8 Q/K mode, q and k "
+      "heaviest-first query-tile order; 0 runs the query tiles in natural order. work_counter (skip path, optional): "
+      "one int32 of device scratch, the persistent skip kernel's shared count of the rows handed out (zeroed by the "
+      "call); 0: each CTA takes every G-th row. int8=True: INT8 Q/K mode, q and k "
       "are the int8 (B, H, S, D) buffers of quantize_qk (strides in bytes), q_scale / k_scale / q_mu its float32 "
       "outputs, dtype that of v and out. Raises ValueError on bad arguments.");
 

@@ -20,7 +20,7 @@ int element_bytes(DType) { return 2; }
 // The kernel variant of this call: the head dim's default, or (A/B builds only) what LITEATTN_VARIANT says:
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
-// "persist" / "nopersist", "treemax" / "notreemax", "latevote" / "nolatevote",
+// "persist" / "nopersist", "treemax" / "notreemax", "latevote" / "nolatevote", "persistskip" / "nopersistskip",
 // "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
 // per call, so one process can time several variants.
 struct CallVariant {
@@ -57,6 +57,8 @@ CallVariant variant_of_call(int head_dim) {
       set_bit(kVariantTreeMax, token == "treemax");
     } else if (token == "latevote" || token == "nolatevote") {
       set_bit(kVariantLateVote, token == "latevote");
+    } else if (token == "persistskip" || token == "nopersistskip") {
+      set_bit(kVariantPersistSkip, token == "persistskip");
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -67,7 +69,8 @@ CallVariant variant_of_call(int head_dim) {
     } else {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
-                         "nomaskbranch, persist, nopersist, treemax, notreemax, latevote, nolatevote, bn<N>, nolpt)");
+                         "nomaskbranch, persist, nopersist, treemax, notreemax, latevote, nolatevote, persistskip, "
+                         "nopersistskip, bn<N>, nolpt)");
     }
     start = end + 1;
   }
@@ -159,6 +162,7 @@ void forward(const FwdArgs& a) {
               a.out_stride[2] % 2 == 0,
           "out must have a 4-byte aligned address and even (b, h, s) strides");
   require(reinterpret_cast<uint64_t>(a.lse) % 4 == 0, "lse must be 4-byte aligned float32");
+  require(reinterpret_cast<uint64_t>(a.work_counter) % 4 == 0, "work_counter must be 4-byte aligned int32");
   if (a.state) {
     const auto tile = tile_shape(a.head_dim, a.dtype);
     const int64_t num_n_tiles = (int64_t(a.seqlen_k) + tile.bn - 1) / tile.bn;

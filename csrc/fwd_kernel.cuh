@@ -1,5 +1,5 @@
-// The forward kernel: one CTA per query tile, or (persistent, the dense path) at most one CTA
-// per SM walking several (tile_scheduler.cuh picks which). Warpgroup 0 is the producer (one thread
+// The forward kernel: one CTA per query tile, or (persistent: the dense path, and the skip path's
+// persistskip variant) at most one CTA per SM walking several (tile_scheduler.cuh picks which). Warpgroup 0 is the producer (one thread
 // issues the TMA loads, mainloop.cuh); warpgroups 1.. are consumers of 64 query rows each: GEMMs,
 // softmax and skip vote (mainloop.cuh, softmax.cuh, skip_state.cuh), then the O / LSE epilogue
 // (epilogue.cuh) and, on the skip path, the state write-back (skip_state.cuh).
@@ -18,8 +18,17 @@
 
 namespace liteattn {
 
+// The state row of query tile (b, h, m).
+template <class Params>
+__device__ __forceinline__ int64_t state_row_of(const Params& p, QueryTile tile) {
+  return (int64_t(tile.b) * p.heads + tile.h) * p.num_m_tiles + tile.m;
+}
+
+// One query tile of one consumer warpgroup. `state`: the skip path's buffer of the tile's row. `state_done`
+// (kPersistentSkip): where each warp reports its last vote recorded; the state readers write the row back.
 template <class Tr>
 __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
+                                                   StateBuffer state, cutlass::arch::ClusterBarrier* state_done,
                                                    QueryTile tile, int iteration, PipelineState& k_read,
                                                    PipelineState& v_read, int warpgroup, int thread) {
   using namespace cute;
@@ -29,7 +38,7 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   const bool row_valid[2] = {row0 < p.seqlen_q, row0 + 8 < p.seqlen_q};
 
   TileVote<Tr::kSkip> vote;
-  if constexpr (Tr::kSkip) vote = {p.threshold[tile.h], {row_valid[0], row_valid[1]}, ss.warp_keep[thread / 32], lane};
+  if constexpr (Tr::kSkip) vote = {p.threshold[tile.h], {row_valid[0], row_valid[1]}, state.warp_keep(thread / 32), lane};
 
   // INT8 mode: the LSE correction of this thread's two rows, loaded before the mainloop (its latency hides there).
   float lse_bias_log2[2] = {0.f, 0.f};
@@ -44,15 +53,17 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<Tr::kD>>{});
   clear(tOrO);
   typename Tr::Softmax softmax;
-  consumer_mainloop<Tr>(p, ss, tile, iteration, warpgroup, t, k_read, v_read, softmax, vote, tOrO);
+  consumer_mainloop<Tr>(p, ss, state, tile, iteration, warpgroup, t, k_read, v_read, softmax, vote, tOrO);
+  // Every vote of this tile is recorded (the last one after the last P V issue): the buffer goes back before the
+  // epilogue, which needs only registers.
+  if constexpr (Tr::kPersistentSkip) release(*state_done, lane);
   store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 
-  if constexpr (Tr::kSkip) {
-    // Every consumer warp's verdicts are in ss.warp_keep (CUTLASS's bar.sync has no memory clobber).
+  if constexpr (Tr::kSkip && !Tr::kPersistentSkip) {
+    // Every consumer warp's verdicts are in the buffer (CUTLASS's bar.sync has no memory clobber).
     cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, static_cast<uint32_t>(NamedBarrier::kConsumersDone));
     asm volatile("" ::: "memory");
-    store_skip_state<Tr::kConsumerWarps>(p, tile.b, tile.h, tile.m, ss.visit, ss.keep, ss.warp_keep, thread,
-                                         Tr::kConsumerThreads);
+    store_skip_state<Tr::kConsumerWarps>(p, state_row_of(p, tile), state, thread, Tr::kConsumerThreads);
   }
 }
 
@@ -61,8 +72,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
   extern __shared__ __align__(1024) char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
   const int warpgroup = cutlass::canonical_warp_group_idx();
-  static_assert(!(Tr::kPersistent && Tr::kSkip), "the skip path's state row is read per CTA (one tile per CTA)");
-  const QueryTile tile = scheduled_tile(p);  // the skip path's (only) tile
+  static_assert(!(Tr::kPersistent && Tr::kSkip), "kPersistent is the dense path's (the skip path's: kPersistentSkip)");
+  constexpr bool kOneTileSkip = Tr::kSkip && !Tr::kPersistentSkip;
 
   if (threadIdx.x == 0) {
     ss.q_full.init(1);
@@ -74,13 +85,23 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
       ss.k_empty[s].init(Tr::kConsumerWarps);  // one arrival per consumer warp
       ss.v_empty[s].init(Tr::kConsumerWarps);
     }
+    if constexpr (Tr::kPersistentSkip) {
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        ss.state_full[s].init(Tr::kStateReaderThreads);
+        ss.state_empty[s].init(Tr::kConsumerWarps);
+      }
+    }
     cutlass::arch::fence_barrier_init();
   }
-  if constexpr (Tr::kSkip)
-    load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, tile.b, tile.h, tile.m, ss.visit, ss.keep, ss.warp_keep);
+  // One tile per CTA on the skip path: the whole CTA reads its row's state first.
+  const QueryTile tile = kOneTileSkip ? scheduled_tile(p) : QueryTile{0, 0, 0};
+  const StateBuffer one_buffer = StateBuffer::of(ss.state_words, ss.order, Tr::kStateWords, 1, 0, Tr::kConsumerWarps);
+  if constexpr (kOneTileSkip)
+    load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, state_row_of(p, tile), one_buffer, threadIdx.x, blockDim.x);
   __syncthreads();
-  if constexpr (Tr::kSkip) {
-    build_visit_order(p, ss.visit, ss.order);
+  if constexpr (kOneTileSkip) {
+    build_visit_order(p, one_buffer, threadIdx.x, blockDim.x);
     __syncthreads();
   }
 
@@ -90,15 +111,37 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
       cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_vt.get_tma_descriptor());
       PipelineState write;
-      for (TileSequence<Tr::kPersistent> seq(p); seq.more(); seq.advance())
-        producer_load<Tr>(p, ss, seq.current, seq.iteration, write);
+      if constexpr (Tr::kPersistentSkip) {
+        const RowHandOff<Tr> rows(ss, p);
+        for (int it = 0;; ++it) {
+          const int row = rows.wait_row(it);
+          if (row < 0) break;
+          producer_load<Tr>(p, ss, tile_of_row(row, p.num_m_tiles, p.heads), it, write, rows.buffer(it));
+        }
+      } else {
+        for (TileSequence<Tr::kPersistent> seq(p); seq.more(); seq.advance())
+          producer_load<Tr>(p, ss, seq.current, seq.iteration, write, one_buffer);
+      }
+    } else if constexpr (Tr::kPersistentSkip) {
+      if (threadIdx.x >= 32) state_reader_loop<Tr>(p, ss, int(threadIdx.x) - 32);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
     MmaTurn<Tr::kConsumerWarpgroups, Tr::kPingPong>::start(warpgroup - 1);
     PipelineState k_read, v_read;
-    for (TileSequence<Tr::kPersistent> seq(p); seq.more(); seq.advance())
-      consumer_warpgroup<Tr>(p, ss, seq.current, seq.iteration, k_read, v_read, warpgroup - 1, threadIdx.x - 128);
+    if constexpr (Tr::kPersistentSkip) {
+      const RowHandOff<Tr> rows(ss, p);
+      for (int it = 0;; ++it) {
+        const int row = rows.wait_row(it);
+        if (row < 0) break;
+        consumer_warpgroup<Tr>(p, ss, rows.buffer(it), rows.done_barrier(it), tile_of_row(row, p.num_m_tiles, p.heads),
+                               it, k_read, v_read, warpgroup - 1, threadIdx.x - 128);
+      }
+    } else {
+      for (TileSequence<Tr::kPersistent> seq(p); seq.more(); seq.advance())
+        consumer_warpgroup<Tr>(p, ss, one_buffer, nullptr, seq.current, seq.iteration, k_read, v_read, warpgroup - 1,
+                               threadIdx.x - 128);
+    }
   }
 }
 

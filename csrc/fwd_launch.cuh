@@ -78,6 +78,11 @@ void run_fwd(const FwdArgs& a) {
     check_cuda(cudaGetLastError(), "schedule kernel launch");
     p.schedule = a.schedule;
   }
+  if (Tr::kPersistentSkip && a.work_counter != nullptr) {
+    check_cuda(cudaMemsetAsync(a.work_counter, 0, sizeof(int32_t), static_cast<cudaStream_t>(a.stream)),
+               "cudaMemsetAsync(work counter)");
+    p.work_counter = a.work_counter;
+  }
 
   auto kernel = fwd_kernel<Tr>;
   // Per call, not once per process: the attribute is per device (a host-side call, allowed
@@ -85,7 +90,7 @@ void run_fwd(const FwdArgs& a) {
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
              "cudaFuncSetAttribute(max dynamic shared memory)");
   dim3 grid(p.num_m_tiles, a.heads, a.batch);
-  if constexpr (Tr::kPersistent) {
+  if constexpr (Tr::kPersistent || Tr::kPersistentSkip) {
     // At most one CTA per SM (one fits: __launch_bounds__(kThreads, 1) and the shared memory).
     int device = 0, sms = 0;
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");

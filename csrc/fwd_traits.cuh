@@ -46,7 +46,11 @@ struct FwdTraits {
   static constexpr bool kSerialSoftmax = kVariantInfo.serial_softmax;
   // Dense path only (both Q/K modes): the skip path reads and writes one state row per tile with the whole CTA.
   static constexpr bool kPersistent = kVariantInfo.persistent && !kSkip_;
-  static constexpr bool kLateVote = kVariantInfo.late_vote && kSkip_;  // the dense path has no vote
+  // The dense path has no vote; the INT8 mode's loop has slack where the vote is, and loses 6-9 % with it late
+  // (NOTES.md wave 10 call 2).
+  static constexpr bool kLateVote = kVariantInfo.late_vote && kSkip_ && !kInt8_;
+  // Skip path only (the dense path's persistence is kPersistent): CTAs take state rows one after another.
+  static constexpr bool kPersistentSkip = kVariantInfo.persistent_skip && kSkip_;
   static constexpr bool kInt8 = kInt8_;
   using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max>;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
@@ -68,6 +72,7 @@ struct FwdTraits {
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
   static constexpr int kThreads = 128 + kConsumerThreads;
+  static constexpr int kStateReaderThreads = 96;  // kPersistentSkip: the producer warpgroup's warps 1-3
   static constexpr int kStages = 2;
   // Where the column mask of a partial last tile goes (measured on the H200, NOTES.md v2/v3):
   // head dim 64 is softmax-bound and runs 3 % faster with the mask on its own branch, taken
@@ -141,14 +146,18 @@ struct FwdTraits {
     cutlass::arch::ClusterTransactionBarrier v_full[kStages];
     cutlass::arch::ClusterBarrier k_empty[kStages];
     cutlass::arch::ClusterBarrier v_empty[kStages];
-    // Skip state of this CTA's (b, h, m) row (skip_state.cuh): tiles to visit, must-do tiles.
-    uint32_t visit[kStateWords];
-    uint32_t keep[kStateWords];
-    // Skip path: per consumer warp, the visited tiles some row of that warp found
-    // non-negligible (each warp writes only its own words: no atomics in the loop).
-    uint32_t warp_keep[kSkip ? kConsumerWarps : 1][kStateWords];
-    // Skip path: the visited tiles in ascending order (skip_state.cuh, build_visit_order).
+    // Skip state of the CTA's (b, h, m) row(s) (skip_state.cuh, StateBuffer): tiles to visit, must-do tiles,
+    // per consumer warp the visited tiles some row of that warp found non-negligible (each warp writes only its
+    // own words: no atomics in the loop), and the visited tiles in ascending order. One buffer of kStateWords
+    // words per array, or (kPersistentSkip, when a row has at most kStateWords / 2 words) two of half the size.
+    uint32_t state_words[kSkip ? (2 + kConsumerWarps) * kStateWords : 1];
     uint16_t order[kSkip ? kStateWords * 32 : 1];
+    // kPersistentSkip: the state row each buffer holds (-1: no more rows), and its hand-off barriers:
+    // state_full when the producer's reader warps have filled it, state_empty when every consumer warp has
+    // recorded its last vote in it.
+    int32_t state_row[2];
+    cutlass::arch::ClusterBarrier state_full[2];
+    cutlass::arch::ClusterBarrier state_empty[2];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 limit");
@@ -171,6 +180,7 @@ struct FwdTraits {
     const int32_t* must_skip = nullptr;
     int num_must_skip = 0;
     const int32_t* schedule = nullptr;  // tile_scheduler.cuh: (B, H, Mt) query-tile order, or null
+    int32_t* work_counter = nullptr;    // kPersistentSkip: rows handed out so far (zeroed by the launch), or null
     const float* q_scale = nullptr;     // INT8 mode: (B, H, Mt) per query block
     const float* k_scale = nullptr;     // INT8 mode: (B, H, Nt) per key block
     const float* q_mu = nullptr;        // INT8 mode: (B, H, S_q) q[i] . mu, added (x scale) to the LSE

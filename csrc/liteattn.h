@@ -29,6 +29,9 @@ struct FwdArgs {
   // Skip path: B*H*Mt int32 of device scratch for the query-tile order (tile_scheduler.cuh),
   // written and read within the call; nullptr -> query tiles in natural order.
   int32_t* schedule = nullptr;
+  // Skip path, persistent variant: one int32 of device scratch, the CTAs' shared count of the rows handed
+  // out (zeroed on the stream by the launch); nullptr -> each CTA takes the rows c, c + G, c + 2G, ...
+  int32_t* work_counter = nullptr;
   // INT8 Q/K mode (out/INT8_SPEC.md): q and k point at the int8 (B, H, S, D) buffers of quantize_qk (strides in
   // elements = bytes), `dtype` is that of v and out; q_scale (B, H, Mt) and k_scale (B, H, Nt) float32.
   // q_mu (B, H, S_q) float32: q[i] . mu of the pre-pass; the kernel adds scale * q_mu to the LSE, so that the
@@ -107,7 +110,7 @@ void quantize_qk(const QuantArgs& args);
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
 // bf16 (both Q/K modes; a variant that overrides BN only for the 16-bit dense path) and let the environment
 // variable LITEATTN_VARIANT pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch",
-// "persist", "treemax", "latevote", "bn176", "nolpt", joined by '+').
+// "persist", "treemax", "latevote", "persistskip", "bn176", "nolpt", joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)
@@ -121,22 +124,27 @@ struct KernelVariant {
   bool tree_max;       // the tile row max over 4 chains per row (softmax.cuh; the same bits)
   bool late_vote;      // skip path: tile n's vote tested and recorded in tile n+1's step, between the GEMM issue
                        // and the wait for S (where the warp waits anyway), not in the softmax (mainloop.cuh)
+  bool persistent_skip;  // skip path: one CTA per SM takes rows from the schedule one after another; the
+                         // producer's spare warps read the next row's state (and write the last one's back)
+                         // while the consumers run (fwd_kernel.cuh, tile_scheduler.cuh)
 };
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
               kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048,
-              kVariantLateVote = 4096;
+              kVariantLateVote = 4096, kVariantPersistSkip = 8192;
 // Bits 12-16 held the measured and removed poly / prewait / mmasum / pin / rowlazy / rowstores / peelmask variants
 // (NOTES.md); bit 12 is now latevote.
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
           16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,
-          (id & kVariantPersistent) != 0, (id & kVariantTreeMax) != 0, (id & kVariantLateVote) != 0};
+          (id & kVariantPersistent) != 0, (id & kVariantTreeMax) != 0, (id & kVariantLateVote) != 0,
+          (id & kVariantPersistSkip) != 0};
 }
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
 // Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).
+// Both: the 16-bit skip path's vote one tile late (NOTES.md wave 10; the INT8 mode keeps it in the softmax).
 constexpr int default_variant(int head_dim) {
-  return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent | kVariantTreeMax
-         : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax
+  return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent | kVariantTreeMax | kVariantLateVote
+         : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax | kVariantLateVote
                           : 0;
 }
 

@@ -70,9 +70,11 @@ __device__ __forceinline__ decltype(auto) float_scores(Frag& acc) {
 // the contract, into the ring. `iteration` is the CTA's tile count so far (TileSequence) and `write` the
 // ring position, kept across the tiles of a persistent CTA: Q is reloaded once every consumer warp has
 // released it (after the last S GEMM of the previous tile), and the ring runs on into the next tile.
+// `state`: the skip path's visit list of this tile (unused on the dense path).
 template <class Tr>
 __device__ __forceinline__ void producer_load(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
-                                              QueryTile tile, int iteration, PipelineState& write) {
+                                              QueryTile tile, int iteration, PipelineState& write,
+                                              StateBuffer state) {
   using namespace cute;
   constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kD = Tr::kD;
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});
@@ -93,7 +95,7 @@ __device__ __forceinline__ void producer_load(typename Tr::Params const& p, type
   copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full)), tQg, tQs);
 
   const int n0 = first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles);
-  for (TileOrder<Tr::kSkip> tiles(ss.visit, ss.order, n0, p.num_n_tiles); tiles.more(); tiles.advance()) {
+  for (TileOrder<Tr::kSkip> tiles(state.visit(), state.order, n0, p.num_n_tiles); tiles.more(); tiles.advance()) {
     const int n = tiles.current();
     ss.k_empty[write.stage].wait(write.phase ^ 1);
     ss.k_full[write.stage].arrive_and_expect_tx(Tr::kKStageBytes);
@@ -115,9 +117,11 @@ __device__ __forceinline__ void producer_load(typename Tr::Params const& p, type
 // On return tOrO holds the unnormalised O of the visited tiles and `softmax` its row max / sum, and every
 // warp has released Q (before the last P V, so that a persistent CTA's next Q loads under it and the
 // epilogue). k_read / v_read: the ring positions, kept across a persistent CTA's tiles like the producer's.
+// `state`: the skip path's visit list of this tile (the vote writes through `vote`).
 template <class Tr, class TensorO>
 __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
-                                                  QueryTile tile, int iteration, int warpgroup, int t,
+                                                  StateBuffer state, QueryTile tile, int iteration, int warpgroup,
+                                                  int t,
                                                   PipelineState& k_read, PipelineState& v_read,
                                                   typename Tr::Softmax& softmax,
                                                   TileVote<Tr::kSkip> const& vote, TensorO& tOrO) {
@@ -189,7 +193,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
 
   Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
   ss.q_full.wait(iteration & 1);
-  TileOrder<Tr::kSkip> tiles(ss.visit, ss.order, first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
+  TileOrder<Tr::kSkip> tiles(state.visit(), state.order, first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
                              p.num_n_tiles);
   if (!tiles.more()) {
     release(ss.q_empty, lane);

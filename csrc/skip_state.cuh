@@ -66,42 +66,58 @@ __device__ __forceinline__ void shared_or_if(uint32_t* ptr, uint32_t bits, bool 
 // Read
 // ---------------------------------------------------------------------------------------------
 
-// Fills smem visit/keep words for this CTA's row and zeroes the consumer warps' verdict
-// words; all threads of the CTA take part (a __syncthreads must follow).
+// One state row's bookkeeping in shared memory (SharedStorage::state_words / order): visit, keep, then one
+// verdict row per consumer warp, `stride` words each; the visit order, 32 * stride tiles.
+struct StateBuffer {
+  uint32_t* words;
+  uint16_t* order;
+  int stride;
+  __device__ __forceinline__ uint32_t* visit() const { return words; }
+  __device__ __forceinline__ uint32_t* keep() const { return words + stride; }
+  __device__ __forceinline__ uint32_t* warp_keep(int warp) const { return words + (2 + warp) * stride; }
+  // Buffer i of `count` in the shared arrays of `capacity` words per array.
+  static __device__ __forceinline__ StateBuffer of(uint32_t* words, uint16_t* order, int capacity, int count, int i,
+                                                   int warps) {
+    const int stride = capacity / count;
+    return {words + i * (2 + warps) * stride, order + i * 32 * stride, stride};
+  }
+};
+
+// Fills the buffer's visit/keep words for state row `row` and zeroes the consumer warps' verdict words;
+// threads `thread` of `num_threads` take part (a barrier over them must follow before build_visit_order).
 // visit = (live | do) & ~skip; keep starts as do.
-template <int kBN, int kWarps, int kWords, class Params>
-__device__ void load_skip_state(const Params& p, int b, int h, int m, uint32_t* visit, uint32_t* keep,
-                                uint32_t (*warp_keep)[kWords]) {
-  const int64_t row = (int64_t(b) * p.heads + h) * p.num_m_tiles + m;
+template <int kBN, int kWarps, class Params>
+__device__ void load_skip_state(const Params& p, int64_t row, StateBuffer buf, int thread, int num_threads) {
   const int32_t* state = p.state + row * p.num_state_words;
-  for (int w = threadIdx.x; w < p.num_state_words; w += blockDim.x) {
+  for (int w = thread; w < p.num_state_words; w += num_threads) {
     const uint32_t valid = tile_bits(0, p.num_n_tiles, w);
     const uint32_t live = static_cast<uint32_t>(state[w]);
     const uint32_t must_do = range_bits<kBN>(p.must_do, p.num_must_do, w, p.seqlen_k, p.num_n_tiles, false);
     const uint32_t must_skip =
         range_bits<kBN>(p.must_skip, p.num_must_skip, w, p.seqlen_k, p.num_n_tiles, true) & ~must_do;
-    visit[w] = (live | must_do) & ~must_skip & valid;
-    keep[w] = must_do & valid;
+    buf.visit()[w] = (live | must_do) & ~must_skip & valid;
+    buf.keep()[w] = must_do & valid;
   }
-  for (int i = threadIdx.x; i < kWarps * p.num_state_words; i += blockDim.x)
-    warp_keep[i / p.num_state_words][i % p.num_state_words] = 0u;
+  for (int i = thread; i < kWarps * p.num_state_words; i += num_threads)
+    buf.warp_keep(i / p.num_state_words)[i % p.num_state_words] = 0u;
 }
 
 // The fixed visit order of the contract: n0, n0+1, ..., Nt-1, 0, ..., n0-1, visited
 // tiles only, with n0 = min(Nt-1, floor(m*BM*S_k / (S_q*BN))).
 //
-// Skip path: all threads of the CTA write the visited tiles, ascending, into a list in
-// shared memory once (build_visit_order, between two __syncthreads); the order is that list
+// Skip path: the threads that loaded the state write the visited tiles, ascending, into a list in
+// shared memory once (build_visit_order, between two barriers); the order is that list
 // rotated to start at the first visited tile >= n0. Producer and consumers then walk it with
 // an index and a count (TileOrder<true>): one shared-memory load per tile, no search, and
 // nothing written during the loop (so no hand-off between the warps to synchronise).
 // Dense path: plain arithmetic.
 template <class Params>
-__device__ void build_visit_order(const Params& p, const uint32_t* visit, uint16_t* order) {
-  for (int w = threadIdx.x; w < p.num_state_words; w += blockDim.x) {
+__device__ void build_visit_order(const Params& p, StateBuffer buf, int thread, int num_threads) {
+  for (int w = thread; w < p.num_state_words; w += num_threads) {
     int pos = 0;
-    for (int v = 0; v < w; ++v) pos += __popc(visit[v]);
-    for (uint32_t bits = visit[w]; bits != 0u; bits &= bits - 1u) order[pos++] = uint16_t(32 * w + __ffs(bits) - 1);
+    for (int v = 0; v < w; ++v) pos += __popc(buf.visit()[v]);
+    for (uint32_t bits = buf.visit()[w]; bits != 0u; bits &= bits - 1u)
+      buf.order[pos++] = uint16_t(32 * w + __ffs(bits) - 1);
   }
 }
 
@@ -176,7 +192,7 @@ template <bool kSkip>
 struct TileVote {
   float threshold;
   bool row_valid[2];
-  uint32_t* warp_words;  // this warp's verdict words (SharedStorage::warp_keep[warp])
+  uint32_t* warp_words;  // this warp's verdict words (StateBuffer::warp_keep(warp))
   int lane;
 
   // True when one of this thread's valid rows keeps the tile (row_sum: after the tile).
@@ -211,19 +227,16 @@ struct TileVote<false> {
 // new word = (old | do) & ~(negligible | skip) on the valid bits, the others unchanged.
 // Since visit = (old | do) & ~skip and negligible = visit & ~(do | some warp kept it),
 // that is visit & keep.
-template <int kWarps, int kWords, class Params>
-__device__ void store_skip_state(const Params& p, int b, int h, int m, const uint32_t* visit,
-                                 const uint32_t* keep, const uint32_t (*warp_keep)[kWords], int thread,
-                                 int num_threads) {
-  const int64_t row = (int64_t(b) * p.heads + h) * p.num_m_tiles + m;
+template <int kWarps, class Params>
+__device__ void store_skip_state(const Params& p, int64_t row, StateBuffer buf, int thread, int num_threads) {
   int32_t* state = p.state + row * p.num_state_words;
   for (int w = thread; w < p.num_state_words; w += num_threads) {
     const uint32_t valid = tile_bits(0, p.num_n_tiles, w);
     const uint32_t old = static_cast<uint32_t>(state[w]);
-    uint32_t kept = keep[w];
+    uint32_t kept = buf.keep()[w];
 #pragma unroll
-    for (int warp = 0; warp < kWarps; ++warp) kept |= warp_keep[warp][w];
-    state[w] = static_cast<int32_t>((old & ~valid) | (visit[w] & kept));
+    for (int warp = 0; warp < kWarps; ++warp) kept |= buf.warp_keep(warp)[w];
+    state[w] = static_cast<int32_t>((old & ~valid) | (buf.visit()[w] & kept));
   }
 }
 

@@ -17,6 +17,9 @@
 #pragma once
 #include <cstdint>
 
+#include <cutlass/arch/barrier.h>
+
+#include "named_barriers.cuh"
 #include "skip_state.cuh"
 
 namespace liteattn {
@@ -74,6 +77,76 @@ struct TileSequence<true> {
     current = tile_of_row(linear, num_m_tiles, heads);
   }
 };
+
+// Skip path, persistent (KernelVariant::persistent_skip): at most one CTA per SM; the producer warpgroup's
+// three spare warps (the state readers) take the CTA's next row -- the next entry of the schedule (or of the
+// natural order), handed out by one atomic counter shared by the CTAs, so that the CTAs that finish first take
+// the next heaviest rows as the one-tile grid's hardware launch does -- read its state into a shared-memory
+// buffer and build its visit list while the consumers still run the previous row. Two buffers (one when a row
+// takes more than half of the space), each passed on through an mbarrier pair: state_full (the readers' 96
+// arrivals: the TMA thread and the consumers may read it) and state_empty (one arrival per consumer warp after
+// its last vote: the readers write the row's state back and refill the buffer). Row -1: no rows left.
+template <class Tr>
+struct RowHandOff {
+  typename Tr::SharedStorage& ss;
+  int count;  // buffers in use: 2, or 1
+  template <class Params>
+  __device__ RowHandOff(typename Tr::SharedStorage& ss_, const Params& p)
+      : ss(ss_), count(2 * p.num_state_words <= Tr::kStateWords ? 2 : 1) {}
+  __device__ __forceinline__ int slot(int it) const { return count == 2 ? it & 1 : 0; }
+  __device__ __forceinline__ uint32_t parity(int it) const { return uint32_t(count == 2 ? it >> 1 : it) & 1u; }
+  __device__ __forceinline__ StateBuffer buffer(int it) const {
+    return StateBuffer::of(ss.state_words, ss.order, Tr::kStateWords, count, slot(it), Tr::kConsumerWarps);
+  }
+  // The TMA thread and the consumers: the state row of the CTA's it-th tile, once its buffer is filled; -1: done.
+  __device__ __forceinline__ int wait_row(int it) const {
+    ss.state_full[slot(it)].wait(parity(it));
+    return ss.state_row[slot(it)];
+  }
+  __device__ __forceinline__ cutlass::arch::ClusterBarrier* done_barrier(int it) const {
+    return &ss.state_empty[slot(it)];
+  }
+};
+
+// The state readers' loop (threads 0..kStateReaderThreads-1 of the producer's warps 1-3; see RowHandOff).
+template <class Tr>
+__device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::SharedStorage& ss, int thread) {
+  constexpr int kThreads = Tr::kStateReaderThreads;
+  constexpr uint32_t kBarrier = static_cast<uint32_t>(NamedBarrier::kStateReaders);
+  const RowHandOff<Tr> rows(ss, p);
+  const int64_t total = int64_t(p.num_m_tiles) * p.heads * p.batch;
+  int held[2] = {-1, -1};  // the row in each buffer (registers: the slot is 0 or 1)
+  int it = 0;
+  for (;; ++it) {
+    const int slot = rows.slot(it);
+    if (it >= rows.count) {  // the buffer's previous row: its last vote is in; write it back
+      ss.state_empty[slot].wait(rows.parity(it) ^ 1u);
+      store_skip_state<Tr::kConsumerWarps>(p, slot ? held[1] : held[0], rows.buffer(it), thread, kThreads);
+    }
+    if (thread == 0) {
+      const int64_t k = p.work_counter != nullptr ? int64_t(atomicAdd(p.work_counter, 1))
+                                                  : int64_t(blockIdx.x) + int64_t(it) * gridDim.x;
+      ss.state_row[slot] = k < total ? (p.schedule != nullptr ? p.schedule[k] : int(k)) : -1;
+    }
+    cutlass::arch::NamedBarrier::sync(kThreads, kBarrier);  // the row is in shared memory
+    const int row = ss.state_row[slot];
+    if (slot) held[1] = row;
+    else held[0] = row;
+    if (row >= 0) {
+      const StateBuffer buf = rows.buffer(it);
+      load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, row, buf, thread, kThreads);
+      cutlass::arch::NamedBarrier::sync(kThreads, kBarrier);  // every visit word is in
+      build_visit_order(p, buf, thread, kThreads);
+    }
+    ss.state_full[slot].arrive();  // release: this thread's words (and the row) are visible to the waiters
+    if (row < 0) break;
+  }
+  // The rows still held (the last count - 1 iterations before the -1).
+  for (int j = it - rows.count + 1 > 0 ? it - rows.count + 1 : 0; j < it; ++j) {
+    ss.state_empty[rows.slot(j)].wait(rows.parity(j));
+    store_skip_state<Tr::kConsumerWarps>(p, rows.slot(j) ? held[1] : held[0], rows.buffer(j), thread, kThreads);
+  }
+}
 
 // Segments of `segment_rows` consecutive state rows (one head, or all of them), each ranked by one or
 // more CTAs of `slice_rows` rows: the live count of each row (valid bits only), then its rank in the

@@ -53,6 +53,8 @@ def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None
     if state is not None and schedule is True:
         schedule = torch.full(state.shape[:3], SCHEDULE_POISON, device=q.device, dtype=torch.int32)
     schedule_ptr = schedule.data_ptr() if isinstance(schedule, torch.Tensor) and state is not None else 0
+    # The persistent skip kernel's work counter, poisoned: the call must zero it (else no row would be computed).
+    counter = torch.full((1,), 1 << 30, device=q.device, dtype=torch.int32)
     out = torch.full((batch, seqlen_q, heads, head_dim), math.nan, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.full((batch, heads, seqlen_q), math.nan, device=q.device, dtype=torch.float32)
 
@@ -73,6 +75,7 @@ def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None
         threshold=0 if threshold is None else threshold.data_ptr(),
         must_do=do_ptr, num_must_do=n_do, must_skip=skip_ptr, num_must_skip=n_skip,
         stream=torch.cuda.current_stream().cuda_stream, schedule=schedule_ptr,
+        work_counter=counter.data_ptr() if state is not None else 0,
     )
     return out, lse
 

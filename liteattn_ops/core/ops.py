@@ -164,16 +164,18 @@ def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, thres
     q_kernel / k_kernel: what the kernel reads as Q and K (q and k themselves, or the INT8 pre-pass's int8
     buffers); qkv_shape: q's logical (B, H, S_q, D); k_kernel.shape[2] is S_k. schedule: True (fresh scratch in
     which the skip path orders the query tiles heaviest first), False (natural order) or an int32 (B, H, Mt)
-    scratch tensor. int8: None, or (q_scale, k_scale, q_mu) of the pre-pass (INT8 Q/K mode)."""
+    scratch tensor. The skip path also gets one int32 of scratch for its work counter. int8: None, or (q_scale, k_scale, q_mu) of the pre-pass (INT8 Q/K mode)."""
     batch, heads, seqlen_q, head_dim = qkv_shape
     # The kernel reads int32 (R, 2) ranges; these locals keep any converted copy alive until the
     # launch is queued (the caching allocator's stream order makes a later reuse safe).
     ranges = [None if r is None or r.shape[0] == 0 else r.to(torch.int32).contiguous() for r in (must_do, must_skip)]
     (do_ptr, n_do), (skip_ptr, n_skip) = ((0, 0) if r is None else (r.data_ptr(), r.shape[0]) for r in ranges)
+    # Skip path: int32 scratch for the query-tile order (B*H*Mt) and, last, the persistent kernel's work counter.
+    scratch = None if state is None else torch.empty(state[..., 0].numel() + 1, dtype=torch.int32, device=v.device)
     if state is None or schedule is False:
         schedule = None
     elif schedule is True:
-        schedule = torch.empty(state.shape[:3], dtype=torch.int32, device=v.device)
+        schedule = scratch[:-1]
     extras = {} if int8 is None else dict(int8=True, q_scale=int8[0].data_ptr(), k_scale=int8[1].data_ptr(),
                                           q_mu=int8[2].data_ptr())
     with torch.cuda.device(v.device):
@@ -188,6 +190,7 @@ def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, thres
             must_do=do_ptr, num_must_do=n_do, must_skip=skip_ptr, num_must_skip=n_skip,
             stream=torch.cuda.current_stream(v.device).cuda_stream,
             schedule=0 if schedule is None else schedule.data_ptr(),
+            work_counter=0 if scratch is None else scratch[-1:].data_ptr(),
             **extras,
         )
 
