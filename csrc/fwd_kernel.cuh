@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
           producer_load<Tr>(p, ss, seq.current, seq.iteration, write, one_buffer);
       }
     } else if constexpr (Tr::kPersistentSkip) {
-      if (threadIdx.x >= 32) state_reader_loop<Tr>(p, ss, int(threadIdx.x) - 32);
+      if (threadIdx.x >= 32 && threadIdx.x < 64) state_reader_loop<Tr>(p, ss, int(threadIdx.x) - 32);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();

@@ -72,7 +72,7 @@ struct FwdTraits {
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
   static constexpr int kConsumerWarps = kConsumerThreads / 32;
   static constexpr int kThreads = 128 + kConsumerThreads;
-  static constexpr int kStateReaderThreads = 96;  // kPersistentSkip: the producer warpgroup's warps 1-3
+  static constexpr int kStateReaderThreads = 32;  // kPersistentSkip: the producer warpgroup's warp 1 (one warp)
   static constexpr int kStages = 2;
   // Where the column mask of a partial last tile goes (measured on the H200, NOTES.md v2/v3):
   // head dim 64 is softmax-bound and runs 3 % faster with the mask on its own branch, taken

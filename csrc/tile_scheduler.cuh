@@ -78,14 +78,17 @@ struct TileSequence<true> {
   }
 };
 
-// Skip path, persistent (KernelVariant::persistent_skip): at most one CTA per SM; the producer warpgroup's
-// three spare warps (the state readers) take the CTA's next row -- the next entry of the schedule (or of the
+// Skip path, persistent (KernelVariant::persistent_skip): at most one CTA per SM; one spare warp of the
+// producer warpgroup (the state reader) takes the CTA's next row -- the next entry of the schedule (or of the
 // natural order), handed out by one atomic counter shared by the CTAs, so that the CTAs that finish first take
 // the next heaviest rows as the one-tile grid's hardware launch does -- read its state into a shared-memory
 // buffer and build its visit list while the consumers still run the previous row. Two buffers (one when a row
-// takes more than half of the space), each passed on through an mbarrier pair: state_full (the readers' 96
+// takes more than half of the space), each passed on through an mbarrier pair: state_full (the reader's 32
 // arrivals: the TMA thread and the consumers may read it) and state_empty (one arrival per consumer warp after
-// its last vote: the readers write the row's state back and refill the buffer). Row -1: no rows left.
+// its last vote: the reader writes the row's state back and refills the buffer). Row -1: no rows left.
+// The reader waits with a suspend-time hint (sleeping_wait): a warp that polls an mbarrier for a whole tile
+// takes issue slots from the consumers on its SM sub-partition (wave 11 call 1: three polling warps cost
+// 12-15 % at head dim 128).
 template <class Tr>
 struct RowHandOff {
   typename Tr::SharedStorage& ss;
@@ -108,11 +111,20 @@ struct RowHandOff {
   }
 };
 
-// The state readers' loop (threads 0..kStateReaderThreads-1 of the producer's warps 1-3; see RowHandOff).
+// Wait for the phase of `parity` to complete, the warp suspended in between (up to the hint, then again).
+__device__ __forceinline__ void sleeping_wait(cutlass::arch::ClusterBarrier& barrier, uint32_t parity) {
+  const uint32_t addr = cute::cast_smem_ptr_to_uint(&barrier);
+  asm volatile(
+      "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
+      " @!done bra WAIT;\n}\n" ::"r"(addr), "r"(parity), "r"(0x989680u)
+      : "memory");
+}
+
+// The state reader's loop (the kStateReaderThreads = 32 lanes of the producer's warp 1; see RowHandOff).
 template <class Tr>
 __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::SharedStorage& ss, int thread) {
   constexpr int kThreads = Tr::kStateReaderThreads;
-  constexpr uint32_t kBarrier = static_cast<uint32_t>(NamedBarrier::kStateReaders);
+  static_assert(kThreads == 32, "one warp: __syncwarp orders its shared-memory words");
   const RowHandOff<Tr> rows(ss, p);
   const int64_t total = int64_t(p.num_m_tiles) * p.heads * p.batch;
   int held[2] = {-1, -1};  // the row in each buffer (registers: the slot is 0 or 1)
@@ -120,7 +132,7 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
   for (;; ++it) {
     const int slot = rows.slot(it);
     if (it >= rows.count) {  // the buffer's previous row: its last vote is in; write it back
-      ss.state_empty[slot].wait(rows.parity(it) ^ 1u);
+      sleeping_wait(ss.state_empty[slot], rows.parity(it) ^ 1u);
       store_skip_state<Tr::kConsumerWarps>(p, slot ? held[1] : held[0], rows.buffer(it), thread, kThreads);
     }
     if (thread == 0) {
@@ -128,14 +140,14 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
                                                   : int64_t(blockIdx.x) + int64_t(it) * gridDim.x;
       ss.state_row[slot] = k < total ? (p.schedule != nullptr ? p.schedule[k] : int(k)) : -1;
     }
-    cutlass::arch::NamedBarrier::sync(kThreads, kBarrier);  // the row is in shared memory
+    __syncwarp();  // the row is in shared memory
     const int row = ss.state_row[slot];
     if (slot) held[1] = row;
     else held[0] = row;
     if (row >= 0) {
       const StateBuffer buf = rows.buffer(it);
       load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, row, buf, thread, kThreads);
-      cutlass::arch::NamedBarrier::sync(kThreads, kBarrier);  // every visit word is in
+      __syncwarp();  // every visit word is in
       build_visit_order(p, buf, thread, kThreads);
     }
     ss.state_full[slot].arrive();  // release: this thread's words (and the row) are visible to the waiters
@@ -143,7 +155,7 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
   }
   // The rows still held (the last count - 1 iterations before the -1).
   for (int j = it - rows.count + 1 > 0 ? it - rows.count + 1 : 0; j < it; ++j) {
-    ss.state_empty[rows.slot(j)].wait(rows.parity(j));
+    sleeping_wait(ss.state_empty[rows.slot(j)], rows.parity(j));
     store_skip_state<Tr::kConsumerWarps>(p, rows.slot(j) ? held[1] : held[0], rows.buffer(j), thread, kThreads);
   }
 }
