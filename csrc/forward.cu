@@ -21,7 +21,7 @@ int element_bytes(DType) { return 2; }
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
 // "persist" / "nopersist", "treemax" / "notreemax", "latevote" / "nolatevote", "persistskip" / "nopersistskip",
-// "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
+// "widev" / "nowidev", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
 // per call, so one process can time several variants.
 struct CallVariant {
   int id;
@@ -59,6 +59,8 @@ CallVariant variant_of_call(int head_dim) {
       set_bit(kVariantLateVote, token == "latevote");
     } else if (token == "persistskip" || token == "nopersistskip") {
       set_bit(kVariantPersistSkip, token == "persistskip");
+    } else if (token == "widev" || token == "nowidev") {
+      set_bit(kVariantWideV, token == "widev");
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -70,7 +72,7 @@ CallVariant variant_of_call(int head_dim) {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
                          "nomaskbranch, persist, nopersist, treemax, notreemax, latevote, nolatevote, persistskip, "
-                         "nopersistskip, bn<N>, nolpt)");
+                         "nopersistskip, widev, nowidev, bn<N>, nolpt)");
     }
     start = end + 1;
   }

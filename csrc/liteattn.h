@@ -110,7 +110,7 @@ void quantize_qk(const QuantArgs& args);
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
 // bf16 (both Q/K modes; a variant that overrides BN only for the 16-bit dense path) and let the environment
 // variable LITEATTN_VARIANT pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch",
-// "persist", "treemax", "latevote", "persistskip", "bn176", "nolpt", joined by '+').
+// "persist", "treemax", "latevote", "persistskip", "widev", "bn176", "nolpt", joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)
@@ -127,17 +127,20 @@ struct KernelVariant {
   bool persistent_skip;  // skip path: one CTA per SM takes rows from the schedule one after another; the
                          // producer's spare warps read the next row's state (and write the last one's back)
                          // while the consumers run (fwd_kernel.cuh, tile_scheduler.cuh)
+  bool wide_v;         // V^T's shared-memory atoms laid out key-row-major, so that one TMA box per 64 head-dim
+                       // columns loads a whole V tile (D / 64 boxes instead of D / 64 * BN / 8; fwd_traits.cuh)
 };
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
               kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048,
-              kVariantLateVote = 4096, kVariantPersistSkip = 8192;
+              kVariantLateVote = 4096, kVariantPersistSkip = 8192,
+              kVariantWideV = 16384;
 // Bits 12-16 held the measured and removed poly / prewait / mmasum / pin / rowlazy / rowstores / peelmask variants
 // (NOTES.md); bit 12 is now latevote.
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
           16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,
           (id & kVariantPersistent) != 0, (id & kVariantTreeMax) != 0, (id & kVariantLateVote) != 0,
-          (id & kVariantPersistSkip) != 0};
+          (id & kVariantPersistSkip) != 0, (id & kVariantWideV) != 0};
 }
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
 // Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).
