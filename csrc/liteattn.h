@@ -145,8 +145,10 @@ constexpr KernelVariant decode_variant(int id) {
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
 // Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).
 // Both: the 16-bit skip path's vote one tile late (NOTES.md wave 10; the INT8 mode keeps it in the softmax).
+// Head dim 128: V^T loaded in 2 TMA boxes a tile, not 44 (NOTES.md wave 12; at 64 both layouts are one box).
 constexpr int default_variant(int head_dim) {
-  return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent | kVariantTreeMax | kVariantLateVote
+  return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent | kVariantTreeMax | kVariantLateVote |
+                                kVariantWideV
          : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax | kVariantLateVote
                           : 0;
 }
