@@ -98,9 +98,9 @@ struct FwdTraits {
   using SmemLayoutKStage = decltype(cute::tile_to_shape(AtomQK{}, cute::Shape<cute::Int<kBN>, cute::Int<kD>>{}));
   using SmemLayoutK = decltype(cute::tile_to_shape(AtomQK{},
                                                    cute::Shape<cute::Int<kBN>, cute::Int<kD>, cute::Int<kStages>>{}));
-  // V^T's atoms (64 head-dim columns x 8 key rows, 1 KB) in head-dim-major order by default: a TMA box is then
-  // one atom, D / 64 * BN / 8 of them per tile (44 at d128, BN 176: the producer thread's loop is ~500 instructions
-  // a tile, NOTES.md wave 12). wide_v orders them key-row-major, so one box of 64 columns x BN rows is contiguous.
+  // V^T's atoms (64 head-dim columns x 8 key rows, 1 KB): without wide_v in head-dim-major order, so a TMA box is
+  // one atom, D / 64 * BN / 8 of them per tile (44 at d128, BN 176: ~500 producer instructions a tile, NOTES.md
+  // wave 12); wide_v (the d128 default) orders them key-row-major, so a box of 64 columns x BN rows is contiguous.
   using VtAtomOrder = std::conditional_t<kVariantInfo.wide_v, cute::Step<cute::_2, cute::_1, cute::_3>,
                                          cute::Step<cute::_1, cute::_2, cute::_3>>;
   using SmemLayoutVtStage = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<Element>{},

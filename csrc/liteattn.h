@@ -125,7 +125,7 @@ struct KernelVariant {
   bool late_vote;      // skip path: tile n's vote tested and recorded in tile n+1's step, between the GEMM issue
                        // and the wait for S (where the warp waits anyway), not in the softmax (mainloop.cuh)
   bool persistent_skip;  // skip path: one CTA per SM takes rows from the schedule one after another; the
-                         // producer's spare warps read the next row's state (and write the last one's back)
+                         // producer's spare warp reads the next row's state (and write the last one's back)
                          // while the consumers run (fwd_kernel.cuh, tile_scheduler.cuh)
   bool wide_v;         // V^T's shared-memory atoms laid out key-row-major, so that one TMA box per 64 head-dim
                        // columns loads a whole V tile (D / 64 boxes instead of D / 64 * BN / 8; fwd_traits.cuh)
@@ -135,7 +135,7 @@ constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescal
               kVariantLateVote = 4096, kVariantPersistSkip = 8192,
               kVariantWideV = 16384;
 // Bits 12-16 held the measured and removed poly / prewait / mmasum / pin / rowlazy / rowstores / peelmask variants
-// (NOTES.md); bit 12 is now latevote.
+// (NOTES.md); bits 12-14 are now latevote, persistskip and widev.
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
           16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,

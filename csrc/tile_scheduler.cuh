@@ -86,9 +86,9 @@ struct TileSequence<true> {
 // takes more than half of the space), each passed on through an mbarrier pair: state_full (the reader's 32
 // arrivals: the TMA thread and the consumers may read it) and state_empty (one arrival per consumer warp after
 // its last vote: the reader writes the row's state back and refills the buffer). Row -1: no rows left.
-// The reader waits with a suspend-time hint (sleeping_wait): a warp that polls an mbarrier for a whole tile
-// takes issue slots from the consumers on its SM sub-partition (wave 11 call 1: three polling warps cost
-// 12-15 % at head dim 128).
+// The reader waits with a suspend-time hint (sleeping_wait), so that it takes no issue slots from the consumers
+// on its SM sub-partition while a row runs. (Wave 11's 12-15 % loss at head dim 128 was not the readers' polling
+// but the producer thread's 44 V boxes a tile, NOTES.md wave 12; widev removes it.)
 template <class Tr>
 struct RowHandOff {
   typename Tr::SharedStorage& ss;
@@ -113,10 +113,11 @@ struct RowHandOff {
 
 // Wait for the phase of `parity` to complete, the warp suspended in between (up to the hint, then again).
 __device__ __forceinline__ void sleeping_wait(cutlass::arch::ClusterBarrier& barrier, uint32_t parity) {
+  constexpr uint32_t kSuspendHintNs = 10000000u;  // an upper bound: the phase's completion wakes the warp sooner
   const uint32_t addr = cute::cast_smem_ptr_to_uint(&barrier);
   asm volatile(
       "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
-      " @!done bra WAIT;\n}\n" ::"r"(addr), "r"(parity), "r"(0x989680u)
+      " @!done bra WAIT;\n}\n" ::"r"(addr), "r"(parity), "r"(kSuspendHintNs)
       : "memory");
 }
 
