@@ -25,7 +25,7 @@ __device__ __forceinline__ int64_t state_row_of(const Params& p, QueryTile tile)
 }
 
 // One query tile of one consumer warpgroup. `state`: the skip path's buffer of the tile's row. `state_done`
-// (kPersistentSkip): where each warp reports its last vote recorded; the state readers write the row back.
+// (kPersistentSkip): where each thread reports its last vote recorded; the state reader writes the row back.
 template <class Tr>
 __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
                                                    StateBuffer state, cutlass::arch::ClusterBarrier* state_done,
@@ -55,8 +55,9 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   typename Tr::Softmax softmax;
   consumer_mainloop<Tr>(p, ss, state, tile, iteration, warpgroup, t, k_read, v_read, softmax, vote, tOrO);
   // Every vote of this tile is recorded (the last one after the last P V issue): the buffer goes back before the
-  // epilogue, which needs only registers.
-  if constexpr (Tr::kPersistentSkip) release(*state_done, lane);
+  // epilogue, which needs only registers. Every thread arrives (each read the row and its visit list), not one
+  // per warp after a __syncwarp: racecheck does not carry a warp barrier into an mbarrier's ordering (wave 13).
+  if constexpr (Tr::kPersistentSkip) state_done->arrive();
   store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 
   if constexpr (Tr::kSkip && !Tr::kPersistentSkip) {
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
         ss.state_full[s].init(Tr::kStateReaderThreads);
-        ss.state_empty[s].init(Tr::kConsumerWarps);
+        ss.state_empty[s].init(Tr::kConsumerThreads + 1);  // and the TMA thread
       }
     }
     cutlass::arch::fence_barrier_init();
@@ -117,6 +118,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
           const int row = rows.wait_row(it);
           if (row < 0) break;
           producer_load<Tr>(p, ss, tile_of_row(row, p.num_m_tiles, p.heads), it, write, rows.buffer(it));
+          // Done with the buffer. Not implied by the consumers' arrivals: a row with no visited tile has no K load
+          // between this thread's read of its visit words and the consumers' release.
+          rows.done_barrier(it)->arrive();
         }
       } else {
         for (TileSequence<Tr::kPersistent> seq(p); seq.more(); seq.advance())

@@ -160,8 +160,8 @@ struct FwdTraits {
     uint32_t state_words[kSkip ? (2 + kConsumerWarps) * kStateWords : 1];
     uint16_t order[kSkip ? kStateWords * 32 : 1];
     // kPersistentSkip: the state row each buffer holds (-1: no more rows), and its hand-off barriers:
-    // state_full when the producer's reader warps have filled it, state_empty when every consumer warp has
-    // recorded its last vote in it.
+    // state_full when the producer's reader warp has filled it, state_empty when every consumer thread has
+    // recorded its last vote in it and the TMA thread has read its last visit-list entry.
     int32_t state_row[2];
     cutlass::arch::ClusterBarrier state_full[2];
     cutlass::arch::ClusterBarrier state_empty[2];

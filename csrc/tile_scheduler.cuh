@@ -84,8 +84,9 @@ struct TileSequence<true> {
 // the next heaviest rows as the one-tile grid's hardware launch does -- read its state into a shared-memory
 // buffer and build its visit list while the consumers still run the previous row. Two buffers (one when a row
 // takes more than half of the space), each passed on through an mbarrier pair: state_full (the reader's 32
-// arrivals: the TMA thread and the consumers may read it) and state_empty (one arrival per consumer warp after
-// its last vote: the reader writes the row's state back and refills the buffer). Row -1: no rows left.
+// arrivals: the TMA thread and the consumers may read it) and state_empty (one arrival per consumer thread after
+// its last vote and one by the TMA thread after its last load: the reader writes the row's state back and refills
+// the buffer). Row -1: no rows left.
 // The reader waits with a suspend-time hint (sleeping_wait), so that it takes no issue slots from the consumers
 // on its SM sub-partition while a row runs. (Wave 11's 12-15 % loss at head dim 128 was not the readers' polling
 // but the producer thread's 44 V boxes a tile, NOTES.md wave 12; widev removes it.)

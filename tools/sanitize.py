@@ -1,6 +1,6 @@
 """compute-sanitizer over the liteattn kernel: one command, a pass/fail table.
 
-    python tools/sanitize.py [--tools memcheck,racecheck,initcheck,synccheck] [--parallel] [--log-dir DIR]
+    python tools/sanitize.py [--tools memcheck,racecheck,initcheck,synccheck] [--parallel] [--log-dir DIR] [--print-limit N]
 
 Runs this file again under each tool (`compute-sanitizer --tool T ... python tools/sanitize.py
 --worker`); the worker launches small cases of the dense and the skip path that between them cover:
@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", action="store_true", help="run the tools at the same time")
     parser.add_argument("--log-dir", default=None, help="write each tool's full output here")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per tool")
+    parser.add_argument("--print-limit", type=int, default=20, help="errors each tool reports in full")
     args = parser.parse_args(argv)
     if args.worker:
         return worker()
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
         os.makedirs(args.log_dir, exist_ok=True)
     jobs = {}
     for tool in tools:
-        cmd = [sanitizer, "--tool", tool, *TOOL_FLAGS[tool], "--print-limit", "20",
+        cmd = [sanitizer, "--tool", tool, *TOOL_FLAGS[tool], "--print-limit", str(args.print_limit),
                sys.executable, os.path.abspath(__file__), "--worker"]
         log = open(os.path.join(args.log_dir, f"sanitize_{tool}.log"), "w+") if args.log_dir else \
             tempfile.TemporaryFile("w+")

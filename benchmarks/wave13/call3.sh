@@ -1,0 +1,32 @@
+# Wave 13 call 3: call 2's racecheck hazards were all WAR pairs between a consumer lane's read of the buffer's row
+# (lanes 31: racecheck keeps the last reader) and the reader's refill: the consumers released the buffer with one
+# arrival per warp after __syncwarp, and racecheck does not carry the warp barrier into the mbarrier's ordering
+# (mbarrier_probe.cu mode 3 tests exactly that). Now every consumer thread arrives. Then the sanitizer's four
+# tools and the A/B of the persistskip default against nopersistskip (the wave 12 default); no tests (call 2 ran
+# them on the per-warp release: 253 passed; the sanitizer's worker checks each case against the reference).
+set -u
+export CMAKE_ARGS='-DLITEATTN_AB_VARIANTS=23555@128;7169@64'
+OUT=$OUT bash tools/gpu_suite.sh build || exit 1
+rm -f $OUT/build.log
+export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+T0=$(date +%s); st() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+nvcc -gencode=arch=compute_90a,code=sm_90a -lineinfo -o /tmp/probe benchmarks/wave13/mbarrier_probe.cu
+for m in 0 3; do
+  compute-sanitizer --tool racecheck --racecheck-report all /tmp/probe $m > $OUT/probe_$m.log 2>&1
+  echo "probe mode $m: $(grep -E '^mode' $OUT/probe_$m.log) | $(grep -E 'RACECHECK SUMMARY' $OUT/probe_$m.log)"
+done
+st sanitize
+mkdir -p $OUT/san
+timeout 220 python3 tools/sanitize.py --parallel --print-limit 200 --log-dir $OUT/san > $OUT/sanitize.log 2>&1
+echo "sanitize rc $?"; tail -6 $OUT/sanitize.log
+grep -E "Potential|Read Thread|Write Thread" $OUT/san/sanitize_racecheck.log | sed -E 's/<liteattn::FwdTraits<[^>]*>>//; s/\(const T1[^)]*\)//' | cut -c1-170 | sort | uniq -c | sort -rn | head -8
+st ab
+timeout 120 python3 tools/check_variants.py default,nopersistskip > $OUT/check.log 2>&1
+echo "check rc $?: $(grep -c ' ok' $OUT/check.log) ok; $(grep 'CHECK FAILURES' $OUT/check.log)"
+timeout 150 python3 tools/bench.py --only ours,ours_int8,sdpa \
+  --shapes 4096,12,128 16384,4,64 16384,24,128 32760,12,128 32760,24,64 \
+  --variants default,nopersistskip --repeats 2 --fractions 0.5,0.25 --kinds balanced,heavy-last \
+  --big-fractions "" --no-structured --json $OUT/ab.json > $OUT/ab.log 2>&1; echo "ab rc $?"
+st done
+cd $OUT && tar czf logs.tgz san probe_*.log check.log && rm -rf san probe_*.log check.log
+cd - > /dev/null; python3 tools/ab_table.py $OUT/ab.json
