@@ -42,17 +42,18 @@ for path in sys.argv[1:]:
                 cells.append(f"{mean:7.1f} [{'/'.join(f'{x:.0f}' for x in vals)}]{ratio}".rjust(30))
             print(f"  {str(var):<12}" + "".join(cells))
 
-    # Forced live fractions (when the run has them): t / t_dense of the same variant and mode, mean over the repeats.
-    forced = sorted({k[2] for k in by if " forced " in k[2]})
+    # Forced live fractions and the structured case (when the run has them): t / t_dense of the same variant and
+    # mode, mean over the repeats.
+    forced = sorted({k[2] for k in by if " forced " in k[2] or " structured " in k[2]})
     if forced:
-        print("forced fractions: t / t_dense (same variant and mode; mean TFLOP/s over the repeats)")
+        print("forced fractions, structured: t / t_dense (same variant and mode; mean TFLOP/s over the repeats)")
         for shape in dict.fromkeys(k[0] for k in by):
             for var in dict.fromkeys(k[1] for k in by if k[0] == shape):
                 cells = []
                 for n in forced:
                     vals = by.get((shape, var, n))
-                    dense = by.get((shape, var, n.split(" forced ")[0] + " dense"))
+                    dense = by.get((shape, var, n.split(" ")[0] + " dense"))
                     if vals and dense:
-                        cells.append(f"{n.replace('forced ', '')} {(sum(dense) / len(dense)) / (sum(vals) / len(vals)):.3f}")
+                        cells.append(f"{n.replace('forced ', '').replace(' thr=-10', '')} {(sum(dense) / len(dense)) / (sum(vals) / len(vals)):.3f}")
                 if cells:
                     print(f"  {shape[0]}x{shape[1]}x{shape[2]} {str(var):<12} " + "; ".join(cells))

@@ -191,13 +191,16 @@ def main(argv=None):
                     record(shape, f"ours forced {kind} f={fraction:.2f}", ms, actual, variant=tag)
             if not args.no_structured and seqlen in GRIDS:
                 sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
-                state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
                 thr = torch.full((heads,), -10.0, device=dev)
-                for _ in range(4):
-                    torch.ops.liteattn.sparse_attention(sq, sk, sv, state, thr)
-                ms = do_bench(lambda: torch.ops.liteattn.sparse_attention(sq, sk, sv, state, thr), flop)
-                fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
-                record(shape, "ours structured thr=-10", ms, fraction)
+                for tag, has_skip_path in each_variant():
+                    if not has_skip_path:
+                        continue
+                    state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
+                    for _ in range(4):
+                        torch.ops.liteattn.sparse_attention(sq, sk, sv, state, thr)
+                    ms = do_bench(lambda: torch.ops.liteattn.sparse_attention(sq, sk, sv, state, thr), flop)
+                    fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
+                    record(shape, "ours structured thr=-10", ms, fraction, variant=tag)
                 del sq, sk, sv
         if "ours_int8" in only:
             from liteattn_ops.core.int8_cuda import launch_int8, quantize
@@ -217,13 +220,16 @@ def main(argv=None):
                            timer(int8_call(q, k, v, state, no_thr), flop), actual, variant=tag)
             if not args.no_structured and seqlen in GRIDS:
                 sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
-                state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
                 thr = torch.full((heads,), -10.0, device=dev)
-                for _ in range(4):
-                    launch_int8(sq, sk, sv, state, thr, None, None, None)
-                ms = do_bench(int8_call(sq, sk, sv, state, thr), flop)
-                fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
-                record(shape, "ours_int8 structured thr=-10", ms, fraction)
+                for tag, has_skip_path in each_variant():
+                    if not has_skip_path:
+                        continue
+                    state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
+                    for _ in range(4):
+                        launch_int8(sq, sk, sv, state, thr, None, None, None)
+                    ms = do_bench(int8_call(sq, sk, sv, state, thr), flop)
+                    fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
+                    record(shape, "ours_int8 structured thr=-10", ms, fraction, variant=tag)
                 del sq, sk, sv
         del forced
         if "sdpa" in only:

@@ -25,8 +25,8 @@ timeout 120 python3 tools/check_variants.py default,nopersistskip > $OUT/check.l
 echo "check rc $?: $(grep -c ' ok' $OUT/check.log) ok; $(grep 'CHECK FAILURES' $OUT/check.log)"
 timeout 150 python3 tools/bench.py --only ours,ours_int8,sdpa \
   --shapes 4096,12,128 16384,4,64 16384,24,128 32760,12,128 32760,24,64 \
-  --variants default,nopersistskip --repeats 2 --fractions 0.5,0.25 --kinds balanced,heavy-last \
-  --big-fractions "" --no-structured --json $OUT/ab.json > $OUT/ab.log 2>&1; echo "ab rc $?"
+  --variants default,nopersistskip --repeats 2 --fractions 0.5,0.25 --kinds balanced \
+  --big-fractions "" --json $OUT/ab.json > $OUT/ab.log 2>&1; echo "ab rc $?"
 st done
 cd $OUT && tar czf logs.tgz san probe_*.log check.log && rm -rf san probe_*.log check.log
 cd - > /dev/null; python3 tools/ab_table.py $OUT/ab.json
