@@ -137,13 +137,17 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
       sleeping_wait(ss.state_empty[slot], rows.parity(it) ^ 1u);
       store_skip_state<Tr::kConsumerWarps>(p, slot ? held[1] : held[0], rows.buffer(it), thread, kThreads);
     }
+    int next = 0;
     if (thread == 0) {
       const int64_t k = p.work_counter != nullptr ? int64_t(atomicAdd(p.work_counter, 1))
                                                   : int64_t(blockIdx.x) + int64_t(it) * gridDim.x;
-      ss.state_row[slot] = k < total ? (p.schedule != nullptr ? p.schedule[k] : int(k)) : -1;
+      next = k < total ? (p.schedule != nullptr ? p.schedule[k] : int(k)) : -1;
+      ss.state_row[slot] = next;  // for the TMA thread and the consumers (thread 0's state_full arrival releases it)
     }
-    __syncwarp();  // the row is in shared memory
-    const int row = ss.state_row[slot];
+    __syncwarp();  // this warp's accesses to the buffer so far come before the refill below
+    // The lanes take the row from lane 0's register, not from shared memory: one access fewer to order against the
+    // next refill of state_row.
+    const int row = __shfl_sync(0xffffffffu, next, 0);
     if (slot) held[1] = row;
     else held[0] = row;
     if (row >= 0) {
