@@ -166,6 +166,26 @@ def parse(tool: str, text: str) -> tuple[str, bool]:
     return summary, clean and worker_ok
 
 
+def hazard_sites(text: str, limit: int = 8) -> list[str]:
+    """racecheck's displayed hazards grouped by the source lines of their two accesses, most frequent first:
+    "N x WAR: Read tile_scheduler.cuh:108 (threads 159, 223, ...) / Write tile_scheduler.cuh:143 (threads 32)"."""
+    groups: dict[tuple, list[set]] = {}
+    pattern = re.compile(r"Potential (\w+) hazard detected.*?\n=+\s+(\w+) Thread \((\d+),[^)]*\) at .*? in (\S+:\d+)"
+                         r"\s*\n=+\s+(\w+) Thread \((\d+),[^)]*\) at .*? in (\S+:\d+)")
+    for m in pattern.finditer(text):
+        key = (m[1], m[2], os.path.basename(m[4]), m[5], os.path.basename(m[7]))
+        threads = groups.setdefault(key, [set(), set(), 0])
+        threads[0].add(int(m[3]))
+        threads[1].add(int(m[6]))
+        threads[2] += 1
+    def few(ts):
+        ts = sorted(ts)
+        return ", ".join(map(str, ts[:4])) + (", ..." if len(ts) > 4 else "")
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][2])[:limit]
+    return [f"{n} x {kind}: {a} {site_a} (threads {few(ta)}) / {b} {site_b} (threads {few(tb)})"
+            for (kind, a, site_a, b, site_b), (ta, tb, n) in rows]
+
+
 def finish(proc: subprocess.Popen, timeout: float) -> None:
     try:
         proc.wait(timeout=timeout)
@@ -199,15 +219,22 @@ def main(argv=None) -> int:
         jobs[tool] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), log, time.time())
         if not args.parallel:
             finish(jobs[tool][0], args.timeout)
-    results = []
+    results, sites = [], []
     for tool, (proc, log, start) in jobs.items():
         finish(proc, max(1.0, args.timeout - (time.time() - start)))
         log.seek(0)
-        summary, passed = parse(tool, log.read())
+        text = log.read()
+        summary, passed = parse(tool, text)
         results.append((tool, summary, passed, time.time() - start))
+        if tool == "racecheck":
+            sites = hazard_sites(text)
     print(f"\n{'tool':<10} {'result':<6} {'seconds':>8}  summary")
     for tool, summary, passed, seconds in results:
         print(f"{tool:<10} {'PASS' if passed else 'FAIL':<6} {seconds:8.1f}  {summary}")
+    if sites:
+        print("racecheck hazards displayed, by source line (--print-limit caps how many are displayed):")
+        for line in sites:
+            print("  " + line)
     return 0 if all(passed for _, _, passed, _ in results) else 1
 
 

@@ -3,7 +3,8 @@
 // on it before its reads (ordered); mode 1: no wait (a real race, the positive control); mode 2: __syncthreads
 // (ordered, the negative control); mode 3: warp 1 reads first, then __syncwarp and lane 0 alone arrives, warp 0
 // waits and then writes (ordered in the PTX model; the consumers' release of the persistskip state buffer).
-// Modes 0-2 ran in wave 13 call 2 (0 / 100 / 0 hazards); mode 3 is in benchmarks/wave14_next/call1.sh.
+// Modes 0-2 ran in wave 13 call 2 (0 / 100 / 0 hazards); mode 3 is in benchmarks/wave14_next/call1.sh
+// (through mbarrier_probe.sh).
 #include <cstdio>
 #include <cstdint>
 __global__ void probe(int* out, int mode) {
