@@ -57,7 +57,7 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   // Every vote of this tile is recorded (the last one after the last P V issue): the buffer goes back before the
   // epilogue, which needs only registers. Every thread arrives (each read the row and its visit list), not one
   // per warp after a __syncwarp: racecheck does not carry a warp barrier into an mbarrier's ordering (wave 13).
-  if constexpr (Tr::kPersistentSkip) state_done->arrive();
+  if constexpr (Tr::kPersistentSkip) release_buffer(*state_done);
   store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 
   if constexpr (Tr::kSkip && !Tr::kPersistentSkip) {
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
           producer_load<Tr>(p, ss, tile_of_row(row, p.num_m_tiles, p.heads), it, write, rows.buffer(it));
           // Done with the buffer. Not implied by the consumers' arrivals: a row with no visited tile has no K load
           // between this thread's read of its visit words and the consumers' release.
-          rows.done_barrier(it)->arrive();
+          release_buffer(*rows.done_barrier(it));
         }
       } else {
         for (TileSequence<Tr::kPersistent> seq(p); seq.more(); seq.advance())

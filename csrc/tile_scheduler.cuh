@@ -90,6 +90,17 @@ struct TileSequence<true> {
 // The reader waits with a suspend-time hint (sleeping_wait), so that it takes no issue slots from the consumers
 // on its SM sub-partition while a row runs. (Wave 11's 12-15 % loss at head dim 128 was not the readers' polling
 // but the producer thread's 44 V boxes a tile, NOTES.md wave 12; widev removes it.)
+// CUTLASS's ClusterBarrier arrive and wait carry no "memory" clobber, so the compiler could move plain
+// shared-memory accesses across them; the state buffers' hand-off (RowHandOff) passes them through these.
+__device__ __forceinline__ void release_buffer(cutlass::arch::ClusterBarrier& barrier) {
+  asm volatile("" ::: "memory");
+  barrier.arrive();
+}
+__device__ __forceinline__ void acquire_buffer(cutlass::arch::ClusterBarrier& barrier, uint32_t parity) {
+  barrier.wait(parity);
+  asm volatile("" ::: "memory");
+}
+
 template <class Tr>
 struct RowHandOff {
   typename Tr::SharedStorage& ss;
@@ -104,7 +115,7 @@ struct RowHandOff {
   }
   // The TMA thread and the consumers: the state row of the CTA's it-th tile, once its buffer is filled; -1: done.
   __device__ __forceinline__ int wait_row(int it) const {
-    ss.state_full[slot(it)].wait(parity(it));
+    acquire_buffer(ss.state_full[slot(it)], parity(it));
     return ss.state_row[slot(it)];
   }
   __device__ __forceinline__ cutlass::arch::ClusterBarrier* done_barrier(int it) const {
@@ -156,7 +167,7 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
       __syncwarp();  // every visit word is in
       build_visit_order(p, buf, thread, kThreads);
     }
-    ss.state_full[slot].arrive();  // release: this thread's words (and the row) are visible to the waiters
+    release_buffer(ss.state_full[slot]);  // this thread's words (and the row) are visible to the waiters
     if (row < 0) break;
   }
   // The rows still held (the last count - 1 iterations before the -1).
