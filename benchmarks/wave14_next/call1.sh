@@ -1,6 +1,7 @@
 # Next session, call 1 (prepared at the end of wave 13, not run): persistskip as the default for both head dims,
-# with wave 13's two hand-off fixes (the TMA thread arrives on state_empty after its last load of a row; every
-# consumer thread arrives, not lane 0 after __syncwarp). First make the default 31747 at d128 and 15361 at d64
+# with wave 13's hand-off fixes (the TMA thread arrives on state_empty after its last load of a row; every consumer
+# thread arrives, not lane 0 after __syncwarp; the reader's lanes take the row by shuffle; compiler fences around
+# the clobber-less CUTLASS arrive / wait). First make the default 31747 at d128 and 15361 at d64
 # (csrc/liteattn.h: add kVariantPersistSkip to both; wave 13 had it so in commit ff062a3). Then, ~6-7 min:
 # mbarrier_probe.cu mode 3 (does racecheck carry __syncwarp into an mbarrier's ordering?), the sanitizer's four
 # tools (full racecheck report kept), check_variants and an A/B of the default against nopersistskip (the wave 12
