@@ -6,9 +6,9 @@ Runs this file again under each tool (`compute-sanitizer --tool T ... python too
 --worker`); the worker launches small cases of the dense and the skip path that between them cover:
 head dims 64 and 128, bf16 and fp16, S not a multiple of the tile, cross-attention (S_q != S_k),
 batch > 1, more KV tiles than pipeline stages (ring wrap-around), must-do / must-skip ranges, a
-second call that reads the state the first one wrote, forced live sets with an empty row, and the
-device-side query-tile schedule (the op path) as well as natural order (direct _C calls), and the INT8
-Q/K mode (pre-pass + kernel, dense and skip with ranges, both head dims). Each case also checks its output
+second call that reads the state the first one wrote, forced live sets with empty rows (also with more
+rows than SMs), and the device-side query-tile schedule (the op path) as well as natural order (direct
+_C calls), and the INT8 Q/K mode (pre-pass + kernel, dense and skip with ranges, both head dims). Each case also checks its output
 against the float32 reference (INT8: against the INT8 emulation). Needs a Hopper GPU and the built extension.
 """
 
@@ -115,6 +115,25 @@ def worker() -> int:
         ref, _, _ = reference.sparse_attention_reference(q, k, v, state, threshold)
         out, _ = direct(q, k, v, state, threshold)
         check(f"forced d{head_dim} natural order", out, ref)
+
+    # Forced live sets with every third query-tile row empty and more rows than SMs (2 x 8 heads x 18 rows), in natural
+    # order and through the op's schedule: a persistent skip CTA refills a state buffer after a row that visits no
+    # tile, where only the TMA thread's own release orders its reads of that row's visit words (wave 13).
+    for head_dim in (64, 128):
+        q, k, v = qkv(2, 8, 2200, 300, head_dim, torch.bfloat16)
+        block_m, block_n = liteattn_ops.tile_shape(head_dim, torch.bfloat16)
+        m_tiles, n_tiles = -(-2200 // block_m), -(-300 // block_n)
+        live = torch.rand(2, 8, m_tiles, n_tiles, generator=torch.Generator().manual_seed(head_dim + 1)) < 0.6
+        live[:, :, ::3] = False
+        threshold = torch.full((8,), -math.inf, device="cuda")
+        for path in ("natural order", "op"):
+            state = pack_bits(live).to("cuda")
+            ref, _, _ = reference.sparse_attention_reference(q, k, v, state, threshold)
+            if path == "op":
+                out, _ = torch.ops.liteattn.sparse_attention(q, k, v, state, threshold)
+            else:
+                out, _ = direct(q, k, v, state, threshold)
+            check(f"forced d{head_dim} empty rows, {path}", out, ref)
 
     # INT8 Q/K mode (pre-pass + kernel): dense, then 3 skip calls with ranges on the 2nd and 3rd.
     if getattr(ext, "HAS_INT8", False):
