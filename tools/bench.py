@@ -172,6 +172,24 @@ def main(argv=None):
         block_m, block_n = tile_shape(head_dim, dtype)
         m_tiles, n_tiles = num_tiles(seqlen, block_m), num_tiles(seqlen, block_n)
         no_thr = torch.full((heads,), -math.inf, device=dev)
+
+        def structured(mode, call):
+            """The structured case (local q/k on the token grid, thr = -10, state settled over 4 calls), once per
+            variant with a skip path: `call(q, k, v, state, thr)` runs the mode's sparse attention."""
+            if args.no_structured or seqlen not in GRIDS:
+                return
+            sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
+            thr = torch.full((heads,), -10.0, device=dev)
+            for tag, has_skip_path in each_variant():
+                if not has_skip_path:
+                    continue
+                state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
+                for _ in range(4):
+                    call(sq, sk, sv, state, thr)
+                ms = do_bench(lambda: call(sq, sk, sv, state, thr), flop)
+                fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
+                record(shape, f"{mode} structured thr=-10", ms, fraction, variant=tag)
+
         forced = []
         if "ours" in only or "ours_int8" in only:
             for fraction in shape_fractions:
@@ -189,19 +207,7 @@ def main(argv=None):
                 for kind, fraction, state, actual in forced:
                     ms = timer(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop)
                     record(shape, f"ours forced {kind} f={fraction:.2f}", ms, actual, variant=tag)
-            if not args.no_structured and seqlen in GRIDS:
-                sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
-                thr = torch.full((heads,), -10.0, device=dev)
-                for tag, has_skip_path in each_variant():
-                    if not has_skip_path:
-                        continue
-                    state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
-                    for _ in range(4):
-                        torch.ops.liteattn.sparse_attention(sq, sk, sv, state, thr)
-                    ms = do_bench(lambda: torch.ops.liteattn.sparse_attention(sq, sk, sv, state, thr), flop)
-                    fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
-                    record(shape, "ours structured thr=-10", ms, fraction, variant=tag)
-                del sq, sk, sv
+            structured("ours", torch.ops.liteattn.sparse_attention)
         if "ours_int8" in only:
             from liteattn_ops.core.int8_cuda import launch_int8, quantize
 
@@ -218,19 +224,7 @@ def main(argv=None):
                 for kind, fraction, state, actual in forced:
                     record(shape, f"ours_int8 forced {kind} f={fraction:.2f}",
                            timer(int8_call(q, k, v, state, no_thr), flop), actual, variant=tag)
-            if not args.no_structured and seqlen in GRIDS:
-                sq, sk, sv = (t.to(dev, dtype) for t in local_qkv(GRIDS[seqlen], 1, heads, head_dim, generator=gen))
-                thr = torch.full((heads,), -10.0, device=dev)
-                for tag, has_skip_path in each_variant():
-                    if not has_skip_path:
-                        continue
-                    state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
-                    for _ in range(4):
-                        launch_int8(sq, sk, sv, state, thr, None, None, None)
-                    ms = do_bench(int8_call(sq, sk, sv, state, thr), flop)
-                    fraction = live_mask(state, seqlen, head_dim, dtype).float().mean().item()
-                    record(shape, "ours_int8 structured thr=-10", ms, fraction, variant=tag)
-                del sq, sk, sv
+            structured("ours_int8", lambda a, b, c, st, thr: launch_int8(a, b, c, st, thr, None, None, None))
         del forced
         if "sdpa" in only:
             from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -103,37 +103,29 @@ def worker() -> int:
             if not torch.equal(state, ref_state):
                 print(f"case skip d{head_dim} call {call}: state differs from the reference (rounding?)")
 
-    # Skip path in natural order: forced live set with an empty row, thr = -inf.
-    for head_dim in (64, 128):
-        q, k, v = qkv(1, 2, 700, 900, head_dim, torch.bfloat16)
-        block_m, block_n = liteattn_ops.tile_shape(head_dim, torch.bfloat16)
-        m_tiles, n_tiles = -(-700 // block_m), -(-900 // block_n)
-        live = torch.rand(1, 2, m_tiles, n_tiles, generator=torch.Generator().manual_seed(head_dim)) < 0.5
-        live[:, :, 1] = False
-        state = pack_bits(live).to("cuda")
-        threshold = torch.full((2,), -math.inf, device="cuda")
-        ref, _, _ = reference.sparse_attention_reference(q, k, v, state, threshold)
-        out, _ = direct(q, k, v, state, threshold)
-        check(f"forced d{head_dim} natural order", out, ref)
-
-    # Forced live sets with every third query-tile row empty and more rows than SMs (2 x 8 heads x 18 rows), in natural
-    # order and through the op's schedule: a persistent skip CTA refills a state buffer after a row that visits no
-    # tile, where only the TMA thread's own release orders its reads of that row's visit words (wave 13).
-    for head_dim in (64, 128):
-        q, k, v = qkv(2, 8, 2200, 300, head_dim, torch.bfloat16)
-        block_m, block_n = liteattn_ops.tile_shape(head_dim, torch.bfloat16)
-        m_tiles, n_tiles = -(-2200 // block_m), -(-300 // block_n)
-        live = torch.rand(2, 8, m_tiles, n_tiles, generator=torch.Generator().manual_seed(head_dim + 1)) < 0.6
-        live[:, :, ::3] = False
-        threshold = torch.full((8,), -math.inf, device="cuda")
-        for path in ("natural order", "op"):
-            state = pack_bits(live).to("cuda")
-            ref, _, _ = reference.sparse_attention_reference(q, k, v, state, threshold)
-            if path == "op":
-                out, _ = torch.ops.liteattn.sparse_attention(q, k, v, state, threshold)
-            else:
-                out, _ = direct(q, k, v, state, threshold)
-            check(f"forced d{head_dim} empty rows, {path}", out, ref)
+    # Skip path with forced live sets, thr = -inf: one empty row (natural order), and every third query-tile row empty
+    # with more rows than SMs (2 x 8 heads x 18 rows; natural order and through the op's schedule), where a persistent
+    # skip CTA refills a state buffer after a row that visits no tile and only the TMA thread's own release orders its
+    # reads of that row's visit words (wave 13).
+    for batch, heads, sq, sk, fraction, empty_rows, paths, name in [
+            (1, 2, 700, 900, 0.5, slice(1, 2), ("natural order",), "forced"),
+            (2, 8, 2200, 300, 0.6, slice(None, None, 3), ("natural order", "op"), "forced empty rows")]:
+        for head_dim in (64, 128):
+            q, k, v = qkv(batch, heads, sq, sk, head_dim, torch.bfloat16)
+            block_m, block_n = liteattn_ops.tile_shape(head_dim, torch.bfloat16)
+            m_tiles, n_tiles = -(-sq // block_m), -(-sk // block_n)
+            seed = head_dim + (heads > 2)
+            live = torch.rand(batch, heads, m_tiles, n_tiles, generator=torch.Generator().manual_seed(seed)) < fraction
+            live[:, :, empty_rows] = False
+            threshold = torch.full((heads,), -math.inf, device="cuda")
+            for path in paths:
+                state = pack_bits(live).to("cuda")
+                ref, _, _ = reference.sparse_attention_reference(q, k, v, state, threshold)
+                if path == "op":
+                    out, _ = torch.ops.liteattn.sparse_attention(q, k, v, state, threshold)
+                else:
+                    out, _ = direct(q, k, v, state, threshold)
+                check(f"{name} d{head_dim} {path}", out, ref)
 
     # INT8 Q/K mode (pre-pass + kernel): dense, then 3 skip calls with ranges on the 2nd and 3rd.
     if getattr(ext, "HAS_INT8", False):
@@ -193,10 +185,10 @@ def hazard_sites(text: str, limit: int = 8) -> list[str]:
                          r"\s*\n=+\s+(\w+) Thread \((\d+),[^)]*\) at .*? in (\S+:\d+)")
     for m in pattern.finditer(text):
         key = (m[1], m[2], os.path.basename(m[4]), m[5], os.path.basename(m[7]))
-        threads = groups.setdefault(key, [set(), set(), 0])
-        threads[0].add(int(m[3]))
-        threads[1].add(int(m[6]))
-        threads[2] += 1
+        entry = groups.setdefault(key, [set(), set(), 0])  # reader threads, writer threads, count
+        entry[0].add(int(m[3]))
+        entry[1].add(int(m[6]))
+        entry[2] += 1
     def few(ts):
         ts = sorted(ts)
         return ", ".join(map(str, ts[:4])) + (", ..." if len(ts) > 4 else "")
