@@ -56,7 +56,7 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   consumer_mainloop<Tr>(p, ss, state, tile, iteration, warpgroup, t, k_read, v_read, softmax, vote, tOrO);
   // Every vote of this tile is recorded (the last one after the last P V issue): the buffer goes back before the
   // epilogue, which needs only registers. Every thread arrives (each read the row and its visit list), not one
-  // per warp after a __syncwarp: racecheck does not carry a warp barrier into an mbarrier's ordering (wave 13).
+  // per warp after a __syncwarp: racecheck flagged that form's reads of the row (NOTES.md wave 13).
   if constexpr (Tr::kPersistentSkip) release_buffer(*state_done);
   store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 
