@@ -146,12 +146,11 @@ constexpr KernelVariant decode_variant(int id) {
 // Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).
 // Both: the 16-bit skip path's vote one tile late (NOTES.md wave 10; the INT8 mode keeps it in the softmax).
 // Head dim 128: V^T loaded in 2 TMA boxes a tile, not 44 (NOTES.md wave 12; at 64 both layouts are one box).
-// Not yet: persistskip (faster on the skip path in wave 13, but its fixed hand-off has not run under racecheck;
-// NOTES.md wave 13 and benchmarks/wave14_next/).
+// Both: persistent CTAs on the skip path too (NOTES.md waves 11-14; wave 13's hand-off fixes for racecheck).
 constexpr int default_variant(int head_dim) {
   return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent | kVariantTreeMax | kVariantLateVote |
-                                kVariantWideV
-         : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax | kVariantLateVote
+                                kVariantWideV | kVariantPersistSkip
+         : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax | kVariantLateVote | kVariantPersistSkip
                           : 0;
 }
 
