@@ -1,8 +1,7 @@
 # Wave 14, call 1 (one call, since device starts were scarce): the persistskip default (wave 13's hand-off fixes)
 # built with the wave 12 default beside it (23555@128 / 7169@64 = "nopersistskip"), in the new compile-unit layout;
-# then the sanitizer's four tools and the GPU suite side by side (neither is timed), then bench.py's full table and
-# an A/B of default vs nopersistskip with the structured case, alone on the GPU, then the full table in what is
-# left of the call (~8-9 min in all).
+# then the sanitizer's four tools and the GPU suite side by side (neither is timed), then, alone on the GPU, an A/B
+# of default vs nopersistskip with the structured case and bench.py's full table in what is left (~8-9 min in all).
 set -u
 START=$(date +%s)
 grep -A3 "constexpr int default_variant" csrc/liteattn.h | grep -q "kVariantPersistSkip" \
