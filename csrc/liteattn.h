@@ -146,11 +146,13 @@ constexpr KernelVariant decode_variant(int id) {
 // Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).
 // Both: the 16-bit skip path's vote one tile late (NOTES.md wave 10; the INT8 mode keeps it in the softmax).
 // Head dim 128: V^T loaded in 2 TMA boxes a tile, not 44 (NOTES.md wave 12; at 64 both layouts are one box).
-// Both: persistent CTAs on the skip path too (NOTES.md waves 11-14; wave 13's hand-off fixes for racecheck).
+// Head dim 128: persistent CTAs on the skip path too (NOTES.md waves 11-14: racecheck-clean since wave 13's
+// hand-off fixes; f = 1 level, the structured case 10 % faster). Not at 64: f = 1 2-2.5 % slower and the demo
+// DiT's structured case level (wave 14 call 2).
 constexpr int default_variant(int head_dim) {
   return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent | kVariantTreeMax | kVariantLateVote |
                                 kVariantWideV | kVariantPersistSkip
-         : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax | kVariantLateVote | kVariantPersistSkip
+         : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax | kVariantLateVote
                           : 0;
 }
 
