@@ -1,6 +1,7 @@
 """ncu target, `python3 tools/ncu_worker.py MODE`: kernel launches to profile at bf16 32760x12x128, MODE `dense` (the
-attention op), `skip` (the sparse op, fresh state, thr -inf: every tile visited) or `int8` (the INT8 Q/K mode's dense
-kernel, after its pre-pass); 4 calls, so `ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1` takes the last."""
+attention op), `skip` (the sparse op, fresh state, thr -inf: every tile visited), `int8` (the INT8 Q/K mode's dense
+kernel, after its pre-pass) or `cudnn` (SDPA's cuDNN backend, for a cycle count beside ours); 4 calls, so
+`ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1` takes the last."""
 import math, sys
 import torch
 import liteattn_ops  # noqa: F401
@@ -13,6 +14,10 @@ thr = torch.full((H,), -math.inf, device="cuda")
 for _ in range(4):
     if mode == "dense":
         torch.ops.liteattn.attention(q, k, v)
+    elif mode == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
     elif mode == "int8":
         torch.ops.liteattn.attention(q, k, v, None, True)
     else:

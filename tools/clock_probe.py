@@ -1,0 +1,80 @@
+"""Which part of a speed gap is the clock: each kernel runs back to back for a few seconds while nvidia-smi samples
+the SM clock and the board power, and the table gives time per call, median clock and power, and the time scaled to
+one common clock (time x MHz / 1000: proportional to cycles per call while the clock is steady).
+
+    python3 tools/clock_probe.py [--shape 32760,12,128] [--seconds 4]
+
+Used for issue 10's dense gap (NOTES.md, wave 15): INT8's 1.1x was found to be the clock, not the loop (wave 8, ncu);
+this asks the same of our bf16 kernel against cuDNN at boost clocks, where ncu cannot look (it locks the clock)."""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import liteattn_ops  # noqa: F401
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:  # "[N/A]" where the board does not report it
+        return math.nan
+
+
+def probe(name: str, fn, seconds: float) -> dict:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    smi = subprocess.Popen(
+        ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu", "--format=csv,noheader,nounits", "-lms", "50"],
+        stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # nvidia-smi's first sample comes before the kernel's own clock settles
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for _ in range(8):
+            fn()
+        calls += 8
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    smi.terminate()
+    samples = [line.split(",") for line in smi.communicate()[0].splitlines() if line.count(",") == 2]
+    mhz = [number(s[0]) for s in samples[6:]] or [math.nan]
+    watts = [number(s[1]) for s in samples[6:]] or [math.nan]
+    ms = 1e3 * elapsed / calls
+    return {"name": name, "ms": ms, "mhz": statistics.median(mhz), "mhz_min": min(mhz), "watts": statistics.median(watts),
+            "temp": number(samples[-1][2]) if samples else math.nan, "mcycles": ms * statistics.median(mhz) / 1e3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="32760,12,128", help="S,H,D (bf16, B = 1)")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    args = parser.parse_args()
+    S, H, D = (int(x) for x in args.shape.split(","))
+    # bench.py's layout: (B, S, H, D) storage seen as (B, H, S, D)
+    q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            F.scaled_dot_product_attention(q, k, v)
+
+    kernels = [("ours bf16", lambda: torch.ops.liteattn.attention(q, k, v)), ("cuDNN", cudnn),
+               ("ours int8", lambda: torch.ops.liteattn.attention(q, k, v, None, True))]
+    rows = [probe(name, fn, args.seconds) for name, fn in kernels + kernels[:2]]  # A B C A B: drift shows
+    flops = 4 * S * S * H * D
+    print(f"clock probe {S}x{H}x{D} bf16, {args.seconds:g} s per kernel, {torch.cuda.get_device_name()}")
+    print(f"{'kernel':10} {'ms':>8} {'TFLOP/s':>8} {'SM MHz':>7} {'min':>5} {'W':>5} {'degC':>4} {'Mcycles':>8}")
+    for r in rows:
+        print(f"{r['name']:10} {r['ms']:8.3f} {flops / r['ms'] / 1e9:8.0f} {r['mhz']:7.0f} {r['mhz_min']:5.0f} "
+              f"{r['watts']:5.0f} {r['temp']:4.0f} {r['mcycles']:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
