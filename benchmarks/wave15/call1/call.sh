@@ -13,6 +13,12 @@ export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) PYTHONPATH=/tmp/site PY
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.sm,power.limit,temperature.gpu --format=csv > $OUT/smi.txt 2>&1
 timeout 60 python3 tools/clock_probe.py > $OUT/clock_probe.txt 2>&1; echo "clock probe rc $?"
 OUT=$OUT bash tools/gpu_suite.sh tests bench
+# The dense path's wave tail: 32760x12 and 16384x24 (d128) have 3072 query tiles = 23.27 rounds of 132 CTAs;
+# 33792x12 / 16896x24 have 3168 = 24.00, 33792x24x64 (BM 192) 4224 = 32.00 against 32760x24x64's 31.09.
+echo "tail probe ($(left) s left)"
+[ $(left) -gt 150 ] && { timeout 120 python3 tools/bench.py --shapes 32760,12,128 33792,12,128 16384,24,128 16896,24,128 \
+  32760,24,64 33792,24,64 --graph-shapes --only ours --fractions "" --no-structured --repeats 2 --json $OUT/tail.json \
+  > $OUT/tail.log 2>&1; echo "tail probe rc $?"; grep -E "ours dense" $OUT/tail.log | cut -c1-150; }
 echo "ncu SOL ($(left) s left)"
 SOL="--section SpeedOfLight --metrics sm__cycles_elapsed.avg,sm__cycles_elapsed.avg.per_second,gpu__time_duration.sum"
 [ $(left) -gt 40 ] && {
