@@ -40,7 +40,8 @@ PYBIND11_MODULE(_C, m) {
          int seqlen_k, int head_dim, const std::string& dtype, Stride3 q_stride, Stride3 k_stride, Stride3 v_stride,
          Stride3 out_stride, float scale, uintptr_t state, uintptr_t threshold, uintptr_t must_do, int num_must_do,
          uintptr_t must_skip, int num_must_skip, uintptr_t stream, uintptr_t schedule, bool int8, uintptr_t q_scale,
-         uintptr_t k_scale, uintptr_t q_mu, uintptr_t work_counter) {
+         uintptr_t k_scale, uintptr_t q_mu, uintptr_t work_counter, uintptr_t split_workspace,
+         int64_t split_workspace_size) {
         liteattn::FwdArgs a;
         a.q = as_ptr<const void>(q);
         a.k = as_ptr<const void>(k);
@@ -71,6 +72,8 @@ PYBIND11_MODULE(_C, m) {
         a.q_scale = as_ptr<const float>(q_scale);
         a.k_scale = as_ptr<const float>(k_scale);
         a.q_mu = as_ptr<const float>(q_mu);
+        a.split_workspace = as_ptr<float>(split_workspace);
+        a.split_workspace_size = split_workspace_size;
         py::gil_scoped_release release;
         liteattn::forward(a);
       },
@@ -80,12 +83,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("threshold"), py::arg("must_do"), py::arg("num_must_do"), py::arg("must_skip"),
       py::arg("num_must_skip"), py::arg("stream"), py::arg("schedule") = uintptr_t(0), py::arg("int8") = false,
       py::arg("q_scale") = uintptr_t(0), py::arg("k_scale") = uintptr_t(0), py::arg("q_mu") = uintptr_t(0),
-      py::arg("work_counter") = uintptr_t(0),
+      py::arg("work_counter") = uintptr_t(0), py::arg("split_workspace") = uintptr_t(0),
+      py::arg("split_workspace_size") = int64_t(0),
       "Forward attention. state == 0 runs the dense path; otherwise the skip state (B, H, Mt, W) int32 is read "
       "and updated in place. schedule (skip path, optional): B*H*Mt int32 of device scratch for the "
       "heaviest-first query-tile order; 0 runs the query tiles in natural order. work_counter (skip path, optional): "
       "one int32 of device scratch, the persistent skip kernel's shared count of the rows handed out (zeroed by the "
-      "call); 0: each CTA takes every G-th row. int8=True: INT8 Q/K mode, q and k "
+      "call); 0: each CTA takes every G-th row. split_workspace (dense path, optional): float32 device scratch of "
+      "split_workspace_size floats (dense_split_workspace_floats) for the split wave tail; 0: the tail is not split. "
+      "int8=True: INT8 Q/K mode, q and k "
       "are the int8 (B, H, S, D) buffers of quantize_qk (strides in bytes), q_scale / k_scale / q_mu its float32 "
       "outputs, dtype that of v and out. Raises ValueError on bad arguments.");
 
@@ -149,6 +155,26 @@ PYBIND11_MODULE(_C, m) {
       "(size-1 dims exempt).");
 
   m.attr("MAX_STATE_WORDS") = liteattn::kMaxStateWords;
+  m.def(
+      "dense_split_workspace_floats",
+      [](int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, const std::string& dtype, bool int8) {
+        return liteattn::dense_split_workspace_floats(batch, heads, seqlen_q, seqlen_k, head_dim, parse_dtype(dtype),
+                                                      int8);
+      },
+      py::arg("batch"), py::arg("heads"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
+      py::arg("dtype"), py::arg("int8") = false,
+      "float32 scratch the dense call of this shape needs for its split wave tail on the current device "
+      "(0: the tail is not split: no split_tail variant, or no tail worth splitting).");
+  m.def(
+      "split_tail_plan",
+      [](int64_t tiles, int sms, int num_n_tiles) {
+        const liteattn::SplitTailPlan plan = liteattn::split_tail_plan(tiles, sms, num_n_tiles);
+        return py::make_tuple(plan.chunks, plan.whole, plan.units, plan.grid);
+      },
+      py::arg("tiles"), py::arg("sms"), py::arg("num_n_tiles"),
+      "The dense path's wave-tail split for `tiles` query tiles on `sms` SMs: (chunks, whole, units, grid); "
+      "chunks < 2: no split.");
+  m.def("device_sm_count", &liteattn::device_sm_count, "The current CUDA device's SM count.");
   m.def(
       "schedule_scope",
       [](int batch, int heads, int num_m_tiles, int seqlen_k, int head_dim) {

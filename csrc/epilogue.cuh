@@ -1,7 +1,8 @@
 // Epilogue stage: O / row sum from the accumulator registers into (B, S, H, D) memory (4-byte
 // stores), LSE in natural-log units. Rows past S_q are not written; a row with no visited tile
 // gets O = 0 and LSE = -inf. INT8 mode: lse_bias_log2 (log2 units) is added to each row's LSE
-// (the smoothing's per-row constant q . mu * scale * log2 e, which softmax ignores).
+// (the smoothing's per-row constant q . mu * scale * log2 e, which softmax ignores). The split tail's key
+// ranges go to float32 scratch instead (store_partial).
 #pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_conversion.h>
@@ -10,6 +11,30 @@
 #include "tile_scheduler.cuh"
 
 namespace liteattn {
+
+// The split tail (kSplitTail): one key range's O (normalised by its own row sum) and LSE, float32, into scratch
+// unit tile.unit (rows relative to the tile); split_combine_kernel merges the ranges of a tile.
+template <class Tr, class TensorO>
+__device__ __forceinline__ void store_partial(typename Tr::Params const& p, QueryTile tile, int row0,
+                                              const bool (&row_valid)[2], int lane, const float (&inv_sum)[2],
+                                              const float (&lse)[2], TensorO const& tOrO) {
+  const int local0 = row0 - tile.m * Tr::kBM;
+  float* o = p.split_o + int64_t(tile.unit) * Tr::kBM * Tr::kD;
+  constexpr int kO = decltype(cute::size(tOrO))::value;
+#pragma unroll
+  for (int i = 0; i < kO; i += 2) {
+    const int r = frag_row_half(i);
+    if (!row_valid[r]) continue;
+    *reinterpret_cast<float2*>(o + (local0 + 8 * r) * Tr::kD + frag_col(i, lane)) =
+        make_float2(tOrO(i) * inv_sum[r], tOrO(i + 1) * inv_sum[r]);
+  }
+  if (lane % 4 == 0) {
+    float* lse_rows = p.split_lse + int64_t(tile.unit) * Tr::kBM;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (row_valid[r]) lse_rows[local0 + 8 * r] = lse[r];
+  }
+}
 
 template <class Tr, class Softmax, class TensorO>
 __device__ __forceinline__ void store_output(typename Tr::Params const& p, QueryTile tile, int row0,
@@ -26,6 +51,9 @@ __device__ __forceinline__ void store_output(typename Tr::Params const& p, Query
     } else {
       lse[r] = sum > 0.f ? (softmax.ref_max(r) + log2f(sum)) * p.ln2 : -INFINITY;
     }
+  }
+  if constexpr (Tr::kSplitTail) {
+    if (tile.unit >= 0) return store_partial<Tr>(p, tile, row0, row_valid, lane, inv_sum, lse, tOrO);
   }
   Element* out = p.out + tile.b * p.out_stride_b + tile.h * p.out_stride_h;
   cutlass::NumericArrayConverter<Element, float, 2> convert_pair;

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
           release_buffer(*rows.done_barrier(it));
         }
       } else {
-        for (TileSequence<Tr::kPersistent> seq(p); seq.more(); seq.advance())
+        for (TileSequence<Tr::kPersistent, Tr::kSplitTail> seq(p); seq.more(); seq.advance())
           producer_load<Tr>(p, ss, seq.current, seq.iteration, write, one_buffer);
       }
     } else if constexpr (Tr::kPersistentSkip) {
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
                                it, k_read, v_read, warpgroup - 1, threadIdx.x - 128);
       }
     } else {
-      for (TileSequence<Tr::kPersistent> seq(p); seq.more(); seq.advance())
+      for (TileSequence<Tr::kPersistent, Tr::kSplitTail> seq(p); seq.more(); seq.advance())
         consumer_warpgroup<Tr>(p, ss, one_buffer, nullptr, seq.current, seq.iteration, k_read, v_read, warpgroup - 1,
                                threadIdx.x - 128);
     }

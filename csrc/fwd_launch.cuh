@@ -90,16 +90,51 @@ void run_fwd(const FwdArgs& a) {
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
              "cudaFuncSetAttribute(max dynamic shared memory)");
   dim3 grid(p.num_m_tiles, a.heads, a.batch);
+  SplitTailPlan split;
   if constexpr (Tr::kPersistent || Tr::kPersistentSkip) {
     // At most one CTA per SM (one fits: __launch_bounds__(kThreads, 1) and the shared memory).
-    int device = 0, sms = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute(SM count)");
+    const int sms = device_sm_count();
     const int64_t tiles = int64_t(p.num_m_tiles) * a.heads * a.batch;
     grid = dim3(unsigned(tiles < sms ? tiles : sms));
+    if constexpr (Tr::kSplitTail) {
+      split = split_tail_plan(tiles, sms, p.num_n_tiles);
+      const int64_t floats = split_workspace_floats(split, Tr::kBM, kHeadDim);
+      if (split.chunks >= 2 && a.split_workspace != nullptr && floats <= a.split_workspace_size) {
+        p.split_chunks = split.chunks;
+        p.split_whole = split.whole;
+        p.split_units = split.units;
+        p.split_o = a.split_workspace;
+        p.split_lse = a.split_workspace + int64_t(split.units) * Tr::kBM * kHeadDim;
+        grid = dim3(unsigned(split.grid));
+      } else {
+        split = SplitTailPlan{};
+      }
+    }
   }
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, static_cast<cudaStream_t>(a.stream)>>>(p);
   check_cuda(cudaGetLastError(), "forward kernel launch");
+  if (split.chunks >= 2) {
+    SplitCombineArgs c;
+    c.partial_o = p.split_o;
+    c.partial_lse = p.split_lse;
+    c.out = a.out;
+    c.lse = a.lse;
+    c.dtype = kDType;
+    c.out_stride_b = a.out_stride[0];
+    c.out_stride_h = a.out_stride[1];
+    c.out_stride_s = a.out_stride[2];
+    c.heads = a.heads;
+    c.seqlen_q = a.seqlen_q;
+    c.num_m_tiles = p.num_m_tiles;
+    c.bm = Tr::kBM;
+    c.head_dim = kHeadDim;
+    c.whole = split.whole;
+    c.units = split.units;
+    c.chunks = split.chunks;
+    c.stream = a.stream;
+    launch_split_combine(c);
+    check_cuda(cudaGetLastError(), "split-tail combine kernel launch");
+  }
 }
 
 }  // namespace liteattn

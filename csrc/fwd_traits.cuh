@@ -51,6 +51,8 @@ struct FwdTraits {
   static constexpr bool kLateVote = kVariantInfo.late_vote && kSkip_ && !kInt8_;
   // Skip path only (the dense path's persistence is kPersistent): CTAs take state rows one after another.
   static constexpr bool kPersistentSkip = kVariantInfo.persistent_skip && kSkip_;
+  // Dense persistent path only: the last round's query tiles split by key ranges (SplitTailPlan, liteattn.h).
+  static constexpr bool kSplitTail = kVariantInfo.split_tail && kPersistent;
   static constexpr bool kInt8 = kInt8_;
   using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max>;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
@@ -191,6 +193,11 @@ struct FwdTraits {
     const float* q_scale = nullptr;     // INT8 mode: (B, H, Mt) per query block
     const float* k_scale = nullptr;     // INT8 mode: (B, H, Nt) per key block
     const float* q_mu = nullptr;        // INT8 mode: (B, H, S_q) q[i] . mu, added (x scale) to the LSE
+    // kSplitTail (SplitTailPlan, liteattn.h): split_chunks >= 2 when this call's tail is split; the tail's
+    // partial O (split_units, BM, D) and LSE (split_units, BM), float32 scratch merged by split_combine_kernel.
+    int split_chunks = 0, split_whole = 0, split_units = 0;
+    float* split_o = nullptr;
+    float* split_lse = nullptr;
   };
 };
 

@@ -40,8 +40,62 @@ struct FwdArgs {
   const float* q_scale = nullptr;
   const float* k_scale = nullptr;
   const float* q_mu = nullptr;
+  // Dense path with the split tail (KernelVariant::split_tail): float32 device scratch of
+  // split_workspace_floats(...) for the tail's partial results (nullptr: the tail is not split).
+  float* split_workspace = nullptr;
+  int64_t split_workspace_size = 0;  // its floats; a split that needs more is not taken
   void* stream = nullptr;            // cudaStream_t
 };
+
+// The dense path's wave tail (KernelVariant::split_tail). A persistent grid of G = SMs CTAs takes the T
+// query tiles round-robin, so T % G tiles run alone in a last round that leaves the other SMs idle (3072
+// tiles at 32760 x 12 x 128: 23 rounds and 36 tiles, 3 % of the time). With the split, the T % G tail
+// tiles are cut into `chunks` ranges of the key tiles each (every CTA takes at most one range), each range's
+// O (normalised) and LSE go to float32 scratch, and split_combine_kernel merges them by their LSEs.
+// chunks < 2: no split.
+struct SplitTailPlan {
+  int chunks = 0;   // key ranges per tail tile
+  int whole = 0;    // query tiles computed whole (a multiple of the grid)
+  int units = 0;    // tail tiles x chunks, one per CTA
+  int grid = 0;     // CTAs
+};
+constexpr int kSplitMaxChunks = 16, kSplitMinChunkTiles = 4;
+constexpr SplitTailPlan split_tail_plan(int64_t tiles, int sms, int num_n_tiles) {
+  SplitTailPlan plan;
+  const int64_t rounds = tiles / sms, tail = tiles - rounds * sms;
+  if (tail == 0) return plan;
+  int64_t chunks = sms / tail;
+  if (chunks > num_n_tiles / kSplitMinChunkTiles) chunks = num_n_tiles / kSplitMinChunkTiles;
+  if (chunks > kSplitMaxChunks) chunks = kSplitMaxChunks;
+  if (chunks < 2) return plan;
+  plan.chunks = int(chunks);
+  plan.whole = int(rounds * sms);
+  plan.units = int(tail * chunks);
+  plan.grid = rounds > 0 ? sms : plan.units;
+  return plan;
+}
+// Floats of scratch a split tail needs: units x BM x (D + 1) (each unit's O rows, then every unit's LSE rows).
+constexpr int64_t split_workspace_floats(const SplitTailPlan& plan, int bm, int head_dim) {
+  return plan.chunks < 2 ? 0 : int64_t(plan.units) * bm * (head_dim + 1);
+}
+// The current device's SM count (forward.cu).
+int device_sm_count();
+// The dense call's scratch (forward.cu: the variant of the call, the device's SM count); 0 when no split.
+int64_t dense_split_workspace_floats(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
+                                     bool int8);
+// split_combine.cu: each tail tile's rows from its chunks' partial O / LSE (natural log) into out and lse.
+struct SplitCombineArgs {
+  const float* partial_o = nullptr;    // (units, BM, D)
+  const float* partial_lse = nullptr;  // (units, BM)
+  void* out = nullptr;
+  float* lse = nullptr;
+  DType dtype = DType::kBFloat16;
+  int64_t out_stride_b = 0, out_stride_h = 0, out_stride_s = 0;
+  int heads = 0, seqlen_q = 0, num_m_tiles = 0, bm = 0, head_dim = 0;
+  int whole = 0, units = 0, chunks = 0;
+  void* stream = nullptr;
+};
+void launch_split_combine(const SplitCombineArgs& args);
 
 // Largest number of 32-bit state words per (b, h, m) row the skip kernel keeps in
 // shared memory: Nt <= max_state_words(head_dim, dtype) * 32 key tiles. The skip path's per-row
@@ -110,7 +164,7 @@ void quantize_qk(const QuantArgs& args);
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
 // bf16 (both Q/K modes; a variant that overrides BN only for the 16-bit dense path) and let the environment
 // variable LITEATTN_VARIANT pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch",
-// "persist", "treemax", "latevote", "persistskip", "widev", "bn176", "nolpt", joined by '+').
+// "persist", "treemax", "latevote", "persistskip", "widev", "splittail", "bn176", "nolpt", joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)
@@ -129,18 +183,19 @@ struct KernelVariant {
                          // while the consumers run (fwd_kernel.cuh, tile_scheduler.cuh)
   bool wide_v;         // V^T's shared-memory atoms laid out key-row-major, so that one TMA box per 64 head-dim
                        // columns loads a whole V tile (D / 64 boxes instead of D / 64 * BN / 8; fwd_traits.cuh)
+  bool split_tail;     // dense path, persistent: the last round's query tiles split by key ranges (SplitTailPlan)
 };
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
               kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048,
               kVariantLateVote = 4096, kVariantPersistSkip = 8192,
-              kVariantWideV = 16384;
+              kVariantWideV = 16384, kVariantSplitTail = 32768;
 // Bits 12-16 held the measured and removed poly / prewait / mmasum / pin / rowlazy / rowstores / peelmask variants
-// (NOTES.md); bits 12-14 are now latevote, persistskip and widev.
+// (NOTES.md); bits 12-15 are now latevote, persistskip, widev and splittail.
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
           16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,
           (id & kVariantPersistent) != 0, (id & kVariantTreeMax) != 0, (id & kVariantLateVote) != 0,
-          (id & kVariantPersistSkip) != 0, (id & kVariantWideV) != 0};
+          (id & kVariantPersistSkip) != 0, (id & kVariantWideV) != 0, (id & kVariantSplitTail) != 0};
 }
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
 // Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).
@@ -149,10 +204,11 @@ constexpr KernelVariant decode_variant(int id) {
 // Head dim 128: persistent CTAs on the skip path too (NOTES.md waves 11-14: racecheck-clean since wave 13's
 // hand-off fixes; f = 1 level, the structured case 10 % faster). Not at 64: f = 1 2-2.5 % slower and the demo
 // DiT's structured case level (wave 14 call 2).
+// Both: the dense path's last round split by key ranges where it leaves SMs idle (NOTES.md wave 15).
 constexpr int default_variant(int head_dim) {
   return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent | kVariantTreeMax | kVariantLateVote |
-                                kVariantWideV | kVariantPersistSkip
-         : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax | kVariantLateVote
+                                kVariantWideV | kVariantPersistSkip | kVariantSplitTail
+         : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax | kVariantLateVote | kVariantSplitTail
                           : 0;
 }
 

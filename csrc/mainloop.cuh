@@ -66,6 +66,17 @@ __device__ __forceinline__ decltype(auto) float_scores(Frag& acc) {
   else return cute::recast<float>(acc);
 }
 
+// The key tiles a CTA visits for `tile`, in order: the skip path's visit list, the dense path's visit order from
+// n0 (every tile once), or with the split tail `tile.key_count` of them from position `tile.key_begin` (all when
+// key_count is 0: a whole tile). The producer and the consumers build the same one.
+template <class Tr>
+__device__ __forceinline__ auto visit_order(StateBuffer const& state, QueryTile const& tile, int n0, int num_tiles) {
+  if constexpr (Tr::kSplitTail)
+    return TileRange(n0, num_tiles, tile.key_begin, tile.key_count ? tile.key_count : num_tiles);
+  else
+    return TileOrder<Tr::kSkip>(state.visit(), state.order, n0, num_tiles);
+}
+
 // Producer (one thread): Q of query tile m, then K and V^T of each visited tile, in the order of
 // the contract, into the ring. `iteration` is the CTA's tile count so far (TileSequence) and `write` the
 // ring position, kept across the tiles of a persistent CTA: Q is reloaded once every consumer warp has
@@ -95,7 +106,7 @@ __device__ __forceinline__ void producer_load(typename Tr::Params const& p, type
   copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full)), tQg, tQs);
 
   const int n0 = first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles);
-  for (TileOrder<Tr::kSkip> tiles(state.visit(), state.order, n0, p.num_n_tiles); tiles.more(); tiles.advance()) {
+  for (auto tiles = visit_order<Tr>(state, tile, n0, p.num_n_tiles); tiles.more(); tiles.advance()) {
     const int n = tiles.current();
     ss.k_empty[write.stage].wait(write.phase ^ 1);
     ss.k_full[write.stage].arrive_and_expect_tx(Tr::kKStageBytes);
@@ -193,8 +204,8 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
 
   Tensor tOrP = make_tensor<Element>(Layout<Shape<Shape<_2, _2, _2>, _1, Int<kBN / 16>>>{});
   ss.q_full.wait(iteration & 1);
-  TileOrder<Tr::kSkip> tiles(state.visit(), state.order, first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
-                             p.num_n_tiles);
+  auto tiles = visit_order<Tr>(state, tile, first_tile(tile.m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
+                               p.num_n_tiles);
   if (!tiles.more()) {
     release(ss.q_empty, lane);
     return;

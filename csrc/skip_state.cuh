@@ -162,6 +162,20 @@ struct TileOrder<false> {
   }
 };
 
+// Dense path with the split tail: `count` tiles of the dense visit order (n0, n0 + 1, ..., wrapping at num_tiles)
+// from position `begin` (< num_tiles).
+struct TileRange {
+  int n, remaining, num_tiles;
+  __device__ TileRange(int n0, int num_tiles_, int begin, int count)
+      : n(n0 + begin < num_tiles_ ? n0 + begin : n0 + begin - num_tiles_), remaining(count), num_tiles(num_tiles_) {}
+  __device__ __forceinline__ bool more() const { return remaining > 0; }
+  __device__ __forceinline__ int current() const { return n; }
+  __device__ __forceinline__ void advance() {
+    --remaining;
+    if (++n == num_tiles) n = 0;
+  }
+};
+
 // n0 of the contract, in 64-bit arithmetic.
 __device__ __forceinline__ int first_tile(int m, int bm, int bn, int seqlen_q, int seqlen_k, int num_tiles) {
   const int64_t start = (int64_t(m) * bm * seqlen_k) / (int64_t(seqlen_q) * bn);

@@ -26,6 +26,9 @@ namespace liteattn {
 
 struct QueryTile {
   int m, h, b;
+  // The split tail (kSplitTail): this CTA's part of the tile, `key_count` tiles of the dense visit order from
+  // position `key_begin`, its partial result going to scratch unit `unit`. unit < 0: the whole tile.
+  int key_begin = 0, key_count = 0, unit = -1;
 };
 
 // The query tile of state row (b * H + h) * Mt + m.
@@ -48,11 +51,11 @@ __device__ __forceinline__ QueryTile scheduled_tile(const Params& p) {
 //   the tiles c, c + G, c + 2G, ... of the linear order (m fastest, then h, then b), so the G tiles in
 //   flight are neighbours as in the one-tile grid's launch order, and one CTA's next Q and K load
 //   while its last P V and epilogue run.
-template <bool kPersistent>
+template <bool kPersistent, bool kSplitTail = false>
 struct TileSequence;
 
 template <>
-struct TileSequence<false> {
+struct TileSequence<false, false> {
   QueryTile current;
   int iteration = 0;
   template <class Params>
@@ -62,7 +65,7 @@ struct TileSequence<false> {
 };
 
 template <>
-struct TileSequence<true> {
+struct TileSequence<true, false> {
   QueryTile current;
   int iteration = 0;
   int linear, total, num_m_tiles, heads;
@@ -75,6 +78,42 @@ struct TileSequence<true> {
     ++iteration;
     linear += int(gridDim.x);
     current = tile_of_row(linear, num_m_tiles, heads);
+  }
+};
+
+// Persistent with the split tail (KernelVariant::split_tail; SplitTailPlan in liteattn.h): the tiles below
+// p.split_whole (a multiple of the grid) as above, then CTA c takes unit c of the tail when c < p.split_units:
+// tile split_whole + c / chunks, key range c % chunks of `chunks` near-equal ranges of the visit order.
+// split_chunks < 2 (no split this call): whole = total, no units.
+template <>
+struct TileSequence<true, true> {
+  QueryTile current;
+  int iteration = 0;
+  int linear, whole, end, num_m_tiles, heads, chunks, num_n_tiles;
+  template <class Params>
+  __device__ explicit TileSequence(const Params& p)
+      : linear(int(blockIdx.x)),
+        whole(p.split_chunks >= 2 ? p.split_whole : p.num_m_tiles * p.heads * p.batch),
+        end(p.split_chunks >= 2 ? p.split_whole + p.split_units : whole),
+        num_m_tiles(p.num_m_tiles), heads(p.heads), chunks(p.split_chunks), num_n_tiles(p.num_n_tiles) {
+    locate();
+  }
+  __device__ __forceinline__ bool more() const { return linear < end; }
+  __device__ __forceinline__ void advance() {
+    ++iteration;
+    linear += int(gridDim.x);
+    locate();
+  }
+  __device__ __forceinline__ void locate() {
+    if (linear < whole) {
+      current = tile_of_row(linear, num_m_tiles, heads);
+    } else if (linear < end) {
+      const int unit = linear - whole, chunk = unit % chunks;
+      current = tile_of_row(whole + unit / chunks, num_m_tiles, heads);
+      current.key_begin = chunk * num_n_tiles / chunks;
+      current.key_count = (chunk + 1) * num_n_tiles / chunks - current.key_begin;
+      current.unit = unit;
+    }
   }
 };
 

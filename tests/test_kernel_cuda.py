@@ -65,6 +65,11 @@ def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None
     must_skip = None if must_skip is None else must_skip.to(torch.int32).contiguous()
     do_ptr, n_do = ranges(must_do)
     skip_ptr, n_skip = ranges(must_skip)
+    # The dense path's split-tail scratch (csrc/liteattn.h, SplitTailPlan), poisoned: a partial result the combine
+    # reads before the kernel wrote it shows up as NaN.
+    floats = 0 if state is not None else _ext().dense_split_workspace_floats(
+        batch, heads, seqlen_q, k.shape[2], head_dim, str(q.dtype).removeprefix("torch."))
+    split = torch.full((max(floats, 1),), math.nan, device=q.device, dtype=torch.float32)
     _ext().forward(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
         batch=batch, heads=heads, seqlen_q=seqlen_q, seqlen_k=k.shape[2], head_dim=head_dim,
@@ -76,6 +81,7 @@ def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None
         must_do=do_ptr, num_must_do=n_do, must_skip=skip_ptr, num_must_skip=n_skip,
         stream=torch.cuda.current_stream().cuda_stream, schedule=schedule_ptr,
         work_counter=counter.data_ptr() if state is not None else 0,
+        split_workspace=split.data_ptr() if floats else 0, split_workspace_size=floats,
     )
     return out, lse
 
@@ -115,6 +121,68 @@ def test_dense_matches_reference(dtype, head_dim, seqlen, layout):
 def test_dense_long_sequence(dtype, head_dim):
     q, k, v = _qkv(1, 2, 32760, 32760, head_dim, dtype, "bshd", seed=1)
     check_against_reference(q, k, v)
+
+
+def _split_tail_shape(head_dim, dtype, batch, heads, tail, seqlen_k):
+    """seqlen_q (not a multiple of BM) whose B * H * Mt query tiles leave `tail` tiles after whole rounds of the
+    device's SMs (tail < 0: -tail tiles in all, fewer than the SMs)."""
+    from liteattn_ops.core.tiling import tile_shape
+
+    bm = tile_shape(head_dim, dtype)[0]
+    sms = _ext().device_sm_count()
+    tiles = -tail if tail < 0 else sms + tail
+    assert tiles % (batch * heads) == 0
+    return tiles // (batch * heads) * bm - bm // 3, sms
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("batch,heads,tail,seqlen_k", [(2, 3, 6, 4000), (1, 1, 3, 11000), (1, 2, -16, 8000)])
+def test_split_tail_matches_reference(dtype, head_dim, batch, heads, tail, seqlen_k):
+    # The dense path's last round cut into key ranges merged by their LSEs (SplitTailPlan): one round and a tail of
+    # 6 or 3 tiles, or (tail -16) fewer tiles than SMs; S_q and S_k not multiples of the tile, the partial key tile
+    # inside one range.
+    from liteattn_ops.core.tiling import tile_shape
+
+    seqlen_q, sms = _split_tail_shape(head_dim, dtype, batch, heads, tail, seqlen_k)
+    bm, bn = tile_shape(head_dim, dtype)
+    tiles = batch * heads * -(-seqlen_q // bm)
+    chunks, whole, units, grid = _ext().split_tail_plan(tiles, sms, -(-seqlen_k // bn))
+    floats = _ext().dense_split_workspace_floats(batch, heads, seqlen_q, seqlen_k, head_dim,
+                                                  str(dtype).removeprefix("torch."))
+    if floats == 0:
+        pytest.skip("this build's default variant does not split the tail")
+    assert chunks >= 2 and units == (tiles - whole) * chunks <= grid <= sms, (chunks, whole, units, grid)
+    q, k, v = _qkv(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, "bshd", seed=seqlen_k + tail)
+    check_against_reference(q, k, v)
+
+
+def test_split_tail_plan():
+    # (tiles, SMs, key tiles) -> (chunks, whole tiles, units, grid): the wave-tail split rule (csrc/liteattn.h).
+    plan = _ext().split_tail_plan
+    assert plan(3072, 132, 187) == (3, 3036, 108, 132)     # 32760 x 12 x 128: 23 rounds + 36 tiles
+    assert plan(4104, 132, 256) == (11, 4092, 132, 132)    # 32760 x 24 x 64: 31 rounds + 12
+    assert plan(140, 132, 8) == (2, 132, 16, 132)          # capped by the shortest range (4 key tiles)
+    assert plan(16, 132, 46) == (8, 0, 128, 128)           # fewer tiles than SMs
+    assert plan(3, 132, 1000)[0] == 16                     # at most 16 ranges
+    assert plan(384, 132, 24)[0] == 0                      # 120 tail tiles: nothing to gain
+    assert plan(3168, 132, 187)[0] == 0                    # no tail
+    assert plan(140, 132, 7)[0] == 0                       # ranges would be shorter than 4 key tiles
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_split_tail_nan_key_reaches_the_output(head_dim):
+    # A NaN key in one key range of the split tail: every row of its head is NaN, as without the split (the merge
+    # weights that range 0, and 0 x NaN is NaN); the other heads stay finite.
+    seqlen_q, _ = _split_tail_shape(head_dim, torch.bfloat16, 2, 3, 6, 4000)
+    if _ext().dense_split_workspace_floats(2, 3, seqlen_q, 4000, head_dim, "bfloat16") == 0:
+        pytest.skip("this build's default variant does not split the tail")
+    q, k, v = _qkv(2, 3, seqlen_q, 4000, head_dim, torch.bfloat16, "bshd", seed=5)
+    k[1, 2, 100, 7] = math.nan  # head (1, 2) holds the tail tiles: the last in the linear order
+    out, lse = run_kernel(q, k, v)
+    torch.cuda.synchronize()
+    assert out[1, 2].isnan().all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :2]).all() and torch.isfinite(lse[0]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,7 +7,7 @@ Runs this file again under each tool (`compute-sanitizer --tool T ... python too
 head dims 64 and 128, bf16 and fp16, S not a multiple of the tile, cross-attention (S_q != S_k),
 batch > 1, more KV tiles than pipeline stages (ring wrap-around), must-do / must-skip ranges, a
 second call that reads the state the first one wrote, forced live sets with empty rows (also with more
-rows than SMs), and the device-side query-tile schedule (the op path) as well as natural order (direct
+rows than SMs), the dense path's split wave tail, and the device-side query-tile schedule (the op path) as well as natural order (direct
 _C calls), and the INT8 Q/K mode (pre-pass + kernel, dense and skip with ranges, both head dims). Each case also checks its output
 against the float32 reference (INT8: against the INT8 emulation). Needs a Hopper GPU and the built extension.
 """
@@ -84,6 +84,21 @@ def worker() -> int:
         out, _ = direct(q, k, v)
         ref, _ = reference.attention_reference(q, k, v)
         check(f"dense d{head_dim} {str(dtype)[6:]} 2x{heads}x{sq}x{sk}", out, ref)
+
+    # Dense path with the split wave tail (csrc/liteattn.h, SplitTailPlan), through the op (which allocates the
+    # scratch), 16-bit and INT8: SMs + 3 query tiles, so the last 3 are cut into key ranges that other CTAs
+    # compute into the scratch and the merge kernel reads; S_q and S_k not multiples of the tile.
+    from liteattn_ops.core.tiling import tile_shape
+
+    for head_dim in (64, 128):
+        seqlen_q = (ext.device_sm_count() + 3) * tile_shape(head_dim, torch.bfloat16)[0] - 5
+        q, k, v = qkv(1, 1, seqlen_q, 1500, head_dim, torch.bfloat16)
+        splits = ext.dense_split_workspace_floats(1, 1, seqlen_q, 1500, head_dim, "bfloat16") > 0
+        for use_int8 in (False, True) if getattr(ext, "HAS_INT8", False) else (False,):
+            out, _ = torch.ops.liteattn.attention(q, k, v, None, use_int8)
+            ref, _ = reference.attention_reference(q, k, v, use_int8=use_int8)
+            check(f"dense{' int8' if use_int8 else ''} d{head_dim} 1x1x{seqlen_q}x1500"
+                  f"{' (split tail)' if splits else ''}", out, ref)
 
     # Skip path through the op (device schedule), 3 calls on one state, with must-do/must-skip
     # ranges on the 2nd and 3rd call. The 8-head case has more query tiles than SMs (288): a persistent skip

@@ -179,6 +179,13 @@ def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, thres
     extras = {} if int8 is None else dict(int8=True, q_scale=int8[0].data_ptr(), k_scale=int8[1].data_ptr(),
                                           q_mu=int8[2].data_ptr())
     with torch.cuda.device(v.device):
+        if state is None:
+            # Dense path: float32 scratch for the split wave tail (csrc/liteattn.h, SplitTailPlan), if it has one.
+            floats = ext.dense_split_workspace_floats(batch, heads, seqlen_q, k_kernel.shape[2], head_dim,
+                                                      str(v.dtype).removeprefix("torch."), int8 is not None)
+            if floats > 0:
+                split_workspace = torch.empty(floats, dtype=torch.float32, device=v.device)
+                extras.update(split_workspace=split_workspace.data_ptr(), split_workspace_size=floats)
         ext.forward(
             q=q_kernel.data_ptr(), k=k_kernel.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
             batch=batch, heads=heads, seqlen_q=seqlen_q, seqlen_k=k_kernel.shape[2], head_dim=head_dim,
