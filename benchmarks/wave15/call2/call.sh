@@ -6,7 +6,7 @@
 #   mkdir -p $OUT && bash benchmarks/wave15/call2/call.sh 2>&1 | tee $OUT/output.txt | tail -60   (carry [".whl"])
 set -u
 START=$(date +%s)
-left() { echo $(( 565 - ($(date +%s) - START) )); }
+left() { echo $(( 490 - ($(date +%s) - START) )); }
 export CMAKE_ARGS='-DLITEATTN_AB_VARIANTS=31747@128;7169@64'
 OUT=$OUT bash tools/gpu_suite.sh build || exit 1
 rm -f $OUT/build.log
