@@ -55,14 +55,17 @@ def _int8():
     return int8_cuda
 
 
-def run_int8(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None, schedule=True):
-    """Pre-pass + INT8 kernel with NaN-poisoned outputs; (out, lse). schedule as in test_kernel_cuda.run_kernel."""
+def run_int8(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None, schedule=True,
+             split_tail=True):
+    """Pre-pass + INT8 kernel with NaN-poisoned outputs; (out, lse). schedule and split_tail as in
+    test_kernel_cuda.run_kernel."""
     batch, heads, seqlen_q, head_dim = q.shape
     if state is not None and schedule is True:
         schedule = torch.full(state.shape[:3], SCHEDULE_POISON, device=q.device, dtype=torch.int32)
     out = torch.full((batch, seqlen_q, heads, head_dim), math.nan, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.full((batch, heads, seqlen_q), math.nan, device=q.device, dtype=torch.float32)
-    _int8().forward_int8(q, k, v, out, lse, state, threshold, must_do, must_skip, scale, schedule=schedule)
+    _int8().forward_int8(q, k, v, out, lse, state, threshold, must_do, must_skip, scale, schedule=schedule,
+                         split_tail=split_tail)
     return out, lse
 
 
@@ -291,7 +294,7 @@ def test_state_all_live_equals_dense(dtype, head_dim):
     state = new_state(2, 2, 1000, 1000, head_dim, dtype, "cuda")
     before = state.clone()
     out_sparse, lse_sparse = run_int8(q, k, v, state, torch.full((2,), -math.inf, device="cuda"))
-    out_dense, lse_dense = run_int8(q, k, v)
+    out_dense, lse_dense = run_int8(q, k, v, split_tail=False)  # the same loop (test_kernel_cuda's twin)
     assert torch.equal(out_sparse, out_dense) and torch.equal(lse_sparse, lse_dense)
     assert torch.equal(state, before)
 

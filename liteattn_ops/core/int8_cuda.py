@@ -81,16 +81,18 @@ def prepass(q: Tensor, k: Tensor) -> Prepass:
 
 def forward_int8(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, state: Optional[Tensor] = None,
                  threshold: Optional[Tensor] = None, must_do: Optional[Tensor] = None,
-                 must_skip: Optional[Tensor] = None, scale: Optional[float] = None, schedule=True) -> None:
+                 must_skip: Optional[Tensor] = None, scale: Optional[float] = None, schedule=True,
+                 split_tail: bool = True) -> None:
     """Pre-pass and INT8-mode kernel into caller-provided `out` (logical (B, H, S_q, D), q.dtype, even strides)
     and `lse` (B, H, S_q) float32 (the tests poison them). schedule: True (the op's path: the kernel orders
-    the query tiles in fresh scratch), False (natural order) or an int32 (B, H, Mt) scratch tensor."""
+    the query tiles in fresh scratch), False (natural order) or an int32 (B, H, Mt) scratch tensor.
+    split_tail: as in ops.launch_forward."""
     ext = _int8_extension()
     ops._check_cuda_device(q.device.index if q.device.index is not None else torch.cuda.current_device())
     v = ops._tma_ready(ext, v)
     quantized, q_mu = prepass(q, k)
     ops.launch_forward(ext, quantized.q8, quantized.k8, v, out, lse, q.shape, state, threshold, must_do, must_skip,
-                       scale, schedule, int8=(quantized.q_scale, quantized.k_scale, q_mu))
+                       scale, schedule, int8=(quantized.q_scale, quantized.k_scale, q_mu), split_tail=split_tail)
 
 
 def launch_int8(q: Tensor, k: Tensor, v: Tensor, state: Optional[Tensor], threshold: Optional[Tensor],

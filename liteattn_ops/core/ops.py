@@ -158,13 +158,15 @@ def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
 
 
 def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, threshold, must_do, must_skip, scale,
-                   schedule=True, int8=None) -> None:
+                   schedule=True, int8=None, split_tail=True) -> None:
     """One `_C.forward` call on the current stream, into `out` / `lse`: the argument assembly both modes share.
 
     q_kernel / k_kernel: what the kernel reads as Q and K (q and k themselves, or the INT8 pre-pass's int8
     buffers); qkv_shape: q's logical (B, H, S_q, D); k_kernel.shape[2] is S_k. schedule: True (fresh scratch in
     which the skip path orders the query tiles heaviest first), False (natural order) or an int32 (B, H, Mt)
-    scratch tensor. The skip path also gets one int32 of scratch for its work counter. int8: None, or (q_scale, k_scale, q_mu) of the pre-pass (INT8 Q/K mode)."""
+    scratch tensor. The skip path also gets one int32 of scratch for its work counter. int8: None, or (q_scale, k_scale, q_mu) of the pre-pass (INT8 Q/K mode).
+    split_tail: False runs the dense path without the split wave tail (no scratch; the tests compare the skip
+    path's loop against the dense path's bit for bit)."""
     batch, heads, seqlen_q, head_dim = qkv_shape
     # The kernel reads int32 (R, 2) ranges; these locals keep any converted copy alive until the
     # launch is queued (the caching allocator's stream order makes a later reuse safe).
@@ -179,7 +181,7 @@ def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, thres
     extras = {} if int8 is None else dict(int8=True, q_scale=int8[0].data_ptr(), k_scale=int8[1].data_ptr(),
                                           q_mu=int8[2].data_ptr())
     with torch.cuda.device(v.device):
-        if state is None:
+        if state is None and split_tail:
             # Dense path: float32 scratch for the split wave tail (csrc/liteattn.h, SplitTailPlan), if it has one.
             floats = ext.dense_split_workspace_floats(batch, heads, seqlen_q, k_kernel.shape[2], head_dim,
                                                       str(v.dtype).removeprefix("torch."), int8 is not None)
