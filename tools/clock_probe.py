@@ -2,7 +2,7 @@
 the SM clock and the board power, and the table gives time per call, median clock and power, and the time scaled to
 one common clock (time x MHz / 1000: proportional to cycles per call while the clock is steady).
 
-    python3 tools/clock_probe.py [--shape 32760,12,128] [--seconds 4]
+    python3 tools/clock_probe.py [--shape 32760,12,128] [--seconds 4] [--variants default,nosplittail]
 
 Used for issue 10's dense gap (NOTES.md, wave 15): INT8's 1.1x was found to be the clock, not the loop (wave 8, ncu);
 this asks the same of our bf16 kernel against cuDNN at boost clocks, where ncu cannot look (it locks the clock)."""
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import subprocess
 import time
@@ -56,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="32760,12,128", help="S,H,D (bf16, B = 1)")
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--variants", default="",
+                        help="A/B builds: LITEATTN_VARIANT values to probe our bf16 kernel with, in turn (e.g. default,nosplittail)")
     args = parser.parse_args()
     S, H, D = (int(x) for x in args.shape.split(","))
     # bench.py's layout: (B, S, H, D) storage seen as (B, H, S, D)
@@ -65,9 +68,21 @@ def main() -> None:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             F.scaled_dot_product_attention(q, k, v)
 
-    kernels = [("ours bf16", lambda: torch.ops.liteattn.attention(q, k, v)), ("cuDNN", cudnn),
-               ("ours int8", lambda: torch.ops.liteattn.attention(q, k, v, None, True))]
-    rows = [probe(name, fn, args.seconds) for name, fn in kernels + kernels[:2]]  # A B C A B: drift shows
+    def variant(name):
+        def run():
+            os.environ["LITEATTN_VARIANT"] = name
+            torch.ops.liteattn.attention(q, k, v)
+        return run
+
+    if args.variants:
+        kernels = [(f"ours {name}"[:10], variant(name)) for name in args.variants.split(",")] + [("cuDNN", cudnn)]
+        order = kernels + kernels  # A B C A B C
+    else:
+        kernels = [("ours bf16", lambda: torch.ops.liteattn.attention(q, k, v)), ("cuDNN", cudnn),
+                   ("ours int8", lambda: torch.ops.liteattn.attention(q, k, v, None, True))]
+        order = kernels + kernels[:2]  # A B C A B: drift shows
+    rows = [probe(name, fn, args.seconds) for name, fn in order]
+    os.environ.pop("LITEATTN_VARIANT", None)
     flops = 4 * S * S * H * D
     print(f"clock probe {S}x{H}x{D} bf16, {args.seconds:g} s per kernel, {torch.cuda.get_device_name()}")
     print(f"{'kernel':10} {'ms':>8} {'TFLOP/s':>8} {'SM MHz':>7} {'min':>5} {'W':>5} {'degC':>4} {'Mcycles':>8}")
