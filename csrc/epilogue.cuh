@@ -53,7 +53,14 @@ __device__ __forceinline__ void store_output(typename Tr::Params const& p, Query
     }
   }
   if constexpr (Tr::kSplitTail) {
-    if (tile.unit >= 0) return store_partial<Tr>(p, tile, row0, row_valid, lane, inv_sum, lse, tOrO);
+    if (tile.unit >= 0) {
+      // A range whose row sum is NaN marks its LSE NaN: the merged row then gets LSE -inf and O NaN, as the
+      // unsplit row does (its sum is NaN too), instead of a finite LSE from the other ranges.
+      float partial_lse[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) partial_lse[r] = isnan(quad_sum(softmax.row_sum[r])) ? NAN : lse[r];
+      return store_partial<Tr>(p, tile, row0, row_valid, lane, inv_sum, partial_lse, tOrO);
+    }
   }
   Element* out = p.out + tile.b * p.out_stride_b + tile.h * p.out_stride_h;
   cutlass::NumericArrayConverter<Element, float, 2> convert_pair;

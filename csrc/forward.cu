@@ -187,6 +187,10 @@ void forward(const FwdArgs& a) {
           "out must have a 4-byte aligned address and even (b, h, s) strides");
   require(reinterpret_cast<uint64_t>(a.lse) % 4 == 0, "lse must be 4-byte aligned float32");
   require(reinterpret_cast<uint64_t>(a.work_counter) % 4 == 0, "work_counter must be 4-byte aligned int32");
+  // The tail's partial results are stored as float2 pairs.
+  require(a.split_workspace_size >= 0, "split_workspace_size must be >= 0");
+  require(reinterpret_cast<uint64_t>(a.split_workspace) % 8 == 0,
+          "split_workspace must be an 8-byte aligned float32 buffer (the tail's partials are float2 stores)");
   if (a.state) {
     const auto tile = tile_shape(a.head_dim, a.dtype);
     const int64_t num_n_tiles = (int64_t(a.seqlen_k) + tile.bn - 1) / tile.bn;

@@ -1,9 +1,9 @@
 // The split tail's merge (SplitTailPlan, liteattn.h): each tail tile's `chunks` key ranges were computed by
 // different CTAs into float32 scratch, O normalised by the range's own row sum and the range's LSE (natural
 // log). Row i's result is sum_c w_c O_c with w_c = exp(lse_c - lse), lse = log sum_c exp(lse_c): a range whose
-// row sum was 0 (or NaN) has lse -inf and weight 0, and a row with no weight at all gets LSE = -inf, as the
-// forward kernel writes such a row. Every range is added, weight 0 too, so a NaN in a range's O (NaN scores)
-// reaches the output as it does unsplit (O x 0). Host launch on the forward's stream, right after it.
+// row sum was 0 has lse -inf and weight 0, and a row with no weight at all gets LSE = -inf, as the forward
+// kernel writes such a row. A range whose row sum was NaN (NaN scores) stored lse NaN: the row gets O = NaN and
+// LSE = -inf, what the unsplit kernel writes for a NaN row sum. Host launch on the forward's stream, right after it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,12 +36,17 @@ __global__ void __launch_bounds__(32 * kCombineWarps) split_combine_kernel(const
   if (local >= a.bm || row >= a.seqlen_q) return;
   const int unit0 = tail_tile * a.chunks;
   float lse_max = -INFINITY;
-  for (int c = 0; c < a.chunks; ++c) lse_max = fmaxf(lse_max, a.partial_lse[int64_t(unit0 + c) * a.bm + local]);
+  bool nan_sum = false;
+  for (int c = 0; c < a.chunks; ++c) {
+    const float l = a.partial_lse[int64_t(unit0 + c) * a.bm + local];
+    nan_sum |= isnan(l);
+    lse_max = fmaxf(lse_max, l);
+  }
   float weight[kSplitMaxChunks], total = 0.f;
 #pragma unroll
   for (int c = 0; c < kSplitMaxChunks; ++c) {
     const float l = c < a.chunks ? a.partial_lse[int64_t(unit0 + c) * a.bm + local] : -INFINITY;
-    weight[c] = lse_max == -INFINITY || l == -INFINITY ? 0.f : expf(l - lse_max);
+    weight[c] = lse_max == -INFINITY || !(l > -INFINITY) ? 0.f : expf(l - lse_max);
     total += weight[c];
   }
   const float inv_total = total > 0.f ? 1.f / total : 0.f;
@@ -52,9 +57,10 @@ __global__ void __launch_bounds__(32 * kCombineWarps) split_combine_kernel(const
 #pragma unroll
     for (int c = 0; c < kSplitMaxChunks; ++c)
       if (c < a.chunks) o += weight[c] * a.partial_o[(int64_t(unit0 + c) * a.bm + local) * a.head_dim + d];
-    out[d] = to_element<Element>(o * inv_total);
+    out[d] = to_element<Element>(nan_sum ? NAN : o * inv_total);
   }
-  if (lane == 0) a.lse[int64_t(bh) * a.seqlen_q + row] = total > 0.f ? lse_max + logf(total) : -INFINITY;
+  if (lane == 0)
+    a.lse[int64_t(bh) * a.seqlen_q + row] = total > 0.f && !nan_sum ? lse_max + logf(total) : -INFINITY;
 }
 
 }  // namespace

@@ -46,11 +46,12 @@ SCHEDULE_POISON = -7
 
 
 def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None, schedule=True,
-               split_tail=True):
+               split_tail=True, return_scratch=False):
     """_C.forward with outputs poisoned with NaN. Returns (out, lse). With a state and schedule=True
     (the op's path) the kernel orders the query tiles itself in a poisoned scratch buffer; a tensor
     passed as `schedule` is used as that buffer; schedule=False runs them in natural order.
-    split_tail=False: the dense path without the split wave tail (no scratch passed)."""
+    split_tail=False: the dense path without the split wave tail (no scratch passed); return_scratch=True:
+    (out, lse, the split tail's float32 scratch as the kernel left it)."""
     batch, heads, seqlen_q, head_dim = q.shape
     if state is not None and schedule is True:
         schedule = torch.full(state.shape[:3], SCHEDULE_POISON, device=q.device, dtype=torch.int32)
@@ -85,7 +86,7 @@ def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None
         work_counter=counter.data_ptr() if state is not None else 0,
         split_workspace=split.data_ptr() if floats else 0, split_workspace_size=floats,
     )
-    return out, lse
+    return (out, lse, split) if return_scratch else (out, lse)
 
 
 def rel_err(x, ref):
@@ -155,8 +156,19 @@ def test_split_tail_matches_reference(dtype, head_dim, batch, heads, tail, seqle
     if floats == 0:
         pytest.skip("this build's default variant does not split the tail")
     assert chunks >= 2 and units == (tiles - whole) * chunks <= grid <= sms, (chunks, whole, units, grid)
+    assert floats == units * bm * (head_dim + 1)
     q, k, v = _qkv(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, "bshd", seed=seqlen_k + tail)
-    check_against_reference(q, k, v)
+    ref_out, ref_lse = reference.attention_reference(q, k, v)
+    out, lse, scratch = run_kernel(q, k, v, return_scratch=True)
+    torch.cuda.synchronize()
+    assert rel_err(out, ref_out) <= TOL and rel_err(lse, ref_lse) <= TOL
+    # The split really ran: every valid row of every tail tile's ranges wrote its partial O and LSE into the
+    # NaN-poisoned scratch (a call that fell back to the unsplit loop leaves it all NaN); rows past S_q did not.
+    mt = -(-seqlen_q // bm)
+    valid_rows = sum(min(bm, seqlen_q - (t % mt) * bm) for t in range(whole, tiles))
+    partial_o, partial_lse = scratch[:units * bm * head_dim], scratch[units * bm * head_dim:]
+    assert (~partial_lse.isnan()).sum().item() == valid_rows * chunks
+    assert (~partial_o.isnan()).sum().item() == valid_rows * chunks * head_dim
 
 
 def test_split_tail_plan():
@@ -182,8 +194,11 @@ def test_split_tail_nan_key_reaches_the_output(head_dim):
     q, k, v = _qkv(2, 3, seqlen_q, 4000, head_dim, torch.bfloat16, "bshd", seed=5)
     k[1, 2, 100, 7] = math.nan  # head (1, 2) holds the tail tiles: the last in the linear order
     out, lse = run_kernel(q, k, v)
+    unsplit_out, unsplit_lse = run_kernel(q, k, v, split_tail=False)
     torch.cuda.synchronize()
-    assert out[1, 2].isnan().all()
+    assert out[1, 2].isnan().all() and unsplit_out[1, 2].isnan().all()
+    # LSE of a NaN row: -inf (its row sum is NaN), split or not -- not a finite LSE from the other key ranges.
+    assert torch.equal(lse[1, 2], unsplit_lse[1, 2]) and (lse[1, 2] == -math.inf).all()
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :2]).all() and torch.isfinite(lse[0]).all()
 
 
@@ -452,6 +467,17 @@ def test_bad_inputs_raise():
                     out_stride=out.stride()[:3], scale=0.1, state=state.data_ptr(), threshold=0,
                     must_do=0, num_must_do=0, must_skip=0, num_must_skip=0,
                     stream=torch.cuda.current_stream().cuda_stream)
+    with pytest.raises(ValueError, match="split_workspace must be an 8-byte aligned"):
+        out = torch.empty(1, 256, 2, 128, device="cuda", dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty(1, 2, 256, device="cuda")
+        scratch = torch.empty(1 << 20, device="cuda")
+        ext.forward(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
+                    batch=1, heads=2, seqlen_q=256, seqlen_k=256, head_dim=128, dtype="bfloat16",
+                    q_stride=q.stride()[:3], k_stride=k.stride()[:3], v_stride=v.stride()[:3],
+                    out_stride=out.stride()[:3], scale=0.1, state=0, threshold=0,
+                    must_do=0, num_must_do=0, must_skip=0, num_must_skip=0,
+                    stream=torch.cuda.current_stream().cuda_stream,
+                    split_workspace=scratch.data_ptr() + 4, split_workspace_size=(1 << 20) - 1)
     assert ext.tma_compatible(q.data_ptr(), q.stride()[:3]) and not ext.tma_compatible(q.data_ptr() + 2, q.stride()[:3])
     assert ext.tile_shape(128, "bfloat16") == liteattn_ops.tile_shape(128, torch.bfloat16)
     # The op copies a TMA-incompatible view instead of failing.
