@@ -89,8 +89,9 @@ PYBIND11_MODULE(_C, m) {
       "and updated in place. schedule (skip path, optional): B*H*Mt int32 of device scratch for the "
       "heaviest-first query-tile order; 0 runs the query tiles in natural order. work_counter (skip path, optional): "
       "one int32 of device scratch, the persistent skip kernel's shared count of the rows handed out (zeroed by the "
-      "call); 0: each CTA takes every G-th row. split_workspace (dense path, optional): float32 device scratch of "
-      "split_workspace_size floats (dense_split_workspace_floats) for the split wave tail; 0: the tail is not split. "
+      "call); 0: each CTA takes every G-th row. split_workspace (optional): float32 device scratch of "
+      "split_workspace_size floats (dense_split_workspace_floats, or skip_split_workspace_floats with a state) for "
+      "the split wave tail; 0: the tail is not split. "
       "int8=True: INT8 Q/K mode, q and k "
       "are the int8 (B, H, S, D) buffers of quantize_qk (strides in bytes), q_scale / k_scale / q_mu its float32 "
       "outputs, dtype that of v and out. Raises ValueError on bad arguments.");
@@ -165,6 +166,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("int8") = false,
       "float32 scratch the dense call of this shape needs for its split wave tail on the current device "
       "(0: the tail is not split: no split_tail variant, or no tail worth splitting).");
+  m.def(
+      "skip_split_workspace_floats",
+      [](int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, const std::string& dtype, bool int8) {
+        return liteattn::skip_split_workspace_floats(batch, heads, seqlen_q, seqlen_k, head_dim, parse_dtype(dtype),
+                                                     int8);
+      },
+      py::arg("batch"), py::arg("heads"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
+      py::arg("dtype"), py::arg("int8") = false,
+      "float32 scratch the skip-path call of this shape needs for its split wave tail (partial O and LSE, and the "
+      "tail rows' tile maxima for the deferred votes) on the current device (0: not split: no split_skip variant, "
+      "or no tail worth splitting).");
   m.def(
       "split_tail_plan",
       [](int64_t tiles, int sms, int num_n_tiles) {

@@ -12,7 +12,7 @@
 
 namespace liteattn {
 
-// The split tail (kSplitTail): one key range's O (normalised by its own row sum) and LSE, float32, into scratch
+// The split tail (kSplitTail, kSplitSkip): one key range's O (normalised by its own row sum) and LSE, float32, into scratch
 // unit tile.unit (rows relative to the tile); split_combine_kernel merges the ranges of a tile.
 template <class Tr, class TensorO>
 __device__ __forceinline__ void store_partial(typename Tr::Params const& p, QueryTile tile, int row0,
@@ -52,7 +52,7 @@ __device__ __forceinline__ void store_output(typename Tr::Params const& p, Query
       lse[r] = sum > 0.f ? (softmax.ref_max(r) + log2f(sum)) * p.ln2 : -INFINITY;
     }
   }
-  if constexpr (Tr::kSplitTail) {
+  if constexpr (Tr::kSplitTail || Tr::kSplitSkip) {
     if (tile.unit >= 0) {
       // A range whose row sum is NaN marks its LSE NaN: the merged row then gets LSE -inf and O NaN, as the
       // unsplit row does (its sum is NaN too), instead of a finite LSE from the other ranges.

@@ -21,7 +21,7 @@ int element_bytes(DType) { return 2; }
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
 // "persist" / "nopersist", "treemax" / "notreemax", "latevote" / "nolatevote", "persistskip" / "nopersistskip",
-// "widev" / "nowidev", "splittail" / "nosplittail", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
+// "widev" / "nowidev", "splittail" / "nosplittail", "splitskip" / "nosplitskip", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
 // per call, so one process can time several variants.
 struct CallVariant {
   int id;
@@ -63,6 +63,8 @@ CallVariant variant_of_call(int head_dim) {
       set_bit(kVariantWideV, token == "widev");
     } else if (token == "splittail" || token == "nosplittail") {
       set_bit(kVariantSplitTail, token == "splittail");
+    } else if (token == "splitskip" || token == "nosplitskip") {
+      set_bit(kVariantSplitSkip, token == "splitskip");
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -74,7 +76,7 @@ CallVariant variant_of_call(int head_dim) {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
                          "nomaskbranch, persist, nopersist, treemax, notreemax, latevote, nolatevote, persistskip, "
-                         "nopersistskip, widev, nowidev, splittail, nosplittail, bn<N>, nolpt)");
+                         "nopersistskip, widev, nowidev, splittail, nosplittail, splitskip, nosplitskip, bn<N>, nolpt)");
     }
     start = end + 1;
   }
@@ -145,6 +147,18 @@ int64_t dense_split_workspace_floats(int batch, int heads, int seqlen_q, int seq
   const int bn = v.bn ? v.bn : tile.bn;  // a bn<N> variant's own key tile (the dense path's)
   const int num_n_tiles = int((int64_t(seqlen_k) + bn - 1) / bn);
   return split_workspace_floats(split_tail_plan(tiles, device_sm_count(), num_n_tiles), tile.bm, head_dim);
+}
+
+int64_t skip_split_workspace_floats(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
+                                    bool int8) {
+  const TileShape tile = tile_shape(head_dim, dtype);
+  const KernelVariant v = decode_variant(variant_of_call(head_dim).id);
+  if (tile.bm == 0 || !v.split_skip || batch < 1 || heads < 1 || seqlen_q < 1 || seqlen_k < 1) return 0;
+  (void)int8;  // both Q/K modes' skip kernels use the table's tile
+  const int64_t tiles = (int64_t(seqlen_q) + tile.bm - 1) / tile.bm * heads * batch;
+  const int num_n_tiles = int((int64_t(seqlen_k) + tile.bn - 1) / tile.bn);
+  return split_workspace_floats(split_tail_plan(tiles, device_sm_count(), num_n_tiles), tile.bm, head_dim,
+                                /*skip=*/true, num_n_tiles);
 }
 
 void forward(const FwdArgs& a) {

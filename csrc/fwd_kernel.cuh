@@ -39,6 +39,13 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
 
   TileVote<Tr::kSkip> vote;
   if constexpr (Tr::kSkip) vote = {p.threshold[tile.h], {row_valid[0], row_valid[1]}, state.warp_keep(thread / 32), lane};
+  if constexpr (Tr::kSplitSkip) {
+    if (tile.unit >= 0) {  // a unit of the split tail: records instead of votes (skip_state.cuh, TileVote)
+      vote.records = p.split_records + int64_t(tile.unit / p.split_chunks) * p.num_n_tiles * Tr::kBM;
+      vote.record_row = row0 - tile.m * Tr::kBM;
+      vote.bm = Tr::kBM;
+    }
+  }
 
   // INT8 mode: the LSE correction of this thread's two rows, loaded before the mainloop (its latency hides there).
   float lse_bias_log2[2] = {0.f, 0.f};
@@ -61,6 +68,8 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 
   if constexpr (Tr::kSkip && !Tr::kPersistentSkip) {
+    if constexpr (Tr::kSplitSkip)
+      if (tile.unit >= 0) return;  // split_vote_kernel writes a split row's state
     // Every consumer warp's verdicts are in the buffer (CUTLASS's bar.sync has no memory clobber).
     cutlass::arch::NamedBarrier::sync(Tr::kConsumerThreads, static_cast<uint32_t>(NamedBarrier::kConsumersDone));
     asm volatile("" ::: "memory");
@@ -96,7 +105,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
     cutlass::arch::fence_barrier_init();
   }
   // One tile per CTA on the skip path: the whole CTA reads its row's state first.
-  const QueryTile tile = kOneTileSkip ? scheduled_tile(p) : QueryTile{0, 0, 0};
+  QueryTile tile{0, 0, 0};
+  if constexpr (kOneTileSkip) {
+    if (Tr::kSplitSkip && p.split_chunks >= 2) {  // a 1-D grid of the work list's items (tile_scheduler.cuh)
+      int unit;
+      const int row = skip_item_row(p, blockIdx.x, unit);
+      tile = with_unit(tile_of_row(row, p.num_m_tiles, p.heads), unit, p.split_chunks);
+    } else {
+      tile = scheduled_tile(p);
+    }
+  }
   const StateBuffer one_buffer = StateBuffer::of(ss.state_words, ss.order, Tr::kStateWords, 1, 0, Tr::kConsumerWarps);
   if constexpr (kOneTileSkip)
     load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, state_row_of(p, tile), one_buffer, threadIdx.x, blockDim.x);
@@ -117,11 +135,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
         for (int it = 0;; ++it) {
           const int row = rows.wait_row(it);
           if (row < 0) break;
-          producer_load<Tr>(p, ss, tile_of_row(row, p.num_m_tiles, p.heads), it, write, rows.buffer(it));
+          producer_load<Tr>(p, ss, rows.tile(it, row, p), it, write, rows.buffer(it));
           // Done with the buffer. Not implied by the consumers' arrivals: a row with no visited tile has no K load
           // between this thread's read of its visit words and the consumers' release.
           release_buffer(*rows.done_barrier(it));
         }
+      } else if constexpr (kOneTileSkip && Tr::kSplitSkip) {  // the tile of the work list (above)
+        producer_load<Tr>(p, ss, tile, 0, write, one_buffer);
       } else {
         for (TileSequence<Tr::kPersistent, Tr::kSplitTail> seq(p); seq.more(); seq.advance())
           producer_load<Tr>(p, ss, seq.current, seq.iteration, write, one_buffer);
@@ -138,9 +158,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
       for (int it = 0;; ++it) {
         const int row = rows.wait_row(it);
         if (row < 0) break;
-        consumer_warpgroup<Tr>(p, ss, rows.buffer(it), rows.done_barrier(it), tile_of_row(row, p.num_m_tiles, p.heads),
-                               it, k_read, v_read, warpgroup - 1, threadIdx.x - 128);
+        consumer_warpgroup<Tr>(p, ss, rows.buffer(it), rows.done_barrier(it), rows.tile(it, row, p), it, k_read,
+                               v_read, warpgroup - 1, threadIdx.x - 128);
       }
+    } else if constexpr (kOneTileSkip && Tr::kSplitSkip) {  // the tile of the work list (above)
+      consumer_warpgroup<Tr>(p, ss, one_buffer, nullptr, tile, 0, k_read, v_read, warpgroup - 1, threadIdx.x - 128);
     } else {
       for (TileSequence<Tr::kPersistent, Tr::kSplitTail> seq(p); seq.more(); seq.advance())
         consumer_warpgroup<Tr>(p, ss, one_buffer, nullptr, seq.current, seq.iteration, k_read, v_read, warpgroup - 1,

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "fwd_kernel.cuh"
+#include "split_vote.cuh"
 
 namespace liteattn {
 
@@ -111,6 +112,25 @@ void run_fwd(const FwdArgs& a) {
       }
     }
   }
+  if constexpr (Tr::kSplitSkip) {
+    // The last round of the work list (the grid's G = SMs rows at a time: one CTA per SM on both skip grids) cut
+    // into chunks of the visit lists; the votes of those rows in split_vote_kernel.
+    const int sms = device_sm_count();
+    const int64_t tiles = int64_t(p.num_m_tiles) * a.heads * a.batch;
+    split = split_tail_plan(tiles, sms, p.num_n_tiles);
+    const int64_t floats = split_workspace_floats(split, Tr::kBM, kHeadDim, /*skip=*/true, p.num_n_tiles);
+    if (split.chunks >= 2 && a.split_workspace != nullptr && floats <= a.split_workspace_size) {
+      p.split_chunks = split.chunks;
+      p.split_whole = split.whole;
+      p.split_units = split.units;
+      p.split_o = a.split_workspace;
+      p.split_lse = a.split_workspace + int64_t(split.units) * Tr::kBM * kHeadDim;
+      p.split_records = p.split_lse + int64_t(split.units) * Tr::kBM;
+      grid = Tr::kPersistentSkip ? dim3(unsigned(split.grid)) : dim3(unsigned(split.whole + split.units));
+    } else {
+      split = SplitTailPlan{};
+    }
+  }
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, static_cast<cudaStream_t>(a.stream)>>>(p);
   check_cuda(cudaGetLastError(), "forward kernel launch");
   if (split.chunks >= 2) {
@@ -131,9 +151,18 @@ void run_fwd(const FwdArgs& a) {
     c.whole = split.whole;
     c.units = split.units;
     c.chunks = split.chunks;
+    c.schedule = Tr::kSkip ? p.schedule : nullptr;
     c.stream = a.stream;
     launch_split_combine(c);
     check_cuda(cudaGetLastError(), "split-tail combine kernel launch");
+    if constexpr (Tr::kSplitSkip) {
+      auto vote_kernel = split_vote_kernel<Tr>;
+      const int smem = split_vote_smem_bytes<Tr>(p.num_state_words);
+      check_cuda(cudaFuncSetAttribute(vote_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                 "cudaFuncSetAttribute(split vote shared memory)");
+      vote_kernel<<<unsigned(split.units / split.chunks), Tr::kBM, smem, static_cast<cudaStream_t>(a.stream)>>>(p);
+      check_cuda(cudaGetLastError(), "split-tail vote kernel launch");
+    }
   }
 }
 

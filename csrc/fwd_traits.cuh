@@ -53,6 +53,9 @@ struct FwdTraits {
   static constexpr bool kPersistentSkip = kVariantInfo.persistent_skip && kSkip_;
   // Dense persistent path only: the last round's query tiles split by key ranges (SplitTailPlan, liteattn.h).
   static constexpr bool kSplitTail = kVariantInfo.split_tail && kPersistent;
+  // Skip path (both grids): the last round's rows split by ranges of their visit lists, their votes deferred
+  // (split_vote.cuh).
+  static constexpr bool kSplitSkip = kVariantInfo.split_skip && kSkip_;
   static constexpr bool kInt8 = kInt8_;
   using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max>;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
@@ -165,6 +168,7 @@ struct FwdTraits {
     // state_full when the producer's reader warp has filled it, state_empty when every consumer thread has
     // recorded its last vote in it and the TMA thread has read its last visit-list entry.
     int32_t state_row[2];
+    int32_t state_unit[2];  // kSplitSkip: the row's split-tail unit (SplitTailPlan), -1: the whole row
     cutlass::arch::ClusterBarrier state_full[2];
     cutlass::arch::ClusterBarrier state_empty[2];
   };
@@ -193,11 +197,14 @@ struct FwdTraits {
     const float* q_scale = nullptr;     // INT8 mode: (B, H, Mt) per query block
     const float* k_scale = nullptr;     // INT8 mode: (B, H, Nt) per key block
     const float* q_mu = nullptr;        // INT8 mode: (B, H, S_q) q[i] . mu, added (x scale) to the LSE
-    // kSplitTail (SplitTailPlan, liteattn.h): split_chunks >= 2 when this call's tail is split; the tail's
-    // partial O (split_units, BM, D) and LSE (split_units, BM), float32 scratch merged by split_combine_kernel.
+    // kSplitTail / kSplitSkip (SplitTailPlan, liteattn.h): split_chunks >= 2 when this call's tail is split; the
+    // tail's partial O (split_units, BM, D) and LSE (split_units, BM), float32 scratch merged by
+    // split_combine_kernel; kSplitSkip: the tail tiles' row maxima (split_units / split_chunks, Nt, BM) for
+    // split_vote_kernel.
     int split_chunks = 0, split_whole = 0, split_units = 0;
     float* split_o = nullptr;
     float* split_lse = nullptr;
+    float* split_records = nullptr;
   };
 };
 

@@ -40,8 +40,8 @@ struct FwdArgs {
   const float* q_scale = nullptr;
   const float* k_scale = nullptr;
   const float* q_mu = nullptr;
-  // Dense path with the split tail (KernelVariant::split_tail): float32 device scratch of
-  // split_workspace_floats(...) for the tail's partial results (nullptr: the tail is not split).
+  // The split tail (KernelVariant::split_tail on the dense path, split_skip on the skip path): float32 device
+  // scratch of split_workspace_floats(...) for the tail's partial results (nullptr: the tail is not split).
   float* split_workspace = nullptr;
   int64_t split_workspace_size = 0;  // its floats; a split that needs more is not taken
   void* stream = nullptr;            // cudaStream_t
@@ -74,15 +74,24 @@ constexpr SplitTailPlan split_tail_plan(int64_t tiles, int sms, int num_n_tiles)
   plan.grid = rounds > 0 ? sms : plan.units;
   return plan;
 }
-// Floats of scratch a split tail needs: units x BM x (D + 1) (each unit's O rows, then every unit's LSE rows).
-constexpr int64_t split_workspace_floats(const SplitTailPlan& plan, int bm, int head_dim) {
-  return plan.chunks < 2 ? 0 : int64_t(plan.units) * bm * (head_dim + 1);
+// Floats of scratch a split tail needs: units x BM x (D + 1) (each unit's O rows, then every unit's LSE rows);
+// on the skip path (KernelVariant::split_skip) also tail tiles x Nt x BM: each visited key tile's row maxima
+// (log2 units; NaN where the row's sum had turned non-finite), from which split_vote_kernel takes the skip
+// decisions once the whole row is known, in the visit order of the contract.
+constexpr int64_t split_workspace_floats(const SplitTailPlan& plan, int bm, int head_dim, bool skip = false,
+                                         int num_n_tiles = 0) {
+  if (plan.chunks < 2) return 0;
+  const int64_t records = skip ? int64_t(plan.units / plan.chunks) * num_n_tiles * bm : 0;
+  return int64_t(plan.units) * bm * (head_dim + 1) + records;
 }
 // The current device's SM count (forward.cu).
 int device_sm_count();
 // The dense call's scratch (forward.cu: the variant of the call, the device's SM count); 0 when no split.
 int64_t dense_split_workspace_floats(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
                                      bool int8);
+// The skip path's (KernelVariant::split_skip); 0 when no split.
+int64_t skip_split_workspace_floats(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
+                                    bool int8);
 // split_combine.cu: each tail tile's rows from its chunks' partial O / LSE (natural log) into out and lse.
 struct SplitCombineArgs {
   const float* partial_o = nullptr;    // (units, BM, D)
@@ -93,6 +102,8 @@ struct SplitCombineArgs {
   int64_t out_stride_b = 0, out_stride_h = 0, out_stride_s = 0;
   int heads = 0, seqlen_q = 0, num_m_tiles = 0, bm = 0, head_dim = 0;
   int whole = 0, units = 0, chunks = 0;
+  // The skip path's query-tile order (tail tile t is the state row schedule[whole + t]); null: row whole + t.
+  const int32_t* schedule = nullptr;
   void* stream = nullptr;
 };
 void launch_split_combine(const SplitCombineArgs& args);
@@ -164,7 +175,7 @@ void quantize_qk(const QuantArgs& args);
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
 // bf16 (both Q/K modes; a variant that overrides BN only for the 16-bit dense path) and let the environment
 // variable LITEATTN_VARIANT pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch",
-// "persist", "treemax", "latevote", "persistskip", "widev", "splittail", "bn176", "nolpt", joined by '+').
+// "persist", "treemax", "latevote", "persistskip", "widev", "splittail", "splitskip", "bn176", "nolpt", joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)
@@ -184,18 +195,21 @@ struct KernelVariant {
   bool wide_v;         // V^T's shared-memory atoms laid out key-row-major, so that one TMA box per 64 head-dim
                        // columns loads a whole V tile (D / 64 boxes instead of D / 64 * BN / 8; fwd_traits.cuh)
   bool split_tail;     // dense path, persistent: the last round's query tiles split by key ranges (SplitTailPlan)
+  bool split_skip;     // skip path: the same for the last round's rows, by ranges of their visit lists; the votes
+                       // of those rows deferred to split_vote_kernel (split_vote.cuh)
 };
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
               kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048,
               kVariantLateVote = 4096, kVariantPersistSkip = 8192,
-              kVariantWideV = 16384, kVariantSplitTail = 32768;
+              kVariantWideV = 16384, kVariantSplitTail = 32768, kVariantSplitSkip = 65536;
 // Bits 12-16 held the measured and removed poly / prewait / mmasum / pin / rowlazy / rowstores / peelmask variants
-// (NOTES.md); bits 12-15 are now latevote, persistskip, widev and splittail.
+// (NOTES.md); bits 12-16 are now latevote, persistskip, widev, splittail and splitskip.
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
           16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,
           (id & kVariantPersistent) != 0, (id & kVariantTreeMax) != 0, (id & kVariantLateVote) != 0,
-          (id & kVariantPersistSkip) != 0, (id & kVariantWideV) != 0, (id & kVariantSplitTail) != 0};
+          (id & kVariantPersistSkip) != 0, (id & kVariantWideV) != 0, (id & kVariantSplitTail) != 0,
+          (id & kVariantSplitSkip) != 0};
 }
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
 // Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).

@@ -68,11 +68,15 @@ __device__ __forceinline__ decltype(auto) float_scores(Frag& acc) {
 
 // The key tiles a CTA visits for `tile`, in order: the skip path's visit list, the dense path's visit order from
 // n0 (every tile once), or with the split tail `tile.key_count` of them from position `tile.key_begin` (all when
-// key_count is 0: a whole tile). The producer and the consumers build the same one.
+// key_count is 0: a whole tile); the skip path's split tail (kSplitSkip): chunk key_begin of key_count chunks of
+// the visit list (key_count 0: all of it). The producer and the consumers build the same one.
 template <class Tr>
 __device__ __forceinline__ auto visit_order(StateBuffer const& state, QueryTile const& tile, int n0, int num_tiles) {
   if constexpr (Tr::kSplitTail)
     return TileRange(n0, num_tiles, tile.key_begin, tile.key_count ? tile.key_count : num_tiles);
+  else if constexpr (Tr::kSplitSkip)
+    return TileOrder<true>(state.visit(), state.order, n0, num_tiles, tile.key_begin,
+                           tile.key_count ? tile.key_count : 1);
   else
     return TileOrder<Tr::kSkip>(state.visit(), state.order, n0, num_tiles);
 }
@@ -182,7 +186,17 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     float tile_max[2], old_max[2];
   } pending;
   auto record_pending = [&] {
-    if constexpr (Tr::kLateVote) vote.record(pending.n, vote.keeps(pending.tile_max, pending.old_max, softmax.row_sum));
+    if constexpr (Tr::kLateVote) {
+      if constexpr (Tr::kSplitSkip) vote.note(pending.n, pending.tile_max, pending.old_max, softmax.row_sum);
+      else vote.record(pending.n, vote.keeps(pending.tile_max, pending.old_max, softmax.row_sum));
+    }
+  };
+  // The vote (or kSplitSkip's records) in the softmax, without kLateVote.
+  auto record_now = [&](int tile_n, bool keep) {
+    if constexpr (!Tr::kLateVote) {
+      if constexpr (Tr::kSplitSkip) vote.note(tile_n, pending.tile_max, pending.old_max, softmax.row_sum);
+      else vote.record(tile_n, keep);
+    }
   };
   auto softmax_step = [&](int n, auto const& scores, float (&correction)[2], bool& rescale) {
     if constexpr (Tr::kInt8) int8_accumulator_to_magic(tSrS);
@@ -227,7 +241,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
   float correction[2];
   bool rescale = false;
   const bool first_keep = softmax_step(n, scores_of(k_scale), correction, rescale);
-  if constexpr (!Tr::kLateVote) vote.record(n, first_keep);
+  record_now(n, first_keep);
   rescale = false;  // O is still 0
   convert_fragment<Element>(tSrSf, tOrP);
 
@@ -261,7 +275,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
     if constexpr (!Tr::kEarlyRescale)
       if (rescale) rescale_rows(tOrO, correction);
     convert_fragment<Element>(tSrSf, tOrP);
-    if constexpr (!Tr::kLateVote) vote.record(n, keep);
+    record_now(n, keep);
   }
 
   // Every S GEMM has completed (the waits above): Q is free for the next tile.

@@ -3,6 +3,7 @@
 // "Semantics" section and the header of liteattn_ops/core/reference.py; both sides must agree bit
 // for bit.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include <cute/arch/util.hpp>
@@ -124,11 +125,15 @@ __device__ void build_visit_order(const Params& p, StateBuffer buf, int thread, 
 template <bool kSkip>
 struct TileOrder;
 
+// chunks > 1 (the skip path's split tail, kSplitSkip): only positions [chunk * C / chunks, (chunk + 1) * C / chunks)
+// of the C visited tiles' order, so that the chunks of a row take near-equal numbers of visited tiles.
 template <>
 struct TileOrder<true> {
   const uint16_t* order;
   int count = 0, index = 0, remaining;
-  __device__ TileOrder(const uint32_t* visit, const uint16_t* order_, int n0, int num_tiles) : order(order_) {
+  __device__ TileOrder(const uint32_t* visit, const uint16_t* order_, int n0, int num_tiles, int chunk = 0,
+                       int chunks = 1)
+      : order(order_) {
     for (int w = 0; w < (num_tiles + 31) / 32; ++w) {
       const uint32_t bits = visit[w];
       count += __popc(bits);
@@ -137,6 +142,12 @@ struct TileOrder<true> {
     }
     if (index == count) index = 0;
     remaining = count;
+    if (chunks > 1) {
+      const int begin = chunk * count / chunks;
+      index += begin;
+      if (index >= count) index -= count;
+      remaining = (chunk + 1) * count / chunks - begin;
+    }
   }
   __device__ __forceinline__ bool more() const { return remaining > 0; }
   __device__ __forceinline__ int current() const { return order[index]; }
@@ -215,6 +226,34 @@ struct TileVote {
     return (row_valid[0] & row_keeps_tile(tile_max[0], old_max[0], row_sum[0], threshold)) |
            (row_valid[1] & row_keeps_tile(tile_max[1], old_max[1], row_sum[1], threshold));
   }
+  // kSplitSkip, a unit of the split tail: no vote here (the running max before a tile is not known to a CTA
+  // that starts inside the row); the tile's row maxima go to `records` (BM floats per key tile, rows of the
+  // query tile) and split_vote_kernel votes once every range is in. NaN where the row's sum -- on any lane of
+  // its quad -- is not finite after the tile: from that tile on the row keeps every tile (row_keeps_tile).
+  float* records = nullptr;
+  int record_row = 0;  // this thread's first row within the query tile (the second: + 8)
+  int bm = 0;
+  __device__ __forceinline__ void store_records(int n, const float (&tile_max)[2], const float (&row_sum)[2]) const {
+    int bad[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      bad[r] = !is_finite(row_sum[r]);
+      bad[r] |= __shfl_xor_sync(0xffffffffu, bad[r], 1);
+      bad[r] |= __shfl_xor_sync(0xffffffffu, bad[r], 2);
+    }
+    if (lane % 4 == 0) {
+      float* column = records + int64_t(n) * bm + record_row;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        if (row_valid[r]) column[8 * r] = bad[r] ? NAN : tile_max[r];
+    }
+  }
+  // The vote on tile n (record below), or in a split-tail unit its records.
+  __device__ __forceinline__ void note(int n, const float (&tile_max)[2], const float (&old_max)[2],
+                                       const float (&row_sum)[2]) const {
+    if (records != nullptr) store_records(n, tile_max, row_sum);
+    else record(n, keeps(tile_max, old_max, row_sum));
+  }
   // The warp keeps tile n when any of its threads does; lane 0 ORs that into the warp's own
   // word with a predicated ld/or/st (no branch, no atomic). Called after the wait for O += P V:
   // the shared-memory asm is volatile, so were it issued before that wait it would pin the wait
@@ -232,6 +271,7 @@ struct TileVote<false> {
     return false;
   }
   __device__ __forceinline__ void record(int, bool) const {}
+  __device__ __forceinline__ void note(int, const float (&)[2], const float (&)[2], const float (&)[2]) const {}
 };
 
 // ---------------------------------------------------------------------------------------------

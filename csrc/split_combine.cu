@@ -30,7 +30,8 @@ __global__ void __launch_bounds__(32 * kCombineWarps) split_combine_kernel(const
   const int tail_tile = blockIdx.x;
   const int local = blockIdx.y * kCombineWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int bh_m = a.whole + tail_tile;  // the tile's linear index: (b * H + h) * Mt + m
+  // The tile's state row (b * H + h) * Mt + m: the dense path's linear order, or the skip path's schedule.
+  const int bh_m = a.schedule != nullptr ? a.schedule[a.whole + tail_tile] : a.whole + tail_tile;
   const int m = bh_m % a.num_m_tiles, bh = bh_m / a.num_m_tiles;
   const int row = m * a.bm + local;
   if (local >= a.bm || row >= a.seqlen_q) return;

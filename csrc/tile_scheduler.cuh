@@ -37,6 +37,36 @@ __device__ __forceinline__ QueryTile tile_of_row(int row, int num_m_tiles, int h
   return {row - bh * num_m_tiles, bh % heads, bh / heads};
 }
 
+// The skip path's split tail (kSplitSkip, split_chunks >= 2): unit u is chunk u % chunks of its row's visit list
+// (TileOrder<true>'s chunk key_begin of key_count).
+__device__ __forceinline__ QueryTile with_unit(QueryTile t, int unit, int chunks) {
+  if (unit >= 0) {
+    t.key_begin = unit % chunks;
+    t.key_count = chunks;
+    t.unit = unit;
+  }
+  return t;
+}
+
+// The skip path's work list: item k < split_whole is the row at position k of the order (the schedule, or the
+// natural order); with a split tail, item split_whole + u is unit u: a chunk of the row at position
+// split_whole + u / chunks. Without a split, item k is the row at position k. Sets `unit` (-1: a whole row).
+template <class Params>
+__device__ __forceinline__ int skip_item_row(const Params& p, int64_t k, int& unit) {
+  int64_t position = k;
+  unit = -1;
+  if (p.split_chunks >= 2 && k >= p.split_whole) {
+    unit = int(k - p.split_whole);
+    position = p.split_whole + unit / p.split_chunks;
+  }
+  return p.schedule != nullptr ? p.schedule[position] : int(position);
+}
+// Items on the list: the rows, or (split tail) the whole rows and the units.
+template <class Params>
+__device__ __forceinline__ int64_t skip_items(const Params& p) {
+  return p.split_chunks >= 2 ? int64_t(p.split_whole) + p.split_units : int64_t(p.num_m_tiles) * p.heads * p.batch;
+}
+
 template <class Params>
 __device__ __forceinline__ QueryTile scheduled_tile(const Params& p) {
   if (p.schedule == nullptr) return {int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
@@ -157,6 +187,13 @@ struct RowHandOff {
     acquire_buffer(ss.state_full[slot(it)], parity(it));
     return ss.state_row[slot(it)];
   }
+  // The query tile of the it-th row (after wait_row returned row >= 0): kSplitSkip's unit too.
+  template <class Params>
+  __device__ __forceinline__ QueryTile tile(int it, int row, const Params& p) const {
+    const QueryTile t = tile_of_row(row, p.num_m_tiles, p.heads);
+    if constexpr (Tr::kSplitSkip) return with_unit(t, ss.state_unit[slot(it)], p.split_chunks);
+    else return t;
+  }
   __device__ __forceinline__ cutlass::arch::ClusterBarrier* done_barrier(int it) const {
     return &ss.state_empty[slot(it)];
   }
@@ -178,28 +215,35 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
   constexpr int kThreads = Tr::kStateReaderThreads;
   static_assert(kThreads == 32, "one warp: __syncwarp orders its shared-memory words");
   const RowHandOff<Tr> rows(ss, p);
-  const int64_t total = int64_t(p.num_m_tiles) * p.heads * p.batch;
-  int held[2] = {-1, -1};  // the row in each buffer (registers: the slot is 0 or 1)
+  const int64_t total = Tr::kSplitSkip ? skip_items(p) : int64_t(p.num_m_tiles) * p.heads * p.batch;
+  // The row in each buffer (registers: the slot is 0 or 1); held_whole: not a unit of the split tail, whose
+  // state split_vote_kernel writes.
+  int held[2] = {-1, -1};
+  bool held_whole[2] = {true, true};
   int it = 0;
   for (;; ++it) {
     const int slot = rows.slot(it);
     if (it >= rows.count) {  // the buffer's previous row: its last vote is in; write it back
       sleeping_wait(ss.state_empty[slot], rows.parity(it) ^ 1u);
-      store_skip_state<Tr::kConsumerWarps>(p, slot ? held[1] : held[0], rows.buffer(it), thread, kThreads);
+      if (slot ? held_whole[1] : held_whole[0])
+        store_skip_state<Tr::kConsumerWarps>(p, slot ? held[1] : held[0], rows.buffer(it), thread, kThreads);
     }
-    int next = 0;
+    int next = 0, unit = -1;
     if (thread == 0) {
       const int64_t k = p.work_counter != nullptr ? int64_t(atomicAdd(p.work_counter, 1))
                                                   : int64_t(blockIdx.x) + int64_t(it) * gridDim.x;
-      next = k < total ? (p.schedule != nullptr ? p.schedule[k] : int(k)) : -1;
+      if constexpr (Tr::kSplitSkip) next = k < total ? skip_item_row(p, k, unit) : -1;
+      else next = k < total ? (p.schedule != nullptr ? p.schedule[k] : int(k)) : -1;
       ss.state_row[slot] = next;  // for the TMA thread and the consumers (thread 0's state_full arrival releases it)
+      if constexpr (Tr::kSplitSkip) ss.state_unit[slot] = unit;
     }
     __syncwarp();  // this warp's accesses to the buffer so far come before the refill below
     // The lanes take the row from lane 0's register, not from shared memory: one access fewer to order against the
     // next refill of state_row.
     const int row = __shfl_sync(0xffffffffu, next, 0);
-    if (slot) held[1] = row;
-    else held[0] = row;
+    const bool whole_row = __shfl_sync(0xffffffffu, unit, 0) < 0;
+    if (slot) held[1] = row, held_whole[1] = whole_row;
+    else held[0] = row, held_whole[0] = whole_row;
     if (row >= 0) {
       const StateBuffer buf = rows.buffer(it);
       load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, row, buf, thread, kThreads);
@@ -212,7 +256,8 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
   // The rows still held (the last count - 1 iterations before the -1).
   for (int j = it - rows.count + 1 > 0 ? it - rows.count + 1 : 0; j < it; ++j) {
     sleeping_wait(ss.state_empty[rows.slot(j)], rows.parity(j));
-    store_skip_state<Tr::kConsumerWarps>(p, rows.slot(j) ? held[1] : held[0], rows.buffer(j), thread, kThreads);
+    if (rows.slot(j) ? held_whole[1] : held_whole[0])
+      store_skip_state<Tr::kConsumerWarps>(p, rows.slot(j) ? held[1] : held[0], rows.buffer(j), thread, kThreads);
   }
 }
 

@@ -46,12 +46,13 @@ SCHEDULE_POISON = -7
 
 
 def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None, schedule=True,
-               split_tail=True, return_scratch=False):
+               split_tail=True, return_scratch=False, skip_split=False):
     """_C.forward with outputs poisoned with NaN. Returns (out, lse). With a state and schedule=True
     (the op's path) the kernel orders the query tiles itself in a poisoned scratch buffer; a tensor
     passed as `schedule` is used as that buffer; schedule=False runs them in natural order.
-    split_tail=False: the dense path without the split wave tail (no scratch passed); return_scratch=True:
-    (out, lse, the split tail's float32 scratch as the kernel left it)."""
+    split_tail=False: the dense path without the split wave tail (no scratch passed); skip_split=True: the skip
+    path with its split tail's scratch (KernelVariant::split_skip; without it the skip path gets none);
+    return_scratch=True: (out, lse, the split tail's float32 scratch as the kernel left it)."""
     batch, heads, seqlen_q, head_dim = q.shape
     if state is not None and schedule is True:
         schedule = torch.full(state.shape[:3], SCHEDULE_POISON, device=q.device, dtype=torch.int32)
@@ -70,8 +71,12 @@ def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None
     skip_ptr, n_skip = ranges(must_skip)
     # The dense path's split-tail scratch (csrc/liteattn.h, SplitTailPlan), poisoned: a partial result the combine
     # reads before the kernel wrote it shows up as NaN.
-    floats = 0 if state is not None or not split_tail else _ext().dense_split_workspace_floats(
-        batch, heads, seqlen_q, k.shape[2], head_dim, str(q.dtype).removeprefix("torch."))
+    if state is None:
+        floats = 0 if not split_tail else _ext().dense_split_workspace_floats(
+            batch, heads, seqlen_q, k.shape[2], head_dim, str(q.dtype).removeprefix("torch."))
+    else:
+        floats = 0 if not skip_split else _ext().skip_split_workspace_floats(
+            batch, heads, seqlen_q, k.shape[2], head_dim, str(q.dtype).removeprefix("torch."))
     split = torch.full((max(floats, 1),), math.nan, device=q.device, dtype=torch.float32)
     _ext().forward(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
@@ -200,6 +205,116 @@ def test_split_tail_nan_key_reaches_the_output(head_dim):
     # LSE of a NaN row: -inf (its row sum is NaN), split or not -- not a finite LSE from the other key ranges.
     assert torch.equal(lse[1, 2], unsplit_lse[1, 2]) and (lse[1, 2] == -math.inf).all()
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :2]).all() and torch.isfinite(lse[0]).all()
+
+
+def _skip_split_case(head_dim, dtype, rounds):
+    """(heads, grid) of a local-attention problem, batch 1, whose B * H * Mt query tiles leave a tail the skip path
+    splits (SplitTailPlan) after `rounds` (0 or >= 1) whole rounds of the device's SMs; S = 255 * frames tokens,
+    not a multiple of the tile. None when the build's default variant does not split the skip tail."""
+    from liteattn_ops.core.tiling import tile_shape
+
+    bm, bn = tile_shape(head_dim, dtype)
+    sms = _ext().device_sm_count()
+    for heads in (3, 4, 2, 5, 6, 1):
+        for frames in range(4, 64):
+            seqlen = 255 * frames
+            tiles = heads * -(-seqlen // bm)
+            if (tiles // sms == 0) != (rounds == 0) or tiles < 2:
+                continue
+            chunks = _ext().split_tail_plan(tiles, sms, -(-seqlen // bn))[0]
+            if chunks >= 2 and _ext().skip_split_workspace_floats(1, heads, seqlen, seqlen, head_dim,
+                                                                  str(dtype).removeprefix("torch.")) > 0:
+                return heads, (frames, 15, 17)
+    return None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("rounds,inputs", [(1, "structured"), (1, "forced"), (0, "structured")])
+def test_skip_split_tail_equals_unsplit(dtype, head_dim, rounds, inputs):
+    """The skip path's split tail (KernelVariant::split_skip): the tail rows' visit lists cut into chunks whose
+    votes split_vote_kernel takes from their recorded tile maxima. The new state must equal the unsplit kernel's
+    bit for bit (same maxima, same comparisons, in the contract's visit order), over two calls on structured inputs
+    with finite per-head thresholds (tiles really dropped, so the tail rows' lists differ in length) or on random
+    live sets with must-do / must-skip ranges and rows with nothing live; outputs within rounding of the unsplit
+    ones and of the float32 reference on that state; and the split really ran (the poisoned scratch written)."""
+    from liteattn_ops.core.tiling import tile_shape
+
+    case = _skip_split_case(head_dim, dtype, rounds)
+    if case is None:
+        pytest.skip("this build's default variant does not split the skip path's tail")
+    heads, grid = case
+    gen = torch.Generator().manual_seed(head_dim + rounds)
+    q, k, v = (t.to("cuda", dtype) for t in local_qkv(grid, 1, heads, head_dim, generator=gen))
+    seqlen = q.shape[2]
+    bm, bn = tile_shape(head_dim, dtype)
+    m_tiles, n_tiles = -(-seqlen // bm), -(-seqlen // bn)
+    must_do = must_skip = None
+    if inputs == "structured":
+        state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, "cuda")
+        threshold = torch.tensor([-3.0, -8.0, -math.inf, -5.0, -12.0, -6.0][:heads], device="cuda")
+        calls = 2
+    else:
+        fraction = torch.tensor([0.0, 0.3, 0.6, 1.0])[torch.randint(0, 4, (1, heads, m_tiles, 1), generator=gen)]
+        state = pack_bits(torch.rand(1, heads, m_tiles, n_tiles, generator=gen) < fraction).to("cuda")
+        threshold = torch.full((heads,), -4.0, device="cuda")
+        must_do = torch.tensor([[0, 3 * bn], [seqlen - 700, seqlen - 500]], device="cuda")
+        must_skip = torch.tensor([[5 * bn - 7, 9 * bn + 3]], device="cuda")
+        calls = 1
+    sms = _ext().device_sm_count()
+    chunks, whole, units, _ = _ext().split_tail_plan(heads * m_tiles, sms, n_tiles)
+    split_state, unsplit_state = state.clone(), state.clone()
+    for _ in range(calls):
+        old = split_state.clone()
+        schedule = torch.full((1, heads, m_tiles), SCHEDULE_POISON, device="cuda", dtype=torch.int32)
+        out, lse, scratch = run_kernel(q, k, v, split_state, threshold, must_do, must_skip, schedule=schedule,
+                                       skip_split=True, return_scratch=True)
+        ref_out, ref_lse = run_kernel(q, k, v, unsplit_state, threshold, must_do, must_skip)
+        torch.cuda.synchronize()
+        assert torch.equal(split_state, unsplit_state), "the split tail's votes differ from the unsplit kernel's"
+        assert rel_err(out, ref_out) <= TOL and rel_err(lse, ref_lse) <= TOL
+        f_out, f_lse, _ = reference.sparse_attention_reference(q, k, v, old, threshold, must_do, must_skip)
+        assert rel_err(out, f_out) <= TOL and rel_err(lse, f_lse) <= TOL
+        # The tail rows (the schedule's last ones) wrote their partial LSE rows, chunks each, and one record per
+        # valid row and visited tile (finite inputs: no NaN records).
+        tail = schedule.flatten()[whole:].long().cpu()
+        valid = torch.tensor([min(bm, seqlen - (r % m_tiles) * bm) for r in tail.tolist()])
+        partial_lse = scratch[units * bm * head_dim: units * bm * (head_dim + 1)]
+        records = scratch[units * bm * (head_dim + 1):]
+        assert (~partial_lse.isnan()).sum().item() == valid.sum().item() * chunks
+        from liteattn_ops.core.reference import range_tiles
+        from liteattn_ops.core.state import unpack_bits
+        visit = unpack_bits(old, n_tiles).flatten(0, 2)[tail].cpu()
+        if must_do is not None:
+            do = range_tiles(must_do.cpu(), seqlen, bn, inside=False)
+            visit = (visit | do) & ~(range_tiles(must_skip.cpu(), seqlen, bn, inside=True) & ~do)
+        assert (~records.isnan()).sum().item() == (visit.sum(-1) * valid).sum().item()
+    assert not torch.equal(split_state, state), "tiles should be dropped here"
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_skip_split_tail_nan_key(head_dim):
+    # A NaN key in a tail row's head: the rows that see it keep every tile from it on, split or not (the NaN
+    # records); their outputs are NaN and their LSE -inf, as unsplit.
+    dtype = torch.bfloat16
+    case = _skip_split_case(head_dim, dtype, 1)
+    if case is None:
+        pytest.skip("this build's default variant does not split the skip path's tail")
+    heads, grid = case
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (t.to("cuda", dtype) for t in local_qkv(grid, 1, heads, head_dim, generator=gen))
+    k[0, heads - 1, k.shape[2] // 2, 3] = math.nan  # the last head: the natural order's tail (LPT keeps heads in order)
+    state = new_state(1, heads, q.shape[2], k.shape[2], head_dim, dtype, "cuda")
+    threshold = torch.full((heads,), -6.0, device="cuda")
+    for _ in range(2):
+        split_state, unsplit_state = state.clone(), state.clone()
+        out, lse = run_kernel(q, k, v, split_state, threshold, skip_split=True)
+        ref_out, ref_lse = run_kernel(q, k, v, unsplit_state, threshold)
+        torch.cuda.synchronize()
+        assert torch.equal(split_state, unsplit_state)
+        assert torch.equal(out.isnan(), ref_out.isnan()) and out[0, heads - 1].isnan().any()
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+        state = split_state
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -427,11 +542,12 @@ def test_skip_path_key_bound(head_dim):
     q, k, v = _qkv(1, 1, 128, bound + 1, head_dim, torch.bfloat16)
     no_thr = torch.full((1,), -math.inf, device="cuda")
     state = new_state(1, 1, 128, bound, head_dim, torch.bfloat16, "cuda")
-    out, _ = torch.ops.liteattn.sparse_attention(q, k[:, :, :bound], v[:, :, :bound], state, no_thr)
-    # Against the dense path's own loop (one query tile: the op would split its keys over 16 SMs and merge them in
+    op_out, _ = torch.ops.liteattn.sparse_attention(q, k[:, :, :bound], v[:, :, :bound], state.clone(), no_thr)
+    out, _ = run_kernel(q, k[:, :, :bound], v[:, :, :bound], state, no_thr)
+    # Against the dense path's own loop (one query tile: the ops may split its keys over 16 SMs and merge them in
     # float32, which moves bf16 outputs of ~1e-3 by an ulp: 3-4e-3 relative, above this test's 1e-3).
     dense, _ = run_kernel(q, k[:, :, :bound], v[:, :, :bound], split_tail=False)
-    assert rel_err(out, dense) <= 1e-3
+    assert rel_err(out, dense) <= 1e-3 and rel_err(op_out, dense) <= TOL
     split, _ = torch.ops.liteattn.attention(q, k[:, :, :bound], v[:, :, :bound])
     assert rel_err(split, dense) <= TOL
     state = new_state(1, 1, 128, bound + 1, head_dim, torch.bfloat16, "cuda")

@@ -7,7 +7,7 @@ Runs this file again under each tool (`compute-sanitizer --tool T ... python too
 head dims 64 and 128, bf16 and fp16, S not a multiple of the tile, cross-attention (S_q != S_k),
 batch > 1, more KV tiles than pipeline stages (ring wrap-around), must-do / must-skip ranges, a
 second call that reads the state the first one wrote, forced live sets with empty rows (also with more
-rows than SMs), the dense path's split wave tail, and the device-side query-tile schedule (the op path) as well as natural order (direct
+rows than SMs), the dense and the skip path's split wave tail, and the device-side query-tile schedule (the op path) as well as natural order (direct
 _C calls), and the INT8 Q/K mode (pre-pass + kernel, dense and skip with ranges, both head dims). Each case also checks its output
 against the float32 reference (INT8: against the INT8 emulation). Needs a Hopper GPU and the built extension.
 """
@@ -99,6 +99,21 @@ def worker() -> int:
             ref, _ = reference.attention_reference(q, k, v, use_int8=use_int8)
             check(f"dense{' int8' if use_int8 else ''} d{head_dim} 1x1x{seqlen_q}x1500"
                   f"{' (split tail)' if splits else ''}", out, ref)
+
+    # Skip path with the split wave tail (KernelVariant::split_skip; where the call's variant has it), through the op:
+    # SMs + 3 query-tile rows, 2 calls with must-do / must-skip ranges on the second, so that the tail rows' chunks
+    # record tile maxima and the vote kernel writes their state.
+    for head_dim in (64, 128):
+        seqlen_q = (ext.device_sm_count() + 3) * tile_shape(head_dim, torch.bfloat16)[0] - 5
+        q, k, v = qkv(1, 1, seqlen_q, 1500, head_dim, torch.bfloat16)
+        splits = ext.skip_split_workspace_floats(1, 1, seqlen_q, 1500, head_dim, "bfloat16") > 0
+        state = new_state(1, 1, seqlen_q, 1500, head_dim, torch.bfloat16, "cuda")
+        threshold = torch.full((1,), -2.0, device="cuda")
+        for call, ranges in enumerate([(None, None), (torch.tensor([[0, 10]], device="cuda", dtype=torch.int32),
+                                                      torch.tensor([[300, 700]], device="cuda", dtype=torch.int32))]):
+            ref, _, ref_state = reference.sparse_attention_reference(q, k, v, state, threshold, *ranges)
+            out, _ = torch.ops.liteattn.sparse_attention(q, k, v, state, threshold, *ranges)
+            check(f"skip d{head_dim} 1x1x{seqlen_q}x1500 call {call}{' (split tail)' if splits else ''}", out, ref)
 
     # Skip path through the op (device schedule), 3 calls on one state, with must-do/must-skip
     # ranges on the 2nd and 3rd call. The 8-head case has more query tiles than SMs (288): a persistent skip

@@ -165,8 +165,8 @@ def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, thres
     buffers); qkv_shape: q's logical (B, H, S_q, D); k_kernel.shape[2] is S_k. schedule: True (fresh scratch in
     which the skip path orders the query tiles heaviest first), False (natural order) or an int32 (B, H, Mt)
     scratch tensor. The skip path also gets one int32 of scratch for its work counter. int8: None, or (q_scale, k_scale, q_mu) of the pre-pass (INT8 Q/K mode).
-    split_tail: False runs the dense path without the split wave tail (no scratch; the tests compare the skip
-    path's loop against the dense path's bit for bit)."""
+    split_tail: False runs without the split wave tail (no scratch; the tests compare the skip path's loop
+    against the dense path's bit for bit, and the split skip path against the unsplit one)."""
     batch, heads, seqlen_q, head_dim = qkv_shape
     # The kernel reads int32 (R, 2) ranges; these locals keep any converted copy alive until the
     # launch is queued (the caching allocator's stream order makes a later reuse safe).
@@ -181,10 +181,11 @@ def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, thres
     extras = {} if int8 is None else dict(int8=True, q_scale=int8[0].data_ptr(), k_scale=int8[1].data_ptr(),
                                           q_mu=int8[2].data_ptr())
     with torch.cuda.device(v.device):
-        if state is None and split_tail:
-            # Dense path: float32 scratch for the split wave tail (csrc/liteattn.h, SplitTailPlan), if it has one.
-            floats = ext.dense_split_workspace_floats(batch, heads, seqlen_q, k_kernel.shape[2], head_dim,
-                                                      str(v.dtype).removeprefix("torch."), int8 is not None)
+        if split_tail:
+            # float32 scratch for the split wave tail (csrc/liteattn.h, SplitTailPlan), if the call has one.
+            workspace_floats = ext.dense_split_workspace_floats if state is None else ext.skip_split_workspace_floats
+            floats = workspace_floats(batch, heads, seqlen_q, k_kernel.shape[2], head_dim,
+                                      str(v.dtype).removeprefix("torch."), int8 is not None)
             if floats > 0:
                 split_workspace = torch.empty(floats, dtype=torch.float32, device=v.device)
                 extras.update(split_workspace=split_workspace.data_ptr(), split_workspace_size=floats)
