@@ -17,7 +17,7 @@ void require(bool ok, const std::string& message) {
 
 int element_bytes(DType) { return 2; }
 
-// The kernel variant of this call: the head dim's default, or (A/B builds only) what LITEATTN_VARIANT says:
+// The kernel variant of this call: the head dim's default, or (A/B builds, bf16 calls) what LITEATTN_VARIANT says:
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
 // "persist" / "nopersist", "treemax" / "notreemax", "latevote" / "nolatevote", "persistskip" / "nopersistskip",
@@ -28,9 +28,10 @@ struct CallVariant {
   bool schedule;
 };
 
-CallVariant variant_of_call(int head_dim) {
+CallVariant variant_of_call(int head_dim, DType dtype) {
   CallVariant v{default_variant(head_dim), true};
-  if (!LITEATTN_AB_BUILD) return v;  // the environment is read only where variants exist
+  // The environment is read only where variants exist: A/B builds, bf16 (fp16 calls run the default).
+  if (!LITEATTN_AB_BUILD || dtype != DType::kBFloat16) return v;
   const char* env = std::getenv("LITEATTN_VARIANT");
   if (env == nullptr || *env == 0) return v;
   std::string text(env);
@@ -144,7 +145,7 @@ int device_sm_count() {
 int64_t dense_split_workspace_floats(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
                                      bool int8) {
   const TileShape tile = tile_shape(head_dim, dtype);
-  const KernelVariant v = decode_variant(variant_of_call(head_dim).id);
+  const KernelVariant v = decode_variant(variant_of_call(head_dim, dtype).id);
   if (tile.bm == 0 || !v.split_tail || !v.persistent || batch < 1 || heads < 1 || seqlen_q < 1 || seqlen_k < 1) return 0;
   (void)int8;  // both Q/K modes' dense kernels are persistent with the table's tile
   const int64_t tiles = (int64_t(seqlen_q) + tile.bm - 1) / tile.bm * heads * batch;
@@ -156,7 +157,7 @@ int64_t dense_split_workspace_floats(int batch, int heads, int seqlen_q, int seq
 int64_t skip_split_workspace_floats(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
                                     bool int8) {
   const TileShape tile = tile_shape(head_dim, dtype);
-  const KernelVariant v = decode_variant(variant_of_call(head_dim).id);
+  const KernelVariant v = decode_variant(variant_of_call(head_dim, dtype).id);
   if (tile.bm == 0 || !v.split_skip || batch < 1 || heads < 1 || seqlen_q < 1 || seqlen_k < 1) return 0;
   (void)int8;  // both Q/K modes' skip kernels use the table's tile
   const int64_t tiles = (int64_t(seqlen_q) + tile.bm - 1) / tile.bm * heads * batch;
@@ -224,7 +225,7 @@ void forward(const FwdArgs& a) {
             "must_skip must be a non-null (R, 2) int32 device pointer when num_must_skip > 0");
   }
 
-  const CallVariant variant = variant_of_call(a.head_dim);
+  const CallVariant variant = variant_of_call(a.head_dim, a.dtype);
   FwdArgs call = a;
   if (!variant.schedule) call.schedule = nullptr;
   // One case per (head_dim, dtype) of tile_shapes.json.
