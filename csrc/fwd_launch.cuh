@@ -91,42 +91,28 @@ void run_fwd(const FwdArgs& a) {
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes),
              "cudaFuncSetAttribute(max dynamic shared memory)");
   dim3 grid(p.num_m_tiles, a.heads, a.batch);
-  SplitTailPlan split;
+  [[maybe_unused]] const int64_t tiles = int64_t(p.num_m_tiles) * a.heads * a.batch;
   if constexpr (Tr::kPersistent || Tr::kPersistentSkip) {
     // At most one CTA per SM (one fits: __launch_bounds__(kThreads, 1) and the shared memory).
     const int sms = device_sm_count();
-    const int64_t tiles = int64_t(p.num_m_tiles) * a.heads * a.batch;
     grid = dim3(unsigned(tiles < sms ? tiles : sms));
-    if constexpr (Tr::kSplitTail) {
-      split = split_tail_plan(tiles, sms, p.num_n_tiles);
-      const int64_t floats = split_workspace_floats(split, Tr::kBM, kHeadDim);
-      if (split.chunks >= 2 && a.split_workspace != nullptr && floats <= a.split_workspace_size) {
-        p.split_chunks = split.chunks;
-        p.split_whole = split.whole;
-        p.split_units = split.units;
-        p.split_o = a.split_workspace;
-        p.split_lse = a.split_workspace + int64_t(split.units) * Tr::kBM * kHeadDim;
-        grid = dim3(unsigned(split.grid));
-      } else {
-        split = SplitTailPlan{};
-      }
-    }
   }
-  if constexpr (Tr::kSplitSkip) {
-    // The last round of the work list (the grid's G = SMs rows at a time: one CTA per SM on both skip grids) cut
-    // into chunks of the visit lists; the votes of those rows in split_vote_kernel.
-    const int sms = device_sm_count();
-    const int64_t tiles = int64_t(p.num_m_tiles) * a.heads * a.batch;
-    split = split_tail_plan(tiles, sms, p.num_n_tiles);
-    const int64_t floats = split_workspace_floats(split, Tr::kBM, kHeadDim, /*skip=*/true, p.num_n_tiles);
+  // The split wave tail (SplitTailPlan): the dense path's last round of query tiles, or the skip path's last round
+  // of the work list (G = SMs rows at a time: one CTA per SM on both skip grids), cut into key ranges / chunks of the
+  // visit lists, when the caller's scratch holds them; the skip path's votes of those rows in split_vote_kernel.
+  SplitTailPlan split;
+  if constexpr (Tr::kSplitTail || Tr::kSplitSkip) {
+    split = split_tail_plan(tiles, device_sm_count(), p.num_n_tiles);
+    const int64_t floats = split_workspace_floats(split, Tr::kBM, kHeadDim, Tr::kSplitSkip, p.num_n_tiles);
     if (split.chunks >= 2 && a.split_workspace != nullptr && floats <= a.split_workspace_size) {
       p.split_chunks = split.chunks;
       p.split_whole = split.whole;
       p.split_units = split.units;
       p.split_o = a.split_workspace;
       p.split_lse = a.split_workspace + int64_t(split.units) * Tr::kBM * kHeadDim;
-      p.split_records = p.split_lse + int64_t(split.units) * Tr::kBM;
-      grid = Tr::kPersistentSkip ? dim3(unsigned(split.grid)) : dim3(unsigned(split.whole + split.units));
+      if constexpr (Tr::kSplitSkip) p.split_records = p.split_lse + int64_t(split.units) * Tr::kBM;
+      // The one-tile skip grid: a 1-D grid of the work list's items (fwd_kernel.cuh).
+      grid = Tr::kSkip && !Tr::kPersistentSkip ? dim3(unsigned(split.whole + split.units)) : dim3(unsigned(split.grid));
     } else {
       split = SplitTailPlan{};
     }
