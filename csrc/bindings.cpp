@@ -156,27 +156,24 @@ PYBIND11_MODULE(_C, m) {
       "(size-1 dims exempt).");
 
   m.attr("MAX_STATE_WORDS") = liteattn::kMaxStateWords;
-  m.def(
-      "dense_split_workspace_floats",
-      [](int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, const std::string& dtype, bool int8) {
-        return liteattn::dense_split_workspace_floats(batch, heads, seqlen_q, seqlen_k, head_dim, parse_dtype(dtype),
-                                                      int8);
-      },
-      py::arg("batch"), py::arg("heads"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
-      py::arg("dtype"), py::arg("int8") = false,
-      "float32 scratch the dense call of this shape needs for its split wave tail on the current device "
-      "(0: the tail is not split: no split_tail variant, or no tail worth splitting).");
-  m.def(
-      "skip_split_workspace_floats",
-      [](int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, const std::string& dtype, bool int8) {
-        return liteattn::skip_split_workspace_floats(batch, heads, seqlen_q, seqlen_k, head_dim, parse_dtype(dtype),
-                                                     int8);
-      },
-      py::arg("batch"), py::arg("heads"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
-      py::arg("dtype"), py::arg("int8") = false,
-      "float32 scratch the skip-path call of this shape needs for its split wave tail (partial O and LSE, and the "
-      "tail rows' tile maxima for the deferred votes) on the current device (0: not split: no split_skip variant, "
-      "or no tail worth splitting).");
+  // The scratch one call's split wave tail needs, on the current device (0: not split: no such variant, or no tail
+  // worth splitting); both take (batch, heads, seqlen_q, seqlen_k, head_dim, dtype, int8=False).
+  auto def_split_workspace = [&m](const char* name, auto floats, const char* doc) {
+    m.def(
+        name,
+        [floats](int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, const std::string& dtype, bool int8) {
+          return floats(batch, heads, seqlen_q, seqlen_k, head_dim, parse_dtype(dtype), int8);
+        },
+        py::arg("batch"), py::arg("heads"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
+        py::arg("dtype"), py::arg("int8") = false, doc);
+  };
+  def_split_workspace("dense_split_workspace_floats", liteattn::dense_split_workspace_floats,
+                      "float32 scratch the dense call of this shape needs for its split wave tail on the current "
+                      "device (0: the tail is not split: no split_tail variant, or no tail worth splitting).");
+  def_split_workspace("skip_split_workspace_floats", liteattn::skip_split_workspace_floats,
+                      "float32 scratch the skip-path call of this shape needs for its split wave tail (partial O and "
+                      "LSE, and the tail rows' tile maxima for the deferred votes) on the current device (0: not "
+                      "split: no split_skip variant, or no tail worth splitting).");
   m.def(
       "split_tail_plan",
       [](int64_t tiles, int sms, int num_n_tiles) {

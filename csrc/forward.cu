@@ -142,28 +142,32 @@ int device_sm_count() {
   return sms;
 }
 
-int64_t dense_split_workspace_floats(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
-                                     bool int8) {
+namespace {
+// The scratch of one call's split tail (dense or skip path) for the call's variant and the device's SM count.
+int64_t split_workspace_floats_of_call(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
+                                       bool skip) {
   const TileShape tile = tile_shape(head_dim, dtype);
   const KernelVariant v = decode_variant(variant_of_call(head_dim, dtype).id);
-  if (tile.bm == 0 || !v.split_tail || !v.persistent || batch < 1 || heads < 1 || seqlen_q < 1 || seqlen_k < 1) return 0;
-  (void)int8;  // both Q/K modes' dense kernels are persistent with the table's tile
+  const bool splits = skip ? v.split_skip : v.split_tail && v.persistent;
+  if (tile.bm == 0 || !splits || batch < 1 || heads < 1 || seqlen_q < 1 || seqlen_k < 1) return 0;
   const int64_t tiles = (int64_t(seqlen_q) + tile.bm - 1) / tile.bm * heads * batch;
-  const int bn = v.bn ? v.bn : tile.bn;  // a bn<N> variant's own key tile (the dense path's)
+  // A bn<N> variant's own key tile (the dense path's only; the skip state is per table tile).
+  const int bn = !skip && v.bn ? v.bn : tile.bn;
   const int num_n_tiles = int((int64_t(seqlen_k) + bn - 1) / bn);
-  return split_workspace_floats(split_tail_plan(tiles, device_sm_count(), num_n_tiles), tile.bm, head_dim);
+  return split_workspace_floats(split_tail_plan(tiles, device_sm_count(), num_n_tiles), tile.bm, head_dim, skip,
+                                num_n_tiles);
+}
+}  // namespace
+
+// Both Q/K modes' kernels use the table's BM (and on the skip path its BN), so `int8` changes nothing.
+int64_t dense_split_workspace_floats(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
+                                     bool /*int8*/) {
+  return split_workspace_floats_of_call(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, /*skip=*/false);
 }
 
 int64_t skip_split_workspace_floats(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
-                                    bool int8) {
-  const TileShape tile = tile_shape(head_dim, dtype);
-  const KernelVariant v = decode_variant(variant_of_call(head_dim, dtype).id);
-  if (tile.bm == 0 || !v.split_skip || batch < 1 || heads < 1 || seqlen_q < 1 || seqlen_k < 1) return 0;
-  (void)int8;  // both Q/K modes' skip kernels use the table's tile
-  const int64_t tiles = (int64_t(seqlen_q) + tile.bm - 1) / tile.bm * heads * batch;
-  const int num_n_tiles = int((int64_t(seqlen_k) + tile.bn - 1) / tile.bn);
-  return split_workspace_floats(split_tail_plan(tiles, device_sm_count(), num_n_tiles), tile.bm, head_dim,
-                                /*skip=*/true, num_n_tiles);
+                                    bool /*int8*/) {
+  return split_workspace_floats_of_call(batch, heads, seqlen_q, seqlen_k, head_dim, dtype, /*skip=*/true);
 }
 
 void forward(const FwdArgs& a) {

@@ -28,8 +28,8 @@ __global__ void __launch_bounds__(Tr::kBM) split_vote_kernel(const __grid_consta
   const StateBuffer buf{reinterpret_cast<uint32_t*>(split_vote_smem),
                         reinterpret_cast<uint16_t*>(split_vote_smem + (2 + Tr::kConsumerWarps) * 4 * stride), stride};
   const int tail_tile = blockIdx.x;
-  const int position = p.split_whole + tail_tile;
-  const int row = p.schedule != nullptr ? p.schedule[position] : position;
+  int unit;  // the tile's first unit (tile_scheduler.cuh's work list)
+  const int row = skip_item_row(p, int64_t(p.split_whole) + int64_t(tail_tile) * p.split_chunks, unit);
   const QueryTile tile = tile_of_row(row, p.num_m_tiles, p.heads);
   load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, row, buf, threadIdx.x, blockDim.x);
   __syncthreads();
