@@ -8,6 +8,7 @@
 // values are spread over the 4 lanes of a quad.
 #pragma once
 #include <cute/tensor.hpp>
+#include <cfloat>
 #include <cmath>
 
 namespace liteattn {
@@ -42,14 +43,21 @@ struct RawScores {
 // tile after the first few.
 constexpr float kLazyRescaleLog2 = 8.f;
 
+// The max the exponentials are taken against is never -inf: while a row has seen only -inf scores (a row, or a
+// split chunk, whose first visited tiles have every score -inf: -inf keys, overflowing q.k), kNoMax stands in
+// for it, so those scores give exp2(-inf - kNoMax) = 0 instead of exp2(-inf + inf) = NaN and the row goes on as
+// the reference's does. fmaxf(x, kNoMax) == x for every finite x, so finite rows keep their bits.
+constexpr float kNoMax = -FLT_MAX;
+
 // kTreeMax: the tile's row max over 4 independent chains per row (11-deep at BN 176) instead of one
 // (44-deep): the max is exact in any order, so the same bits, sooner.
 template <bool kLazy, bool kTreeMax = false>
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
-  float lazy_max[2] = {-INFINITY, -INFINITY};  // kLazy only (dead otherwise)
+  float lazy_max[2] = {kNoMax, kNoMax};  // kLazy only (dead otherwise)
 
+  // The LSE's max (epilogue.cuh; used only where the row sum is > 0, so never kNoMax there).
   __device__ __forceinline__ float ref_max(int r) const { return kLazy ? lazy_max[r] : row_max[r]; }
 
   // With kMask, masks columns >= valid_cols when valid_cols < BN (a partial last tile);
@@ -97,7 +105,8 @@ struct OnlineSoftmax {
       float new_max[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) new_max[r] = fmaxf(row_max[r], tile_max_log2[r]);
-      // -inf + 8 = -inf: the first tile with a finite max always rescales (O and the sums are 0 then).
+      // kNoMax + 8 = kNoMax: the first tile with a finite max always rescales (O and the sums are 0 then); a
+      // tile of -inf scores before it does not, and its exponentials are 0 against kNoMax.
       rescale = __any_sync(0xffffffffu, (new_max[0] > lazy_max[0] + kLazyRescaleLog2) |
                                             (new_max[1] > lazy_max[1] + kLazyRescaleLog2));
 #pragma unroll
@@ -113,12 +122,13 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float new_max = fmaxf(row_max[r], tile_max_log2[r]);
-        correction[r] = exp2f(row_max[r] - new_max);  // 0 on the first tile (-inf)
+        correction[r] = exp2f(row_max[r] - fmaxf(new_max, kNoMax));  // 0 while row_max is -inf
         row_max[r] = new_max;
         row_sum[r] *= correction[r];
       }
     }
-    const float bias[2] = {scores.exp_bias(ref_max(0)), scores.exp_bias(ref_max(1))};
+    const float bias[2] = {scores.exp_bias(kLazy ? lazy_max[0] : fmaxf(row_max[0], kNoMax)),
+                           scores.exp_bias(kLazy ? lazy_max[1] : fmaxf(row_max[1], kNoMax))};
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
       const int r = frag_row_half(i);

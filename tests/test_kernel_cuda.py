@@ -317,6 +317,68 @@ def test_skip_split_tail_nan_key(head_dim):
         state = split_state
 
 
+def _neg_inf_key_tiles(q, k, block_n):
+    """Every score of the key tiles t with t % 4 in (0, 1) becomes -inf (k[..., 0] = -inf against q[..., 0] >= 0.5),
+    in place: the dense rows start with two such tiles, many skip rows (from the diagonal) and split key ranges
+    with one or two."""
+    q[..., 0] = q[..., 0].abs() + 0.5
+    k[:, :, torch.arange(k.shape[2], device=k.device) // block_n % 4 < 2, 0] = -math.inf
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("path", ["dense", "dense_split", "skip", "skip_split"])
+def test_neg_inf_tiles_at_row_start(head_dim, path):
+    """A row (or a split key range) whose first visited tiles have every score -inf: their probabilities are 0 and
+    the row goes on as the reference's does -- not exp2(-inf - (-inf)) = NaN from the -inf running max. The skip
+    paths on structured inputs with finite thresholds (tiles really dropped after the row's first finite tile):
+    the decisions as the reference's (the -inf tiles themselves are never negligible), split or not."""
+    from liteattn_ops.core.tiling import tile_shape
+
+    dtype = torch.bfloat16
+    bm, bn = tile_shape(head_dim, dtype)
+    if path.startswith("dense"):
+        split = path == "dense_split"
+        seqlen_q, seqlen_k = (_split_tail_shape(head_dim, dtype, 2, 3, 6, 4000)[0], 4000) if split else (1000, 1500)
+        if split and _ext().dense_split_workspace_floats(2, 3, seqlen_q, seqlen_k, head_dim, "bfloat16") == 0:
+            pytest.skip("this build's default variant does not split the tail")
+        q, k, v = _qkv(2, 3, seqlen_q, seqlen_k, head_dim, dtype, "bshd", seed=11)
+        _neg_inf_key_tiles(q, k, bn)
+        ref_out, ref_lse = reference.attention_reference(q, k, v)
+        out, lse = run_kernel(q, k, v, split_tail=split)
+        torch.cuda.synchronize()
+        assert rel_err(out, ref_out) <= TOL and rel_err(lse, ref_lse) <= TOL
+        return
+    if path == "skip":
+        heads, grid = 2, (6, 10, 25)
+    else:
+        case = _skip_split_case(head_dim, dtype, 1)
+        if case is None:
+            pytest.skip("this build's default variant does not split the skip path's tail")
+        heads, grid = case
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = (t.to("cuda", dtype) for t in local_qkv(grid, 1, heads, head_dim, generator=gen))
+    _neg_inf_key_tiles(q, k, bn)
+    seqlen = q.shape[2]
+    fresh = state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, "cuda")
+    threshold = torch.tensor([-3.0, -8.0, -5.0, -12.0, -6.0, -4.0][:heads], device="cuda")
+    for _ in range(2):
+        ref_out, ref_lse, ref_state = reference.sparse_attention_reference(q, k, v, state, threshold)
+        kernel_state = state.clone()
+        out, lse = run_kernel(q, k, v, kernel_state, threshold, skip_split=path == "skip_split")
+        if path == "skip_split":
+            unsplit_state = state.clone()
+            run_kernel(q, k, v, unsplit_state, threshold)
+        torch.cuda.synchronize()
+        assert rel_err(out, ref_out) <= TOL and rel_err(lse, ref_lse) <= TOL
+        kernel_live = live_mask(kernel_state, seqlen, head_dim, dtype)
+        ref_live = live_mask(ref_state, seqlen, head_dim, dtype)
+        assert (kernel_live != ref_live).float().mean() <= 0.002, f"{(kernel_live != ref_live).sum().item()} tiles"
+        if path == "skip_split":
+            assert torch.equal(kernel_state, unsplit_state)
+        state = kernel_state
+    assert not torch.equal(state, fresh), "tiles should be dropped here"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(1000, 129), (77, 4096), (128, 1), (1, 300), (4096, 333)])

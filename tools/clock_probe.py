@@ -2,7 +2,11 @@
 the SM clock and the board power, and the table gives time per call, median clock and power, and the time scaled to
 one common clock (time x MHz / 1000: proportional to cycles per call while the clock is steady).
 
-    python3 tools/clock_probe.py [--shape 32760,12,128] [--seconds 4] [--variants default,nosplittail]
+    python3 tools/clock_probe.py [--shape 32760,12,128] [--seconds 4] [--kernels dense,skip,cudnn,int8]
+                                 [--variants default,nosplittail]
+
+`skip` is the sparse op at f = 1 (a fresh state and thr = -inf: every tile visited and voted on, the state kept);
+--variants (A/B builds) probes each of our bf16 kernels named in --kernels once per LITEATTN_VARIANT value.
 
 Used for issue 10's dense gap (NOTES.md, wave 15): INT8's 1.1x was found to be the clock, not the loop (wave 8, ncu);
 this asks the same of our bf16 kernel against cuDNN at boost clocks, where ncu cannot look (it locks the clock)."""
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import liteattn_ops  # noqa: F401
+from liteattn_ops.core.state import new_state
 
 
 def number(text: str) -> float:
@@ -57,37 +62,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="32760,12,128", help="S,H,D (bf16, B = 1)")
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--kernels", default="dense,cudnn,int8",
+                        help="comma list of dense, skip (f = 1), cudnn, int8 (our INT8 Q/K dense kernel)")
     parser.add_argument("--variants", default="",
-                        help="A/B builds: LITEATTN_VARIANT values to probe our bf16 kernel with, in turn (e.g. default,nosplittail)")
+                        help="A/B builds: LITEATTN_VARIANT values to probe our bf16 kernels with, in turn (e.g. default,nosplittail)")
     args = parser.parse_args()
     S, H, D = (int(x) for x in args.shape.split(","))
     # bench.py's layout: (B, S, H, D) storage seen as (B, H, S, D)
     q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    state = new_state(1, H, S, S, D, torch.bfloat16, "cuda")
+    no_threshold = torch.full((H,), -math.inf, device="cuda")
 
     def cudnn():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             F.scaled_dot_product_attention(q, k, v)
 
-    def variant(name):
+    ours = {"dense": lambda: torch.ops.liteattn.attention(q, k, v),
+            "skip": lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_threshold)}
+
+    def with_variant(name, fn):
         def run():
             os.environ["LITEATTN_VARIANT"] = name
-            torch.ops.liteattn.attention(q, k, v)
+            fn()
         return run
 
-    if args.variants:
-        kernels = [(f"ours {name}"[:10], variant(name)) for name in args.variants.split(",")] + [("cuDNN", cudnn)]
-        order = kernels + kernels  # A B C A B C
-    else:
-        kernels = [("ours bf16", lambda: torch.ops.liteattn.attention(q, k, v)), ("cuDNN", cudnn),
-                   ("ours int8", lambda: torch.ops.liteattn.attention(q, k, v, None, True))]
-        order = kernels + kernels[:2]  # A B C A B: drift shows
+    kernels = []
+    for kind in args.kernels.split(","):
+        if kind in ours:
+            kernels += ([(f"{kind} {name}"[:16], with_variant(name, ours[kind])) for name in args.variants.split(",")]
+                        if args.variants else [(f"ours {kind}", ours[kind])])
+        elif kind == "cudnn":
+            kernels.append(("cuDNN", cudnn))
+        elif kind == "int8":
+            kernels.append(("ours int8", lambda: torch.ops.liteattn.attention(q, k, v, None, True)))
+        else:
+            parser.error(f"--kernels: unknown kernel {kind!r} (expected dense, skip, cudnn or int8)")
+    order = kernels + kernels  # A B C A B C: drift shows
     rows = [probe(name, fn, args.seconds) for name, fn in order]
     os.environ.pop("LITEATTN_VARIANT", None)
     flops = 4 * S * S * H * D
     print(f"clock probe {S}x{H}x{D} bf16, {args.seconds:g} s per kernel, {torch.cuda.get_device_name()}")
-    print(f"{'kernel':10} {'ms':>8} {'TFLOP/s':>8} {'SM MHz':>7} {'min':>5} {'W':>5} {'degC':>4} {'Mcycles':>8}")
+    print(f"{'kernel':16} {'ms':>8} {'TFLOP/s':>8} {'SM MHz':>7} {'min':>5} {'W':>5} {'degC':>4} {'Mcycles':>8}")
     for r in rows:
-        print(f"{r['name']:10} {r['ms']:8.3f} {flops / r['ms'] / 1e9:8.0f} {r['mhz']:7.0f} {r['mhz_min']:5.0f} "
+        print(f"{r['name']:16} {r['ms']:8.3f} {flops / r['ms'] / 1e9:8.0f} {r['mhz']:7.0f} {r['mhz_min']:5.0f} "
               f"{r['watts']:5.0f} {r['temp']:4.0f} {r['mcycles']:8.2f}")
 
 
