@@ -1,6 +1,7 @@
 """compute-sanitizer over the liteattn kernel: one command, a pass/fail table.
 
     python tools/sanitize.py [--tools memcheck,racecheck,initcheck,synccheck] [--parallel] [--log-dir DIR] [--print-limit N]
+                             [--cases dense,split,skipsplit,skip,forced,int8] [--kernel-filter liteattn]
 
 Runs this file again under each tool (`compute-sanitizer --tool T ... python tools/sanitize.py
 --worker`); the worker launches small cases of the dense and the skip path that between them cover:
@@ -10,6 +11,10 @@ second call that reads the state the first one wrote, forced live sets with empt
 rows than SMs), the dense and the skip path's split wave tail, and the device-side query-tile schedule (the op path) as well as natural order (direct
 _C calls), and the INT8 Q/K mode (pre-pass + kernel, dense and skip with ranges, both head dims). Each case also checks its output
 against the float32 reference (INT8: against the INT8 emulation). Needs a Hopper GPU and the built extension.
+
+--cases runs only some groups of cases (CASE_GROUPS; racecheck of all of them takes minutes); --kernel-filter
+instruments only the kernels whose name contains the string (compute-sanitizer's `--kernel-name kns=`), e.g.
+`liteattn` for ours and not torch's reference GEMMs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import tempfile
 import time
 
 TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+# The worker's groups of cases, in the order they run (--cases).
+CASE_GROUPS = ("dense", "split", "skipsplit", "skip", "forced", "int8")
 TOOL_FLAGS = {
     "memcheck": ["--leak-check", "no"],
     "racecheck": ["--racecheck-report", "all"],
@@ -33,7 +40,7 @@ TOOL_FLAGS = {
 }
 
 
-def worker() -> int:
+def worker(cases: frozenset[str] = frozenset(CASE_GROUPS)) -> int:
     import torch
 
     import liteattn_ops  # noqa: F401  (registers torch.ops.liteattn)
@@ -79,7 +86,7 @@ def worker() -> int:
     # and running the K/V ring on from one tile into the next.
     for head_dim, dtype, heads, sq, sk in [(64, torch.bfloat16, 2, 129, 300), (128, torch.float16, 2, 7, 129),
                                            (128, torch.bfloat16, 2, 256, 700), (64, torch.bfloat16, 8, 2200, 300),
-                                           (128, torch.bfloat16, 8, 2200, 300)]:
+                                           (128, torch.bfloat16, 8, 2200, 300)] if "dense" in cases else []:
         q, k, v = qkv(2, heads, sq, sk, head_dim, dtype)
         out, _ = direct(q, k, v)
         ref, _ = reference.attention_reference(q, k, v)
@@ -90,7 +97,7 @@ def worker() -> int:
     # compute into the scratch and the merge kernel reads; S_q and S_k not multiples of the tile.
     from liteattn_ops.core.tiling import tile_shape
 
-    for head_dim in (64, 128):
+    for head_dim in (64, 128) if "split" in cases else ():
         seqlen_q = (ext.device_sm_count() + 3) * tile_shape(head_dim, torch.bfloat16)[0] - 5
         q, k, v = qkv(1, 1, seqlen_q, 1500, head_dim, torch.bfloat16)
         splits = ext.dense_split_workspace_floats(1, 1, seqlen_q, 1500, head_dim, "bfloat16") > 0
@@ -103,7 +110,7 @@ def worker() -> int:
     # Skip path with the split wave tail (KernelVariant::split_skip; where the call's variant has it), through the op:
     # SMs + 3 query-tile rows, 2 calls with must-do / must-skip ranges on the second, so that the tail rows' chunks
     # record tile maxima and the vote kernel writes their state.
-    for head_dim in (64, 128):
+    for head_dim in (64, 128) if "skipsplit" in cases else ():
         seqlen_q = (ext.device_sm_count() + 3) * tile_shape(head_dim, torch.bfloat16)[0] - 5
         q, k, v = qkv(1, 1, seqlen_q, 1500, head_dim, torch.bfloat16)
         splits = ext.skip_split_workspace_floats(1, 1, seqlen_q, 1500, head_dim, "bfloat16") > 0
@@ -119,7 +126,8 @@ def worker() -> int:
     # ranges on the 2nd and 3rd call. The 8-head case has more query tiles than SMs (288): a persistent skip
     # kernel's CTAs take 2-3 rows each through the state readers' two buffers.
     for head_dim, dtype, heads, sq, sk in [(128, torch.bfloat16, 2, 256, 700), (64, torch.float16, 2, 300, 1000),
-                                           (64, torch.bfloat16, 2, 1000, 129), (128, torch.bfloat16, 8, 2200, 300)]:
+                                           (64, torch.bfloat16, 2, 1000, 129), (128, torch.bfloat16, 8, 2200, 300)
+                                           ] if "skip" in cases else []:
         q, k, v = qkv(2, heads, sq, sk, head_dim, dtype)
         state = new_state(2, heads, sq, sk, head_dim, dtype, "cuda")
         threshold = torch.tensor([-2.0, -math.inf] * (heads // 2), device="cuda")
@@ -139,7 +147,8 @@ def worker() -> int:
     # reads of that row's visit words (wave 13).
     for batch, heads, sq, sk, fraction, empty_rows, paths, name in [
             (1, 2, 700, 900, 0.5, slice(1, 2), ("natural order",), "forced"),
-            (2, 8, 2200, 300, 0.6, slice(None, None, 3), ("natural order", "op"), "forced empty rows")]:
+            (2, 8, 2200, 300, 0.6, slice(None, None, 3), ("natural order", "op"), "forced empty rows")
+            ] if "forced" in cases else []:
         for head_dim in (64, 128):
             q, k, v = qkv(batch, heads, sq, sk, head_dim, torch.bfloat16)
             block_m, block_n = liteattn_ops.tile_shape(head_dim, torch.bfloat16)
@@ -158,7 +167,7 @@ def worker() -> int:
                 check(f"{name} d{head_dim} {path}", out, ref)
 
     # INT8 Q/K mode (pre-pass + kernel): dense, then 3 skip calls with ranges on the 2nd and 3rd.
-    if getattr(ext, "HAS_INT8", False):
+    if getattr(ext, "HAS_INT8", False) and "int8" in cases:
         from liteattn_ops.core.int8_cuda import launch_int8
 
         # Dense, more query tiles than SMs: persistent CTAs of 2-3 tiles, as in the 16-bit dense cases.
@@ -243,9 +252,16 @@ def main(argv=None) -> int:
     parser.add_argument("--log-dir", default=None, help="write each tool's full output here")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per tool")
     parser.add_argument("--print-limit", type=int, default=20, help="errors each tool reports in full")
+    parser.add_argument("--cases", default=",".join(CASE_GROUPS), help="comma list of case groups to run")
+    parser.add_argument("--kernel-filter", default=None,
+                        help="instrument only kernels whose name contains this (e.g. liteattn)")
     args = parser.parse_args(argv)
+    cases = args.cases.split(",")
+    unknown = sorted(set(cases) - set(CASE_GROUPS))
+    if unknown:
+        parser.error(f"--cases: unknown group(s) {', '.join(unknown)}; expected a comma list of {', '.join(CASE_GROUPS)}")
     if args.worker:
-        return worker()
+        return worker(frozenset(cases))
 
     sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
     tools = args.tools.split(",")
@@ -253,8 +269,9 @@ def main(argv=None) -> int:
         os.makedirs(args.log_dir, exist_ok=True)
     jobs = {}
     for tool in tools:
-        cmd = [sanitizer, "--tool", tool, *TOOL_FLAGS[tool], "--print-limit", str(args.print_limit),
-               sys.executable, os.path.abspath(__file__), "--worker"]
+        kernel_filter = ["--kernel-name", f"kns={args.kernel_filter}"] if args.kernel_filter else []
+        cmd = [sanitizer, "--tool", tool, *TOOL_FLAGS[tool], *kernel_filter, "--print-limit", str(args.print_limit),
+               sys.executable, os.path.abspath(__file__), "--worker", "--cases", ",".join(cases)]
         log = open(os.path.join(args.log_dir, f"sanitize_{tool}.log"), "w+") if args.log_dir else \
             tempfile.TemporaryFile("w+")
         jobs[tool] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), log, time.time())
