@@ -5,7 +5,8 @@ one common clock (time x MHz / 1000: proportional to cycles per call while the c
     python3 tools/clock_probe.py [--shape 32760,12,128] [--seconds 4] [--kernels dense,skip,cudnn,int8]
                                  [--variants default,nosplittail]
 
-`skip` is the sparse op at f = 1 (a fresh state and thr = -inf: every tile visited and voted on, the state kept);
+`skip` is the sparse op at f = 1 (a fresh state and thr = -inf: every tile visited and voted on, the state kept),
+or with --forced F:KIND on bench.py's forced live set (fraction F, KIND balanced / heavy-first / heavy-last);
 --variants (A/B builds) probes each of our bf16 kernels named in --kernels once per LITEATTN_VARIANT value.
 
 Used for issue 10's dense gap (NOTES.md, wave 15): INT8's 1.1x was found to be the clock, not the loop (wave 8, ncu);
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import liteattn_ops  # noqa: F401
-from liteattn_ops.core.state import new_state
+from liteattn_ops.core.state import new_state, pack_bits
+from liteattn_ops.testing import forced_live
 
 
 def number(text: str) -> float:
@@ -64,13 +66,28 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--kernels", default="dense,cudnn,int8",
                         help="comma list of dense, skip (f = 1), cudnn, int8 (our INT8 Q/K dense kernel)")
+    parser.add_argument("--forced", default="", metavar="F:KIND",
+                        help="the skip kernel on a forced live set (e.g. 0.5:heavy-last) instead of f = 1")
     parser.add_argument("--variants", default="",
                         help="A/B builds: LITEATTN_VARIANT values to probe our bf16 kernels with, in turn (e.g. default,nosplittail)")
     args = parser.parse_args()
     S, H, D = (int(x) for x in args.shape.split(","))
+    if args.forced:  # checked before any GPU work
+        fraction, _, kind = args.forced.partition(":")
+        try:
+            fraction = float(fraction)
+        except ValueError:
+            fraction = math.nan
+        if not 0 < fraction <= 1 or kind not in ("balanced", "heavy-first", "heavy-last"):
+            parser.error(f"--forced: expected F:KIND with 0 < F <= 1 and KIND balanced, heavy-first or heavy-last, "
+                         f"got {args.forced!r}")
     # bench.py's layout: (B, S, H, D) storage seen as (B, H, S, D)
     q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
     state = new_state(1, H, S, S, D, torch.bfloat16, "cuda")
+    if args.forced:
+        bm, bn = liteattn_ops.tile_shape(D, torch.bfloat16)
+        live = forced_live(1, H, -(-S // bm), -(-S // bn), fraction, kind, torch.Generator().manual_seed(0))
+        state = pack_bits(live).to("cuda")
     no_threshold = torch.full((H,), -math.inf, device="cuda")
 
     def cudnn():
@@ -101,7 +118,8 @@ def main() -> None:
     rows = [probe(name, fn, args.seconds) for name, fn in order]
     os.environ.pop("LITEATTN_VARIANT", None)
     flops = 4 * S * S * H * D
-    print(f"clock probe {S}x{H}x{D} bf16, {args.seconds:g} s per kernel, {torch.cuda.get_device_name()}")
+    forced = f", skip on forced {args.forced}" if args.forced else ""
+    print(f"clock probe {S}x{H}x{D} bf16{forced}, {args.seconds:g} s per kernel, {torch.cuda.get_device_name()}")
     print(f"{'kernel':16} {'ms':>8} {'TFLOP/s':>8} {'SM MHz':>7} {'min':>5} {'W':>5} {'degC':>4} {'Mcycles':>8}")
     for r in rows:
         print(f"{r['name']:16} {r['ms']:8.3f} {flops / r['ms'] / 1e9:8.0f} {r['mhz']:7.0f} {r['mhz_min']:5.0f} "
