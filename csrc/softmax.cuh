@@ -59,6 +59,8 @@ struct OnlineSoftmax {
 
   // The LSE's max (epilogue.cuh; used only where the row sum is > 0, so never kNoMax there).
   __device__ __forceinline__ float ref_max(int r) const { return kLazy ? lazy_max[r] : row_max[r]; }
+  // The max the exponentials are taken against: ref_max, with kNoMax for -inf.
+  __device__ __forceinline__ float exp_max(int r) const { return kLazy ? lazy_max[r] : fmaxf(row_max[r], kNoMax); }
 
   // With kMask, masks columns >= valid_cols when valid_cols < BN (a partial last tile);
   // returns the per-row tile max in log2 units.
@@ -121,14 +123,13 @@ struct OnlineSoftmax {
     } else {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float new_max = fmaxf(row_max[r], tile_max_log2[r]);
-        correction[r] = exp2f(row_max[r] - fmaxf(new_max, kNoMax));  // 0 while row_max is -inf
-        row_max[r] = new_max;
+        const float old_max = row_max[r];
+        row_max[r] = fmaxf(old_max, tile_max_log2[r]);
+        correction[r] = exp2f(old_max - exp_max(r));  // 0 while old_max is -inf
         row_sum[r] *= correction[r];
       }
     }
-    const float bias[2] = {scores.exp_bias(kLazy ? lazy_max[0] : fmaxf(row_max[0], kNoMax)),
-                           scores.exp_bias(kLazy ? lazy_max[1] : fmaxf(row_max[1], kNoMax))};
+    const float bias[2] = {scores.exp_bias(exp_max(0)), scores.exp_bias(exp_max(1))};
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
       const int r = frag_row_half(i);
