@@ -87,8 +87,7 @@ CallVariant variant_of_call(int head_dim, DType dtype) {
 // Variants of A/B builds: bf16 (both Q/K modes of the build); a variant with its own BN only on the 16-bit dense
 // path (the skip state and the INT8 k_scale are per table tile; CMakeLists.txt).
 [[maybe_unused]] constexpr bool ab_variant_built(int id, DType dtype, bool skip, bool int8) {
-  return dtype == DType::kBFloat16 && (!int8 || LITEATTN_INT8) && !((skip || int8) && decode_variant(id).bn != 0) &&
-         (skip || !decode_variant(id).split_skip);  // the dense path runs a splitskip id without the bit
+  return dtype == DType::kBFloat16 && (!int8 || LITEATTN_INT8) && !((skip || int8) && decode_variant(id).bn != 0);
 }
 
 template <DType kDType, int kHeadDim, bool kSkip, bool kInt8>
@@ -98,12 +97,13 @@ void run_variant(const FwdArgs& a, int variant) {
   // A variant whose BN equals the table's is the same kernel as the one without a BN.
   if (decode_variant(variant).bn == tile_shape(kHeadDim, kDType).bn)
     return run_variant<kDType, kHeadDim, kSkip, kInt8>(a, variant & ~(31 << kVariantBnShift));
-  // The skip path's split-tail bit means nothing to the dense path (CMakeLists.txt builds no such dense kernel).
-  if (!kSkip && decode_variant(variant).split_skip)
-    return run_variant<kDType, kHeadDim, kSkip, kInt8>(a, variant & ~kVariantSplitSkip);
+  // The skip path's split-tail bit means nothing to the dense path: an id that differs from a built one only in
+  // that bit runs the built one's kernel (the same code).
+  constexpr int kIgnored = kSkip ? 0 : kVariantSplitSkip;
+  if ((variant | kIgnored) == (kDefault | kIgnored)) return run_fwd<kDType, kHeadDim, kSkip, kDefault, kInt8>(a);
 #define LITEATTN_AB_CASE(ID, HEAD_DIM)                                                                  \
   if constexpr (HEAD_DIM == kHeadDim && ab_variant_built(ID, kDType, kSkip, kInt8) && ID != kDefault) { \
-    if (variant == ID) return run_fwd<kDType, kHeadDim, kSkip, ID, kInt8>(a);                           \
+    if ((variant | kIgnored) == (ID | kIgnored)) return run_fwd<kDType, kHeadDim, kSkip, ID, kInt8>(a); \
   }
   LITEATTN_FOR_EACH_AB_VARIANT(LITEATTN_AB_CASE)
 #undef LITEATTN_AB_CASE

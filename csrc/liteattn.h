@@ -219,9 +219,11 @@ constexpr KernelVariant decode_variant(int id) {
 // hand-off fixes; f = 1 level, the structured case 10 % faster). Not at 64: f = 1 2-2.5 % slower and the demo
 // DiT's structured case level (wave 14 call 2).
 // Both: the dense path's last round split by key ranges where it leaves SMs idle (NOTES.md wave 15).
+// Head dim 128: the skip path's last round split too (NOTES.md waves 16-18: f = 1 -2.1 % at 32760x12x128 by the clock
+// probe, racecheck / synccheck clean). Not at 64: no gain there (wave 17).
 constexpr int default_variant(int head_dim) {
   return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent | kVariantTreeMax | kVariantLateVote |
-                                kVariantWideV | kVariantPersistSkip | kVariantSplitTail
+                                kVariantWideV | kVariantPersistSkip | kVariantSplitTail | kVariantSplitSkip
          : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax | kVariantLateVote | kVariantSplitTail
                           : 0;
 }

@@ -75,10 +75,11 @@ __device__ __forceinline__ auto visit_order(StateBuffer const& state, QueryTile 
   if constexpr (Tr::kSplitTail)
     return TileRange(n0, num_tiles, tile.key_begin, tile.key_count ? tile.key_count : num_tiles);
   else if constexpr (Tr::kSplitSkip)
-    return TileOrder<true>(state.visit(), state.order, n0, num_tiles, tile.key_begin,
-                           tile.key_count ? tile.key_count : 1);
+    return TileOrder<true>(state.visit(), state.order, num_tiles, tile.key_begin, tile.key_count ? tile.key_count : 1);
+  else if constexpr (Tr::kSkip)
+    return TileOrder<true>(state.visit(), state.order, num_tiles);  // n0 is in the list's order already
   else
-    return TileOrder<Tr::kSkip>(state.visit(), state.order, n0, num_tiles);
+    return TileOrder<false>(nullptr, nullptr, n0, num_tiles);
 }
 
 // Producer (one thread): Q of query tile m, then K and V^T of each visited tile, in the order of

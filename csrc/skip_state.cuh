@@ -106,19 +106,28 @@ __device__ void load_skip_state(const Params& p, int64_t row, StateBuffer buf, i
 // The fixed visit order of the contract: n0, n0+1, ..., Nt-1, 0, ..., n0-1, visited
 // tiles only, with n0 = min(Nt-1, floor(m*BM*S_k / (S_q*BN))).
 //
-// Skip path: the threads that loaded the state write the visited tiles, ascending, into a list in
-// shared memory once (build_visit_order, between two barriers); the order is that list
-// rotated to start at the first visited tile >= n0. Producer and consumers then walk it with
-// an index and a count (TileOrder<true>): one shared-memory load per tile, no search, and
-// nothing written during the loop (so no hand-off between the warps to synchronise).
+// Skip path: the threads that loaded the state write the visited tiles into a list in shared memory once
+// (build_visit_order, between two barriers), already in that order: position 0 holds the first visited tile
+// >= n0 (or, when there is none, the first visited tile). Producer and consumers then walk it with one pointer
+// (TileOrder<true>): one shared-memory load per tile, no wrap and no search in the loop, and nothing written
+// during it (so no hand-off between the warps to synchronise).
 // Dense path: plain arithmetic.
 template <class Params>
-__device__ void build_visit_order(const Params& p, StateBuffer buf, int thread, int num_threads) {
+__device__ void build_visit_order(const Params& p, StateBuffer buf, int n0, int thread, int num_threads) {
+  int count = 0, first = 0;  // visited tiles, and those below n0 (they come last)
+  for (int v = 0; v < p.num_state_words; ++v) {
+    const uint32_t bits = buf.visit()[v];
+    count += __popc(bits);
+    first += __popc(bits & tile_bits(0, n0, v));
+  }
   for (int w = thread; w < p.num_state_words; w += num_threads) {
-    int pos = 0;
+    int pos = -first;
     for (int v = 0; v < w; ++v) pos += __popc(buf.visit()[v]);
-    for (uint32_t bits = buf.visit()[w]; bits != 0u; bits &= bits - 1u)
-      buf.order[pos++] = uint16_t(32 * w + __ffs(bits) - 1);
+    if (pos < 0) pos += count;
+    for (uint32_t bits = buf.visit()[w]; bits != 0u; bits &= bits - 1u) {
+      buf.order[pos] = uint16_t(32 * w + __ffs(bits) - 1);
+      if (++pos == count) pos = 0;
+    }
   }
 }
 
@@ -129,32 +138,17 @@ struct TileOrder;
 // of the C visited tiles' order, so that the chunks of a row take near-equal numbers of visited tiles.
 template <>
 struct TileOrder<true> {
-  const uint16_t* order;
-  int count = 0, index = 0, remaining;
-  __device__ TileOrder(const uint32_t* visit, const uint16_t* order_, int n0, int num_tiles, int chunk = 0,
-                       int chunks = 1)
-      : order(order_) {
-    for (int w = 0; w < (num_tiles + 31) / 32; ++w) {
-      const uint32_t bits = visit[w];
-      count += __popc(bits);
-      if (32 * w + 32 <= n0) index += __popc(bits);  // visited tiles below n0 come last
-      else if (32 * w < n0) index += __popc(bits & ((1u << (n0 & 31)) - 1u));
-    }
-    if (index == count) index = 0;
-    remaining = count;
-    if (chunks > 1) {
-      const int begin = chunk * count / chunks;
-      index += begin;
-      if (index >= count) index -= count;
-      remaining = (chunk + 1) * count / chunks - begin;
-    }
+  const uint16_t* next;  // into StateBuffer::order (build_visit_order), one past the last: `end`
+  const uint16_t* end;
+  __device__ TileOrder(const uint32_t* visit, const uint16_t* order, int num_tiles, int chunk = 0, int chunks = 1) {
+    int count = 0;
+    for (int w = 0; w < (num_tiles + 31) / 32; ++w) count += __popc(visit[w]);
+    next = order + chunk * count / chunks;
+    end = order + (chunk + 1) * count / chunks;
   }
-  __device__ __forceinline__ bool more() const { return remaining > 0; }
-  __device__ __forceinline__ int current() const { return order[index]; }
-  __device__ __forceinline__ void advance() {
-    --remaining;
-    index = index + 1 == count ? 0 : index + 1;
-  }
+  __device__ __forceinline__ bool more() const { return next != end; }
+  __device__ __forceinline__ int current() const { return *next; }
+  __device__ __forceinline__ void advance() { ++next; }
 };
 
 template <>
@@ -197,8 +191,10 @@ __device__ __forceinline__ int first_tile(int m, int bm, int bn, int seqlen_q, i
 // Vote
 // ---------------------------------------------------------------------------------------------
 
-// Not +-inf and not NaN (bit test: independent of fast-math flags).
-__device__ __forceinline__ bool is_finite(float x) { return (__float_as_uint(x) & 0x7fffffffu) < 0x7f800000u; }
+// Not +-inf and not NaN: one FSETP with |x| (an ordered compare is false on NaN; nvcc's fast-math does not assume
+// finite values). The integer form, (bits & 0x7fffffff) < 0x7f800000, cost a LOP3 and an ISETP per value in the
+// vote (NOTES.md "Wave 18").
+__device__ __forceinline__ bool is_finite(float x) { return fabsf(x) < __int_as_float(0x7f800000); }
 
 // A valid row finds the tile negligible only when its running max before the tile (r) and the
 // tile's row max (l) are both finite and l - r <= threshold (log2 units). A non-finite one (the

@@ -33,7 +33,8 @@ __global__ void __launch_bounds__(Tr::kBM) split_vote_kernel(const __grid_consta
   const QueryTile tile = tile_of_row(row, p.num_m_tiles, p.heads);
   load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, row, buf, threadIdx.x, blockDim.x);
   __syncthreads();
-  build_visit_order(p, buf, threadIdx.x, blockDim.x);
+  build_visit_order(p, buf, first_tile(tile.m, Tr::kBM, Tr::kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles), threadIdx.x,
+                    blockDim.x);
   __syncthreads();
 
   const int local = threadIdx.x, lane = threadIdx.x % 32;
@@ -41,8 +42,7 @@ __global__ void __launch_bounds__(Tr::kBM) split_vote_kernel(const __grid_consta
   const float* records = p.split_records + int64_t(tail_tile) * p.num_n_tiles * Tr::kBM + local;
   const float threshold = p.threshold[tile.h];
   uint32_t* warp_words = buf.warp_keep(threadIdx.x / 32);
-  TileOrder<true> order(buf.visit(), buf.order, first_tile(tile.m, Tr::kBM, Tr::kBN, p.seqlen_q, p.seqlen_k,
-                                                           p.num_n_tiles), p.num_n_tiles);
+  TileOrder<true> order(buf.visit(), buf.order, p.num_n_tiles);
   float running = -INFINITY;  // the row max of the tiles before, log2 units (softmax.cuh's row_max)
   bool poisoned = false;      // a record before (or this one) was NaN
   while (order.more()) {
