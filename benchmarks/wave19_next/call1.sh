@@ -1,0 +1,40 @@
+# Next session, call 1 (prepared at the end of wave 18, not run): what wave 18 could not measure, on main as it is.
+# ~8 min: build; bench.py's full table with cuDNN in the same run (this version has none: BENCHMARKS.md "Wave 18");
+# the clock probe of dense / skip f = 1 at two shapes with no wave tail and the same 8 rows per CTA but 96 and 192 key
+# tiles per row (16896x8x128, 33792x4x128): a per-tile cost gives the same skip / dense ratio at both, a per-row cost
+# half the excess at the second (NOTES.md "Wave 18": which one the f = 1 gap is); ncu of dense vs skip at
+# 16896x8x128 (instructions and stall samples by SASS line: tools/ncu_stalls.py); initcheck alone (wave 18's did not
+# finish beside the other three tools). One archive comes back. Run as
+#   mkdir -p $OUT && BUDGET=540 bash benchmarks/wave19_next/call1.sh 2>&1 | tee $OUT/output.txt | tail -70   (carry [".whl"])
+set -u
+START=$(date +%s)
+left() { echo $(( ${BUDGET:-540} - ($(date +%s) - START) )); }
+OUT=$OUT bash tools/gpu_suite.sh build || exit 1
+rm -f $OUT/build.log
+export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv > $OUT/smi.txt 2>&1
+echo "bench ($(left) s left)"
+OUT=$OUT bash tools/gpu_suite.sh bench
+for shape in 16896,8,128 33792,4,128; do
+  echo "clock probe $shape ($(left) s left)"
+  [ $(left) -gt 60 ] && timeout 50 python3 tools/clock_probe.py --shape $shape --seconds 3 --kernels dense,skip \
+    > $OUT/clock_$shape.log 2>&1; tail -5 $OUT/clock_$shape.log
+done
+M=sm__cycles_active.avg,smsp__inst_executed.sum,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active
+for V in dense skip; do
+  echo "ncu $V ($(left) s left)"
+  [ $(left) -gt 100 ] || break
+  timeout 70 ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+    --section SchedulerStats --section SourceCounters --metrics $M -o $OUT/ncu_$V -f \
+    python3 tools/ncu_worker.py $V 16896,8,128 > $OUT/ncu_$V.log 2>&1; echo "ncu $V rc $?"
+  ncu -i $OUT/ncu_$V.ncu-rep --page details > $OUT/ncu_${V}_details.txt 2>&1
+  ncu -i $OUT/ncu_$V.ncu-rep --page source --csv --print-source sass 2>&1 | gzip > $OUT/ncu_${V}_sass.csv.gz
+  rm -f $OUT/ncu_$V.ncu-rep
+  grep -E "^ +(Duration|Elapsed Cycles|Issued Warp Per|No Eligible|sm__cycles_active|smsp__inst_executed.sum|sm__pipe_tensor)" \
+    $OUT/ncu_${V}_details.txt | tr -s ' ' | head -8
+done
+echo "initcheck ($(left) s left)"
+[ $(left) -gt 40 ] && timeout $(( $(left) - 20 )) python3 tools/sanitize.py --tools initcheck --kernel-filter liteattn \
+  --log-dir $OUT/sanitize > $OUT/sanitize.log 2>&1; echo "initcheck rc $?"; tail -4 $OUT/sanitize.log
+cat $OUT/smi.txt
+cd $OUT && tar czf logs.tgz --exclude output.txt --exclude logs.tgz * && find . -type f ! -name output.txt ! -name logs.tgz -delete; ls $OUT
