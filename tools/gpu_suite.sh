@@ -4,6 +4,7 @@
 #   bash tools/gpu_suite.sh build tests soak parallel     # ~6 min: build, all `cuda` tests, soak, P=1 Ulysses
 #   bash tools/gpu_suite.sh build demo                    # ~8 min: tools/demo_gpu.py (demo, sweep, Wan preset)
 #   bash tools/gpu_suite.sh build sanitize bench          # compute-sanitizer (4 tools), the kernel benchmark
+#   NCU_SHAPE=16896,8,128 bash tools/gpu_suite.sh build ncu  # ncu of the dense and skip kernels (NCU_MODES)
 #   CMAKE_ARGS='-DLITEATTN_AB_VARIANTS=1027@128' AB_VARIANTS=default,notreemax bash tools/gpu_suite.sh build ab
 #                                                         # ~4 min: a kernel-variant A/B (NOTES.md's method)
 #
@@ -93,6 +94,25 @@ part_retest() {
 }
 part_graphtest() {
   timeout 120 python3 -m pytest -m cuda tests/test_cuda_graph_state.py -q -p no:cacheprovider 2>&1 | tail -3
+}
+part_ncu() {
+  # ncu of our kernels (NCU_MODES: tools/ncu_worker.py's modes, default "dense skip") at NCU_SHAPE (S,H,D; default
+  # 16896,8,128: 8 whole rounds of 132 SMs): the details page, and the per-SASS-line source counters for
+  # tools/ncu_stalls.py. The reports themselves are not kept (too big to come back).
+  local M=sm__cycles_active.avg,smsp__inst_executed.sum,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active
+  local rc=0 V
+  for V in ${NCU_MODES:-dense skip}; do
+    timeout 90 ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+      --section SchedulerStats --section SourceCounters --metrics $M -o "$OUT/ncu_$V" -f \
+      python3 tools/ncu_worker.py $V ${NCU_SHAPE:-16896,8,128} > "$OUT/ncu_$V.log" 2>&1 || rc=$?
+    ncu -i "$OUT/ncu_$V.ncu-rep" --page details > "$OUT/ncu_${V}_details.txt" 2>&1
+    ncu -i "$OUT/ncu_$V.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip > "$OUT/ncu_${V}_sass.csv.gz"
+    rm -f "$OUT/ncu_$V.ncu-rep"
+    echo "ncu $V:"
+    grep -E "^ +(Duration|Elapsed Cycles|Issued Warp Per|No Eligible|sm__cycles_active|smsp__inst_executed.sum|sm__pipe_tensor)" \
+      "$OUT/ncu_${V}_details.txt" | tr -s ' ' | head -8
+  done
+  return $rc
 }
 part_demo() {
   DEMO_GPU_BUDGET_S=${DEMO_GPU_BUDGET_S:-300} timeout 420 python3 tools/demo_gpu.py

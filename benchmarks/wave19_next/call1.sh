@@ -20,19 +20,8 @@ for shape in 16896,8,128 33792,4,128; do
   [ $(left) -gt 60 ] && timeout 50 python3 tools/clock_probe.py --shape $shape --seconds 3 --kernels dense,skip \
     > $OUT/clock_$shape.log 2>&1; tail -5 $OUT/clock_$shape.log
 done
-M=sm__cycles_active.avg,smsp__inst_executed.sum,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active
-for V in dense skip; do
-  echo "ncu $V ($(left) s left)"
-  [ $(left) -gt 100 ] || break
-  timeout 70 ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1 --section SpeedOfLight --section WarpStateStats \
-    --section SchedulerStats --section SourceCounters --metrics $M -o $OUT/ncu_$V -f \
-    python3 tools/ncu_worker.py $V 16896,8,128 > $OUT/ncu_$V.log 2>&1; echo "ncu $V rc $?"
-  ncu -i $OUT/ncu_$V.ncu-rep --page details > $OUT/ncu_${V}_details.txt 2>&1
-  ncu -i $OUT/ncu_$V.ncu-rep --page source --csv --print-source sass 2>&1 | gzip > $OUT/ncu_${V}_sass.csv.gz
-  rm -f $OUT/ncu_$V.ncu-rep
-  grep -E "^ +(Duration|Elapsed Cycles|Issued Warp Per|No Eligible|sm__cycles_active|smsp__inst_executed.sum|sm__pipe_tensor)" \
-    $OUT/ncu_${V}_details.txt | tr -s ' ' | head -8
-done
+echo "ncu ($(left) s left)"
+[ $(left) -gt 200 ] && NCU_SHAPE=16896,8,128 OUT=$OUT bash tools/gpu_suite.sh ncu
 echo "initcheck ($(left) s left)"
 [ $(left) -gt 40 ] && timeout $(( $(left) - 20 )) python3 tools/sanitize.py --tools initcheck --kernel-filter liteattn \
   --log-dir $OUT/sanitize > $OUT/sanitize.log 2>&1; echo "initcheck rc $?"; tail -4 $OUT/sanitize.log
