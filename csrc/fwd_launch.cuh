@@ -160,3 +160,10 @@ void run_fwd(const FwdArgs& a) {
   template void liteattn::run_fwd<liteattn::DType::DTYPE, HEAD_DIM, SKIP, VARIANT, INT8>(const liteattn::FwdArgs&);
 #define LITEATTN_INSTANTIATE_FWD_DEFAULT(DTYPE, HEAD_DIM, SKIP, INT8) \
   LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, liteattn::default_variant(HEAD_DIM), INT8)
+// A listed A/B id: never the default itself (that kernel is built anyway; a second explicit instantiation of it in
+// the same compile unit would not compile).
+#define LITEATTN_INSTANTIATE_FWD_AB(DTYPE, HEAD_DIM, SKIP, VARIANT, INT8)                                      \
+  static_assert(VARIANT != liteattn::default_variant(HEAD_DIM),                                                \
+                "LITEATTN_AB_VARIANTS: id " #VARIANT " is the default variant of head dim " #HEAD_DIM          \
+                " (csrc/liteattn.h default_variant); list other ids");                                         \
+  LITEATTN_INSTANTIATE_FWD(DTYPE, HEAD_DIM, SKIP, VARIANT, INT8)

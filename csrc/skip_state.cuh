@@ -107,7 +107,7 @@ __device__ void load_skip_state(const Params& p, int64_t row, StateBuffer buf, i
 // tiles only, with n0 = min(Nt-1, floor(m*BM*S_k / (S_q*BN))).
 //
 // Skip path: the threads that loaded the state write the visited tiles into a list in shared memory once
-// (build_visit_order, between two barriers), already in that order: position 0 holds the first visited tile
+// (build_visit_order, before the barrier or hand-off its readers wait on), already in that order: position 0 holds the first visited tile
 // >= n0 (or, when there is none, the first visited tile). Producer and consumers then walk it with one pointer
 // (TileOrder<true>): one shared-memory load per tile, no wrap and no search in the loop, and nothing written
 // during it (so no hand-off between the warps to synchronise).

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CMAKE = shutil.which("cmake")
 pytestmark = pytest.mark.skipif(CMAKE is None, reason="needs cmake on PATH")
 
-INSTANCE = re.compile(r"^LITEATTN_INSTANTIATE_FWD(?:_DEFAULT)?\((.*)\)$", re.M)
+INSTANCE = re.compile(r"^LITEATTN_INSTANTIATE_FWD(?:_DEFAULT|_AB)?\((.*)\)$", re.M)
 
 
 def expected_instances():

@@ -5,6 +5,8 @@
 # the dense kernel as the control): skip f = 1 vs dense at a shape with no wave tail (16896x8x128; wave 17: +2.9 %
 # cycles), and splitskip vs default on f = 1 and on forced heavy-last / heavy-first sets at 32760x12x128. Run as
 #   mkdir -p $OUT && BUDGET=540 bash benchmarks/wave18/call1.sh 2>&1 | tee $OUT/output.txt | tail -70   (carry [".whl"])
+# (Ran before splitskip was adopted: 130051 is now default_variant(128), and an A/B build must not list the default;
+# the same A/B after the adoption is -DLITEATTN_AB_VARIANTS=64515@128;105473@64 with LITEATTN_VARIANT=nosplitskip.)
 set -u
 START=$(date +%s)
 left() { echo $(( ${BUDGET:-540} - ($(date +%s) - START) )); }
