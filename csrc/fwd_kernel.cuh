@@ -120,8 +120,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
     load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, state_row_of(p, tile), one_buffer, threadIdx.x, blockDim.x);
   __syncthreads();
   if constexpr (kOneTileSkip) {
-    build_visit_order(p, one_buffer, first_tile(tile.m, Tr::kBM, Tr::kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles),
-                      threadIdx.x, blockDim.x);
+    build_visit_order<Tr::kBM, Tr::kBN>(p, one_buffer, tile.m, threadIdx.x, blockDim.x);
     __syncthreads();
   }
 

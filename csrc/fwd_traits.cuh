@@ -160,8 +160,9 @@ struct FwdTraits {
     cutlass::arch::ClusterBarrier v_empty[kStages];
     // Skip state of the CTA's (b, h, m) row(s) (skip_state.cuh, StateBuffer): tiles to visit, must-do tiles,
     // per consumer warp the visited tiles some row of that warp found non-negligible (each warp writes only its
-    // own words: no atomics in the loop), and the visited tiles in visit order (build_visit_order). One buffer of kStateWords
-    // words per array, or (kPersistentSkip, when a row has at most kStateWords / 2 words) two of half the size.
+    // own words: no atomics in the loop), and the visited tiles in visit order (build_visit_order). One buffer of
+    // kStateWords words per array, or (kPersistentSkip, when a row has at most kStateWords / 2 words) two of half the
+    // size.
     uint32_t state_words[kSkip ? (2 + kConsumerWarps) * kStateWords : 1];
     uint16_t order[kSkip ? kStateWords * 32 : 1];
     // kPersistentSkip: the state row each buffer holds (-1: no more rows), and its hand-off barriers:

@@ -103,17 +103,24 @@ __device__ void load_skip_state(const Params& p, int64_t row, StateBuffer buf, i
     buf.warp_keep(i / p.num_state_words)[i % p.num_state_words] = 0u;
 }
 
+// n0 of the contract, in 64-bit arithmetic.
+__device__ __forceinline__ int first_tile(int m, int bm, int bn, int seqlen_q, int seqlen_k, int num_tiles) {
+  const int64_t start = (int64_t(m) * bm * seqlen_k) / (int64_t(seqlen_q) * bn);
+  return start < num_tiles - 1 ? int(start) : num_tiles - 1;
+}
+
 // The fixed visit order of the contract: n0, n0+1, ..., Nt-1, 0, ..., n0-1, visited
 // tiles only, with n0 = min(Nt-1, floor(m*BM*S_k / (S_q*BN))).
 //
-// Skip path: the threads that loaded the state write the visited tiles into a list in shared memory once
-// (build_visit_order, before the barrier or hand-off its readers wait on), already in that order: position 0 holds the first visited tile
-// >= n0 (or, when there is none, the first visited tile). Producer and consumers then walk it with one pointer
-// (TileOrder<true>): one shared-memory load per tile, no wrap and no search in the loop, and nothing written
-// during it (so no hand-off between the warps to synchronise).
+// Skip path: the threads that loaded the state of query tile m write the visited tiles into a list in shared
+// memory once (build_visit_order, before the barrier or hand-off its readers wait on), already in that order:
+// position 0 holds the first visited tile >= n0 (or, when there is none, the first visited tile). Producer and
+// consumers then walk it with one pointer (TileOrder<true>): one shared-memory load per tile, no wrap and no
+// search in the loop, and nothing written during it (so no hand-off between the warps to synchronise).
 // Dense path: plain arithmetic.
-template <class Params>
-__device__ void build_visit_order(const Params& p, StateBuffer buf, int n0, int thread, int num_threads) {
+template <int kBM, int kBN, class Params>
+__device__ void build_visit_order(const Params& p, StateBuffer buf, int m, int thread, int num_threads) {
+  const int n0 = first_tile(m, kBM, kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles);
   int count = 0, first = 0;  // visited tiles, and those below n0 (they come last)
   for (int v = 0; v < p.num_state_words; ++v) {
     const uint32_t bits = buf.visit()[v];
@@ -180,12 +187,6 @@ struct TileRange {
     if (++n == num_tiles) n = 0;
   }
 };
-
-// n0 of the contract, in 64-bit arithmetic.
-__device__ __forceinline__ int first_tile(int m, int bm, int bn, int seqlen_q, int seqlen_k, int num_tiles) {
-  const int64_t start = (int64_t(m) * bm * seqlen_k) / (int64_t(seqlen_q) * bn);
-  return start < num_tiles - 1 ? int(start) : num_tiles - 1;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Vote

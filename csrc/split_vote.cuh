@@ -33,8 +33,7 @@ __global__ void __launch_bounds__(Tr::kBM) split_vote_kernel(const __grid_consta
   const QueryTile tile = tile_of_row(row, p.num_m_tiles, p.heads);
   load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, row, buf, threadIdx.x, blockDim.x);
   __syncthreads();
-  build_visit_order(p, buf, first_tile(tile.m, Tr::kBM, Tr::kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles), threadIdx.x,
-                    blockDim.x);
+  build_visit_order<Tr::kBM, Tr::kBN>(p, buf, tile.m, threadIdx.x, blockDim.x);
   __syncthreads();
 
   const int local = threadIdx.x, lane = threadIdx.x % 32;

@@ -248,9 +248,7 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
       const StateBuffer buf = rows.buffer(it);
       load_skip_state<Tr::kBN, Tr::kConsumerWarps>(p, row, buf, thread, kThreads);
       __syncwarp();  // every visit word is in
-      const int m = tile_of_row(row, p.num_m_tiles, p.heads).m;
-      build_visit_order(p, buf, first_tile(m, Tr::kBM, Tr::kBN, p.seqlen_q, p.seqlen_k, p.num_n_tiles), thread,
-                        kThreads);
+      build_visit_order<Tr::kBM, Tr::kBN>(p, buf, tile_of_row(row, p.num_m_tiles, p.heads).m, thread, kThreads);
     }
     release_buffer(ss.state_full[slot]);  // this thread's words (and the row) are visible to the waiters
     if (row < 0) break;
