@@ -72,18 +72,20 @@ void run_fwd(const FwdArgs& a) {
   p.k_scale = a.k_scale;
   p.q_mu = a.q_mu;
   const ScheduleScope scope = schedule_scope(a.batch, a.heads, p.num_m_tiles, a.seqlen_k, kHeadDim);
+  // The persistent skip kernel's row counter starts at 0: zeroed by the schedule kernel where one runs (a launch
+  // fewer per call), else by a memset.
+  int32_t* const counter = Tr::kPersistentSkip ? a.work_counter : nullptr;
   if (kSkip && a.schedule != nullptr && scope != ScheduleScope::kNone) {
     const bool global = scope == ScheduleScope::kGlobal;
     launch_lpt_schedule(a.state, global ? 1 : a.batch * a.heads, global ? a.batch * a.heads * p.num_m_tiles : p.num_m_tiles,
-                        p.num_state_words, p.num_n_tiles, a.schedule, a.stream);
+                        p.num_state_words, p.num_n_tiles, a.schedule, counter, a.stream);
     check_cuda(cudaGetLastError(), "schedule kernel launch");
     p.schedule = a.schedule;
-  }
-  if (Tr::kPersistentSkip && a.work_counter != nullptr) {
-    check_cuda(cudaMemsetAsync(a.work_counter, 0, sizeof(int32_t), static_cast<cudaStream_t>(a.stream)),
+  } else if (counter != nullptr) {
+    check_cuda(cudaMemsetAsync(counter, 0, sizeof(int32_t), static_cast<cudaStream_t>(a.stream)),
                "cudaMemsetAsync(work counter)");
-    p.work_counter = a.work_counter;
   }
+  p.work_counter = counter;
 
   auto kernel = fwd_kernel<Tr>;
   // Per call, not once per process: the attribute is per device (a host-side call, allowed
@@ -146,6 +148,7 @@ void run_fwd(const FwdArgs& a) {
       const int smem = split_vote_smem_bytes<Tr>(p.num_state_words);
       check_cuda(cudaFuncSetAttribute(vote_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                  "cudaFuncSetAttribute(split vote shared memory)");
+      prefer_forward_carveout(reinterpret_cast<const void*>(vote_kernel));
       vote_kernel<<<unsigned(split.units / split.chunks), Tr::kBM, smem, static_cast<cudaStream_t>(a.stream)>>>(p);
       check_cuda(cudaGetLastError(), "split-tail vote kernel launch");
     }

@@ -69,10 +69,13 @@ __global__ void __launch_bounds__(32 * kCombineWarps) split_combine_kernel(const
 void launch_split_combine(const SplitCombineArgs& a) {
   const dim3 grid(unsigned(a.units / a.chunks), unsigned((a.bm + kCombineWarps - 1) / kCombineWarps));
   auto stream = static_cast<cudaStream_t>(a.stream);
-  if (a.dtype == DType::kBFloat16)
+  if (a.dtype == DType::kBFloat16) {
+    prefer_forward_carveout(reinterpret_cast<const void*>(split_combine_kernel<__nv_bfloat16>));
     split_combine_kernel<__nv_bfloat16><<<grid, 32 * kCombineWarps, 0, stream>>>(a);
-  else
+  } else {
+    prefer_forward_carveout(reinterpret_cast<const void*>(split_combine_kernel<__half>));
     split_combine_kernel<__half><<<grid, 32 * kCombineWarps, 0, stream>>>(a);
+  }
 }
 
 }  // namespace liteattn

@@ -12,8 +12,10 @@ namespace liteattn {
 // the O(rows^2) compares are spread over rows / slice_rows CTAs and all their warps instead of one CTA's threads
 // (one CTA ranking 384 rows took ~7.5 us, latency-bound on the broadcast shared loads of its 12 warps).
 __global__ void lpt_schedule_kernel(const int32_t* __restrict__ state, int segment_rows, int slice_rows,
-                                    int num_state_words, int num_n_tiles, int32_t* __restrict__ schedule) {
+                                    int num_state_words, int num_n_tiles, int32_t* __restrict__ schedule,
+                                    int32_t* __restrict__ work_counter) {
   extern __shared__ uint16_t live_count[];  // segment_rows entries; counts <= Nt <= 2^14
+  if (work_counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *work_counter = 0;
   const int64_t first_row = int64_t(blockIdx.x) * segment_rows;
   const int32_t* rows = state + first_row * num_state_words;
   for (int i = threadIdx.x; i < segment_rows; i += blockDim.x) {
@@ -48,14 +50,15 @@ ScheduleScope schedule_scope(int batch, int heads, int num_m_tiles, int seqlen_k
 }
 
 void launch_lpt_schedule(const int32_t* state, int segments, int segment_rows, int num_state_words,
-                         int num_n_tiles, int32_t* schedule, void* stream) {
+                         int num_n_tiles, int32_t* schedule, int32_t* work_counter, void* stream) {
   // Segments of up to kMaxSlicedSegmentRows rows (the global scope, the heads of every realistic shape) are
   // ranked in slices of kSliceRows rows; longer ones by one CTA (recounting them per slice would cost more).
   constexpr int kThreads = 1024, kSliceRows = 64, kMaxSlicedSegmentRows = 4096;
   const int slice_rows = segment_rows <= kMaxSlicedSegmentRows ? kSliceRows : segment_rows;
   const dim3 grid(segments, (segment_rows + slice_rows - 1) / slice_rows);
+  prefer_forward_carveout(reinterpret_cast<const void*>(lpt_schedule_kernel));
   lpt_schedule_kernel<<<grid, kThreads, segment_rows * sizeof(uint16_t), static_cast<cudaStream_t>(stream)>>>(
-      state, segment_rows, slice_rows, num_state_words, num_n_tiles, schedule);
+      state, segment_rows, slice_rows, num_state_words, num_n_tiles, schedule, work_counter);
 }
 
 }  // namespace liteattn
