@@ -21,8 +21,7 @@ int element_bytes(DType) { return 2; }
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
 // "persist" / "nopersist", "treemax" / "notreemax", "latevote" / "nolatevote", "persistskip" / "nopersistskip",
-// "widev" / "nowidev", "splittail" / "nosplittail", "splitskip" / "nosplitskip", "quietreader" / "noquietreader",
-// "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
+// "widev" / "nowidev", "splittail" / "nosplittail", "splitskip" / "nosplitskip", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
 // per call, so one process can time several variants.
 struct CallVariant {
   int id;
@@ -67,8 +66,6 @@ CallVariant variant_of_call(int head_dim, DType dtype) {
       set_bit(kVariantSplitTail, token == "splittail");
     } else if (token == "splitskip" || token == "nosplitskip") {
       set_bit(kVariantSplitSkip, token == "splitskip");
-    } else if (token == "quietreader" || token == "noquietreader") {
-      set_bit(kVariantQuietReader, token == "quietreader");
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -80,8 +77,7 @@ CallVariant variant_of_call(int head_dim, DType dtype) {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
                          "nomaskbranch, persist, nopersist, treemax, notreemax, latevote, nolatevote, persistskip, "
-                         "nopersistskip, widev, nowidev, splittail, nosplittail, splitskip, nosplitskip, quietreader, "
-                         "noquietreader, bn<N>, nolpt)");
+                         "nopersistskip, widev, nowidev, splittail, nosplittail, splitskip, nosplitskip, bn<N>, nolpt)");
     }
     start = end + 1;
   }
@@ -101,9 +97,9 @@ void run_variant(const FwdArgs& a, int variant) {
   // A variant whose BN equals the table's is the same kernel as the one without a BN.
   if (decode_variant(variant).bn == tile_shape(kHeadDim, kDType).bn)
     return run_variant<kDType, kHeadDim, kSkip, kInt8>(a, variant & ~(31 << kVariantBnShift));
-  // The skip path's split-tail and quiet-reader bits mean nothing to the dense path: an id that differs from a
-  // built one only in those bits runs the built one's kernel (the same code).
-  constexpr int kIgnored = kSkip ? 0 : kVariantSplitSkip | kVariantQuietReader;
+  // The skip path's split-tail bit means nothing to the dense path: an id that differs from a built one only in
+  // that bit runs the built one's kernel (the same code).
+  constexpr int kIgnored = kSkip ? 0 : kVariantSplitSkip;
   if ((variant | kIgnored) == (kDefault | kIgnored)) return run_fwd<kDType, kHeadDim, kSkip, kDefault, kInt8>(a);
 #define LITEATTN_AB_CASE(ID, HEAD_DIM)                                                                  \
   if constexpr (HEAD_DIM == kHeadDim && ab_variant_built(ID, kDType, kSkip, kInt8) && ID != kDefault) { \

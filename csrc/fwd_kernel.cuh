@@ -24,12 +24,11 @@ __device__ __forceinline__ int64_t state_row_of(const Params& p, QueryTile tile)
   return (int64_t(tile.b) * p.heads + tile.h) * p.num_m_tiles + tile.m;
 }
 
-// One query tile of one consumer warpgroup. `state`: the skip path's buffer of the tile's row. `state_done()`
-// (kPersistentSkip): each thread reports its last vote recorded (RowHandOff::consumer_done); the state reader
-// writes the row back.
-template <class Tr, class StateDone>
+// One query tile of one consumer warpgroup. `state`: the skip path's buffer of the tile's row. `state_done`
+// (kPersistentSkip): where each thread reports its last vote recorded; the state reader writes the row back.
+template <class Tr>
 __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p, typename Tr::SharedStorage& ss,
-                                                   StateBuffer state, StateDone const& state_done,
+                                                   StateBuffer state, cutlass::arch::ClusterBarrier* state_done,
                                                    QueryTile tile, int iteration, PipelineState& k_read,
                                                    PipelineState& v_read, int warpgroup, int thread) {
   using namespace cute;
@@ -65,7 +64,7 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
   // Every vote of this tile is recorded (the last one after the last P V issue): the buffer goes back before the
   // epilogue, which needs only registers. Every thread arrives (each read the row and its visit list), not one
   // per warp after a __syncwarp: racecheck flagged that form's reads of the row (NOTES.md wave 13).
-  if constexpr (Tr::kPersistentSkip) state_done();
+  if constexpr (Tr::kPersistentSkip) release_buffer(*state_done);
   store_output<Tr>(p, tile, row0, row_valid, lane, softmax, tOrO, lse_bias_log2);
 
   if constexpr (Tr::kSkip && !Tr::kPersistentSkip) {
@@ -77,11 +76,6 @@ __device__ __forceinline__ void consumer_warpgroup(typename Tr::Params const& p,
     store_skip_state<Tr::kConsumerWarps>(p, state_row_of(p, tile), state, thread, Tr::kConsumerThreads);
   }
 }
-
-// The one-tile grids and the dense path: no row hand-off to report to.
-struct NoStateDone {
-  __device__ __forceinline__ void operator()() const {}
-};
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_constant__ typename Tr::Params p) {
@@ -105,7 +99,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
         ss.state_full[s].init(Tr::kStateReaderThreads);
-        ss.state_empty[s].init(RowHandOff<Tr>::kEmptyArrivals);
+        ss.state_empty[s].init(Tr::kConsumerThreads + 1);  // and the TMA thread
       }
     }
     cutlass::arch::fence_barrier_init();
@@ -144,7 +138,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
           producer_load<Tr>(p, ss, rows.tile(it, row, p), it, write, rows.buffer(it));
           // Done with the buffer. Not implied by the consumers' arrivals: a row with no visited tile has no K load
           // between this thread's read of its visit words and the consumers' release.
-          rows.producer_done(it);
+          release_buffer(*rows.done_barrier(it));
         }
       } else if constexpr (kOneTileSkip && Tr::kSplitSkip) {  // the tile of the work list (above)
         producer_load<Tr>(p, ss, tile, 0, write, one_buffer);
@@ -164,16 +158,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
       for (int it = 0;; ++it) {
         const int row = rows.wait_row(it);
         if (row < 0) break;
-        consumer_warpgroup<Tr>(p, ss, rows.buffer(it), [&] { rows.consumer_done(it); }, rows.tile(it, row, p), it,
-                               k_read, v_read, warpgroup - 1, threadIdx.x - 128);
+        consumer_warpgroup<Tr>(p, ss, rows.buffer(it), rows.done_barrier(it), rows.tile(it, row, p), it, k_read,
+                               v_read, warpgroup - 1, threadIdx.x - 128);
       }
     } else if constexpr (kOneTileSkip && Tr::kSplitSkip) {  // the tile of the work list (above)
-      consumer_warpgroup<Tr>(p, ss, one_buffer, NoStateDone{}, tile, 0, k_read, v_read, warpgroup - 1,
-                             threadIdx.x - 128);
+      consumer_warpgroup<Tr>(p, ss, one_buffer, nullptr, tile, 0, k_read, v_read, warpgroup - 1, threadIdx.x - 128);
     } else {
       for (TileSequence<Tr::kPersistent, Tr::kSplitTail> seq(p); seq.more(); seq.advance())
-        consumer_warpgroup<Tr>(p, ss, one_buffer, NoStateDone{}, seq.current, seq.iteration, k_read, v_read,
-                               warpgroup - 1, threadIdx.x - 128);
+        consumer_warpgroup<Tr>(p, ss, one_buffer, nullptr, seq.current, seq.iteration, k_read, v_read, warpgroup - 1,
+                               threadIdx.x - 128);
     }
   }
 }

@@ -56,8 +56,6 @@ struct FwdTraits {
   // Skip path (both grids): the last round's rows split by ranges of their visit lists, their votes deferred
   // (split_vote.cuh).
   static constexpr bool kSplitSkip = kVariantInfo.split_skip && kSkip_;
-  // Persistent skip path: the state reader waits for a row's consumers on a named barrier (RowHandOff).
-  static constexpr bool kQuietReader = kVariantInfo.quiet_reader && kPersistentSkip;
   static constexpr bool kInt8 = kInt8_;
   using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max>;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
@@ -169,8 +167,7 @@ struct FwdTraits {
     uint16_t order[kSkip ? kStateWords * 32 : 1];
     // kPersistentSkip: the state row each buffer holds (-1: no more rows), and its hand-off barriers:
     // state_full when the producer's reader warp has filled it, state_empty when every consumer thread has
-    // recorded its last vote in it and the TMA thread has read its last visit-list entry (kQuietReader: the TMA
-    // thread only; the consumers arrive on a named barrier, RowHandOff).
+    // recorded its last vote in it and the TMA thread has read its last visit-list entry.
     int32_t state_row[2];
     int32_t state_unit[2];  // kSplitSkip: the row's split-tail unit (SplitTailPlan), -1: the whole row
     cutlass::arch::ClusterBarrier state_full[2];

@@ -87,8 +87,9 @@ constexpr int64_t split_workspace_floats(const SplitTailPlan& plan, int bm, int 
 // The current device's SM count (forward.cu).
 int device_sm_count();
 // Asks for the largest shared-memory carveout for `kernel` (forward.cu): the small kernels launched next to the
-// forward kernel (schedule, split-tail combine and vote) then need no L1 / shared-memory reconfiguration of the SMs
-// between them and it (the forward kernel takes 227 KB of shared memory).
+// forward kernel (schedule, split-tail combine and vote), so that the SMs need not change their L1 / shared-memory
+// split between them and it (227 KB of shared memory). With the memset's removal the skip call's idle GPU time fell
+// from 14.6 to 5.0 us (NOTES.md wave 19; which of the two did it was not measured).
 void prefer_forward_carveout(const void* kernel);
 // The dense call's scratch (forward.cu: the variant of the call, the device's SM count); 0 when no split.
 int64_t dense_split_workspace_floats(int batch, int heads, int seqlen_q, int seqlen_k, int head_dim, DType dtype,
@@ -179,8 +180,7 @@ void quantize_qk(const QuantArgs& args);
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
 // bf16 (both Q/K modes; a variant that overrides BN only for the 16-bit dense path) and let the environment
 // variable LITEATTN_VARIANT pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch",
-// "persist", "treemax", "latevote", "persistskip", "widev", "splittail", "splitskip", "quietreader", "bn176", "nolpt",
-// joined by '+').
+// "persist", "treemax", "latevote", "persistskip", "widev", "splittail", "splitskip", "bn176", "nolpt", joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)
@@ -202,14 +202,11 @@ struct KernelVariant {
   bool split_tail;     // dense path, persistent: the last round's query tiles split by key ranges (SplitTailPlan)
   bool split_skip;     // skip path: the same for the last round's rows, by ranges of their visit lists; the votes
                        // of those rows deferred to split_vote_kernel (split_vote.cuh)
-  bool quiet_reader;   // persistent skip path: the state reader waits for a row's consumers on a named barrier
-                       // (bar.sync: no instruction issued while it waits), not by polling an mbarrier
 };
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
               kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048,
               kVariantLateVote = 4096, kVariantPersistSkip = 8192,
-              kVariantWideV = 16384, kVariantSplitTail = 32768, kVariantSplitSkip = 65536,
-              kVariantQuietReader = 131072;
+              kVariantWideV = 16384, kVariantSplitTail = 32768, kVariantSplitSkip = 65536;
 // Bits 12-16 held the measured and removed poly / prewait / mmasum / pin / rowlazy / rowstores / peelmask variants
 // (NOTES.md); bits 12-16 are now latevote, persistskip, widev, splittail and splitskip.
 constexpr KernelVariant decode_variant(int id) {
@@ -217,7 +214,7 @@ constexpr KernelVariant decode_variant(int id) {
           16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,
           (id & kVariantPersistent) != 0, (id & kVariantTreeMax) != 0, (id & kVariantLateVote) != 0,
           (id & kVariantPersistSkip) != 0, (id & kVariantWideV) != 0, (id & kVariantSplitTail) != 0,
-          (id & kVariantSplitSkip) != 0, (id & kVariantQuietReader) != 0};
+          (id & kVariantSplitSkip) != 0};
 }
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
 // Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).
@@ -229,12 +226,9 @@ constexpr KernelVariant decode_variant(int id) {
 // Both: the dense path's last round split by key ranges where it leaves SMs idle (NOTES.md wave 15).
 // Head dim 128: the skip path's last round split too (NOTES.md waves 16-18: f = 1 -2.1 % at 32760x12x128 by the clock
 // probe, racecheck / synccheck clean). Not at 64: no gain there (wave 17).
-// Head dim 128 (where the skip path is persistent): the state reader's quiet wait (NOTES.md wave 19: its polling
-// loop was a third of the skip kernel's extra instructions).
 constexpr int default_variant(int head_dim) {
   return head_dim == 128  ? kVariantPingPong | kVariantLazyRescale | kVariantPersistent | kVariantTreeMax | kVariantLateVote |
-                                kVariantWideV | kVariantPersistSkip | kVariantSplitTail | kVariantSplitSkip |
-                                kVariantQuietReader
+                                kVariantWideV | kVariantPersistSkip | kVariantSplitTail | kVariantSplitSkip
          : head_dim == 64 ? kVariantPingPong | kVariantPersistent | kVariantTreeMax | kVariantLateVote | kVariantSplitTail
                           : 0;
 }

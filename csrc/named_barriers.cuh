@@ -9,7 +9,6 @@ namespace liteattn {
 enum class NamedBarrier : uint32_t {
   kConsumersDone = 1,  // all consumer threads: every warp's verdict words are in shared memory
   kMmaTurn0 = 2,       // kMmaTurn0 + w: consumer warpgroup w may issue its GEMMs (ping-pong); w < 3
-  kRowDone0 = 5,       // kRowDone0 + slot (kQuietReader): the consumers are done with state buffer `slot` (RowHandOff)
 };
 
 // Ping-pong of the consumer warpgroups around the softmax (FlashAttention-3's "warp scheduler

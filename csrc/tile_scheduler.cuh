@@ -155,11 +155,11 @@ struct TileSequence<true, true> {
 // takes more than half of the space), each passed on through an mbarrier pair: state_full (the reader's 32
 // arrivals: the TMA thread and the consumers may read it) and state_empty (one arrival per consumer thread after
 // its last vote and one by the TMA thread after its last load: the reader writes the row's state back and refills
-// the buffer; kQuietReader: the consumers' arrivals on a named barrier instead, RowHandOff). Row -1: no rows left.
-// Without kQuietReader the reader waits with a suspend-time hint (sleeping_wait); ncu found that form still polling
-// (wave 19: ~40 wake-ups a tile, each at the CTA's next barrier event, on the SM sub-partition of two consumer
-// warps), hence the named barrier. (Wave 11's 12-15 % loss at head dim 128 was the producer thread's 44 V boxes a
-// tile, NOTES.md wave 12; widev removes it.)
+// the buffer). Row -1: no rows left.
+// The reader waits with a suspend-time hint (sleeping_wait). It still polls: the warp wakes at every barrier event
+// of the CTA, ~36 times a tile, 3.5 % of the skip kernel's instructions; a named-barrier wait that issues nothing
+// measured no gain (NOTES.md wave 19). (Wave 11's 12-15 % loss at head dim 128 was not the readers' polling but the
+// producer thread's 44 V boxes a tile, NOTES.md wave 12; widev removes it.)
 // CUTLASS's ClusterBarrier arrive and wait carry no "memory" clobber, so the compiler could move plain
 // shared-memory accesses across them; the state buffers' hand-off (RowHandOff) passes them through these.
 __device__ __forceinline__ void release_buffer(cutlass::arch::ClusterBarrier& barrier) {
@@ -169,16 +169,6 @@ __device__ __forceinline__ void release_buffer(cutlass::arch::ClusterBarrier& ba
 __device__ __forceinline__ void acquire_buffer(cutlass::arch::ClusterBarrier& barrier, uint32_t parity) {
   barrier.wait(parity);
   asm volatile("" ::: "memory");
-}
-
-// Wait for the phase of `parity` to complete, the warp suspended in between (up to the hint, then again).
-__device__ __forceinline__ void sleeping_wait(cutlass::arch::ClusterBarrier& barrier, uint32_t parity) {
-  constexpr uint32_t kSuspendHintNs = 10000000u;  // an upper bound: the phase's completion wakes the warp sooner
-  const uint32_t addr = cute::cast_smem_ptr_to_uint(&barrier);
-  asm volatile(
-      "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
-      " @!done bra WAIT;\n}\n" ::"r"(addr), "r"(parity), "r"(kSuspendHintNs)
-      : "memory");
 }
 
 template <class Tr>
@@ -205,41 +195,20 @@ struct RowHandOff {
     if constexpr (Tr::kSplitSkip) return with_unit(t, ss.state_unit[slot(it)], p.split_chunks);
     else return t;
   }
-  // The TMA thread is done with the it-th row's buffer (its last visit-list read).
-  __device__ __forceinline__ void producer_done(int it) const { release_buffer(ss.state_empty[slot(it)]); }
-  // A consumer thread is done with it (its last vote recorded). kQuietReader: an arrival on the slot's named
-  // barrier, which the reader waits on with bar.sync (row_done); otherwise on the mbarrier, with the TMA thread's.
-  __device__ __forceinline__ void consumer_done(int it) const {
-    if constexpr (Tr::kQuietReader) {
-      asm volatile("" ::: "memory");  // the votes' shared-memory stores stay before the arrival
-      cutlass::arch::NamedBarrier::arrive(kRowDoneThreads, row_done_id(it));
-    } else {
-      release_buffer(ss.state_empty[slot(it)]);
-    }
-  }
-  // The state reader: wait until the consumers and the TMA thread are done with the it-th row's buffer.
-  // kQuietReader: the warp is descheduled on bar.sync until the consumers' last arrival (an mbarrier wait, even with
-  // a suspend hint, wakes at every barrier event of the CTA: ~40 polls a tile, a third of the skip kernel's extra
-  // instructions, NOTES.md wave 19); the TMA thread is done long before the consumers, so its mbarrier phase is
-  // normally complete by then.
-  __device__ __forceinline__ void row_done(int it) const {
-    if constexpr (Tr::kQuietReader) {
-      cutlass::arch::NamedBarrier::sync(kRowDoneThreads, row_done_id(it));
-      asm volatile("" ::: "memory");
-      acquire_buffer(ss.state_empty[slot(it)], parity(it));
-    } else {
-      sleeping_wait(ss.state_empty[slot(it)], parity(it));
-    }
-  }
-  // state_empty's arrivals per phase: the TMA thread, and without kQuietReader every consumer thread.
-  static constexpr int kEmptyArrivals = Tr::kQuietReader ? 1 : Tr::kConsumerThreads + 1;
-
- private:
-  static constexpr uint32_t kRowDoneThreads = Tr::kConsumerThreads + Tr::kStateReaderThreads;
-  __device__ __forceinline__ uint32_t row_done_id(int it) const {
-    return static_cast<uint32_t>(NamedBarrier::kRowDone0) + uint32_t(slot(it));
+  __device__ __forceinline__ cutlass::arch::ClusterBarrier* done_barrier(int it) const {
+    return &ss.state_empty[slot(it)];
   }
 };
+
+// Wait for the phase of `parity` to complete, the warp suspended in between (up to the hint, then again).
+__device__ __forceinline__ void sleeping_wait(cutlass::arch::ClusterBarrier& barrier, uint32_t parity) {
+  constexpr uint32_t kSuspendHintNs = 10000000u;  // an upper bound: the phase's completion wakes the warp sooner
+  const uint32_t addr = cute::cast_smem_ptr_to_uint(&barrier);
+  asm volatile(
+      "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
+      " @!done bra WAIT;\n}\n" ::"r"(addr), "r"(parity), "r"(kSuspendHintNs)
+      : "memory");
+}
 
 // The state reader's loop (the kStateReaderThreads = 32 lanes of the producer's warp 1; see RowHandOff).
 template <class Tr>
@@ -256,7 +225,7 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
   for (;; ++it) {
     const int slot = rows.slot(it);
     if (it >= rows.count) {  // the buffer's previous row: its last vote is in; write it back
-      rows.row_done(it - rows.count);
+      sleeping_wait(ss.state_empty[slot], rows.parity(it) ^ 1u);
       if (slot ? held_whole[1] : held_whole[0])
         store_skip_state<Tr::kConsumerWarps>(p, slot ? held[1] : held[0], rows.buffer(it), thread, kThreads);
     }
@@ -287,7 +256,7 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
   }
   // The rows still held (the last count - 1 iterations before the -1).
   for (int j = it - rows.count + 1 > 0 ? it - rows.count + 1 : 0; j < it; ++j) {
-    rows.row_done(j);
+    sleeping_wait(ss.state_empty[rows.slot(j)], rows.parity(j));
     if (rows.slot(j) ? held_whole[1] : held_whole[0])
       store_skip_state<Tr::kConsumerWarps>(p, rows.slot(j) ? held[1] : held[0], rows.buffer(j), thread, kThreads);
   }

@@ -1,4 +1,4 @@
-# Next session, call 1 (prepared at the end of wave 18, not run): what wave 18 could not measure, on main as it is.
+# Wave 19, call 1 (prepared at the end of wave 18 as benchmarks/wave19_next/call1.sh; ran 14:28-14:34 UTC on an H100): what wave 18 could not measure, on main as it was.
 # ~8 min: build; bench.py's full table with cuDNN in the same run (this version has none: BENCHMARKS.md "Wave 18");
 # the clock probe of dense / skip f = 1 at two shapes with no wave tail and the same 8 rows per CTA but 96 and 192 key
 # tiles per row (16896x8x128, 33792x4x128): a per-tile cost gives the same skip / dense ratio at both, a per-row cost

@@ -6,6 +6,7 @@
 # 32760x12x128 (f = 1, forced 0.5 heavy-last); kernel_times.py at both shapes (the per-call gaps: call 1 had 14.6 us
 # of idle GPU per skip call at 16896x8x128); ncu instruction counts of the skip kernel. Run as
 #   mkdir -p $OUT && BUDGET=560 bash benchmarks/wave19/call2.sh 2>&1 | tee $OUT/output.txt | tail -80   (carry [".whl"])
+# (Never ran: the device gave no machine; call2b.sh is what ran.) (quietreader was measured in call 2b and removed: LITEATTN_VARIANT=noquietreader no longer exists on main.)
 set -u
 START=$(date +%s)
 left() { echo $(( ${BUDGET:-560} - ($(date +%s) - START) )); }

@@ -4,6 +4,7 @@
 # no-tail shape; kernel_times.py there. Each step runs only if the budget still holds it. Run as
 #   mkdir -p $OUT && BUDGET=280 bash benchmarks/wave19/call2b.sh 2>&1 | tee $OUT/output.txt | tail -60   (carry [".whl"])
 # With less time (BUDGET=180): the build and as much of the kernel tests as fits (their timeout shrinks to the budget).
+# (quietreader was measured in call 2b and removed: LITEATTN_VARIANT=noquietreader no longer exists on main.)
 set -u
 START=$(date +%s)
 left() { echo $(( ${BUDGET:-280} - ($(date +%s) - START) )); }
