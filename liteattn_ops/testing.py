@@ -57,6 +57,31 @@ def forced_live(batch, heads, m_tiles, n_tiles, fraction, kind, gen):
     return rank < counts.view(1, 1, -1, 1)
 
 
+def kernel_calls(seqlen: int, heads: int, head_dim: int, state: torch.Tensor | None = None, device="cuda"):
+    """The calls the GPU tools time or profile (tools/clock_probe.py, kernel_times.py, ncu_worker.py), on one set of
+    bf16 inputs in bench.py's layout ((1, S, H, D) storage seen as (1, H, S, D)): "dense" (our dense op), "skip" (the
+    sparse op with thr = -inf over `state`, by default all live: every tile visited and voted on, and none ever
+    dropped, so the state stays as it is), "int8" (the INT8 Q/K mode's dense op) and "cudnn" (SDPA's cuDNN backend)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .core.state import new_state
+
+    q, k, v = (torch.randn(1, seqlen, heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    if state is None:
+        state = new_state(1, heads, seqlen, seqlen, head_dim, torch.bfloat16, device)
+    no_threshold = torch.full((heads,), -math.inf, device=device)
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return {"dense": lambda: torch.ops.liteattn.attention(q, k, v),
+            "skip": lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_threshold),
+            "int8": lambda: torch.ops.liteattn.attention(q, k, v, None, True),
+            "cudnn": cudnn}
+
+
 def assert_lse_close(lse: torch.Tensor, expected: torch.Tensor, atol: float = 5e-3) -> None:
     """Compare log-sum-exps (natural log) by absolute error, -inf entries exactly.
 

@@ -21,12 +21,10 @@ import subprocess
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import liteattn_ops  # noqa: F401
-from liteattn_ops.core.state import new_state, pack_bits
-from liteattn_ops.testing import forced_live
+from liteattn_ops.core.state import pack_bits
+from liteattn_ops.testing import forced_live, kernel_calls
 
 
 def number(text: str) -> float:
@@ -81,21 +79,13 @@ def main() -> None:
         if not 0 < fraction <= 1 or kind not in ("balanced", "heavy-first", "heavy-last"):
             parser.error(f"--forced: expected F:KIND with 0 < F <= 1 and KIND balanced, heavy-first or heavy-last, "
                          f"got {args.forced!r}")
-    # bench.py's layout: (B, S, H, D) storage seen as (B, H, S, D)
-    q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
-    state = new_state(1, H, S, S, D, torch.bfloat16, "cuda")
+    state = None  # f = 1
     if args.forced:
         bm, bn = liteattn_ops.tile_shape(D, torch.bfloat16)
         live = forced_live(1, H, -(-S // bm), -(-S // bn), fraction, kind, torch.Generator().manual_seed(0))
         state = pack_bits(live).to("cuda")
-    no_threshold = torch.full((H,), -math.inf, device="cuda")
-
-    def cudnn():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            F.scaled_dot_product_attention(q, k, v)
-
-    ours = {"dense": lambda: torch.ops.liteattn.attention(q, k, v),
-            "skip": lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_threshold)}
+    calls = kernel_calls(S, H, D, state)
+    ours = {"dense": calls["dense"], "skip": calls["skip"]}
 
     def with_variant(name, fn):
         def run():
@@ -109,9 +99,9 @@ def main() -> None:
             kernels += ([(f"{kind} {name}"[:16], with_variant(name, ours[kind])) for name in args.variants.split(",")]
                         if args.variants else [(f"ours {kind}", ours[kind])])
         elif kind == "cudnn":
-            kernels.append(("cuDNN", cudnn))
+            kernels.append(("cuDNN", calls["cudnn"]))
         elif kind == "int8":
-            kernels.append(("ours int8", lambda: torch.ops.liteattn.attention(q, k, v, None, True)))
+            kernels.append(("ours int8", calls["int8"]))
         else:
             parser.error(f"--kernels: unknown kernel {kind!r} (expected dense, skip, cudnn or int8)")
     order = kernels + kernels  # A B C A B C: drift shows

@@ -11,23 +11,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import liteattn_ops  # noqa: F401
-from liteattn_ops.core.state import new_state
-
-
-def op_of(mode: str, shape: tuple[int, int, int]):
-    S, H, D = shape
-    q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
-    if mode == "dense":
-        return lambda: torch.ops.liteattn.attention(q, k, v)
-    thr = torch.full((H,), -math.inf, device="cuda")
-    state = new_state(1, H, S, S, D, torch.bfloat16, "cuda")
-    return lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, thr)
+from liteattn_ops.testing import kernel_calls
 
 
 def kernel_table(fn, calls: int) -> tuple[list[tuple[str, float, float]], float]:
@@ -69,7 +58,7 @@ def main(argv=None) -> int:
         parser.error("needs a CUDA device")
     print(f"kernel times {shape[0]}x{shape[1]}x{shape[2]} bf16, {args.calls} calls, {torch.cuda.get_device_name()}")
     for mode in modes:
-        rows, span = kernel_table(op_of(mode, shape), args.calls)
+        rows, span = kernel_table(kernel_calls(*shape)[mode], args.calls)
         print(f"{mode}: {span:.1f} us per call, first kernel start to last kernel end")
         for name, per_call, us in rows:
             print(f"  {per_call:4.1f} x {us:10.1f} us  {name[:110]}")
