@@ -57,6 +57,26 @@ def forced_live(batch, heads, m_tiles, n_tiles, fraction, kind, gen):
     return rank < counts.view(1, 1, -1, 1)
 
 
+def forced_state(seqlen: int, heads: int, head_dim: int, spec: str, device="cuda") -> torch.Tensor:
+    """The packed skip state (1, H, Mt, W) of bench.py's forced live set named by `spec`, "F:KIND" (fraction
+    0 < F <= 1; KIND balanced, heavy-first or heavy-last), at bf16 S x H x D with the tile table's tiles, drawn from
+    seed 0. Raises ValueError naming the spec when it is not of that form (before any GPU work)."""
+    from .core.state import pack_bits
+    from .core.tiling import tile_shape
+
+    text, _, kind = spec.partition(":")
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = math.nan
+    if not 0 < fraction <= 1 or kind not in ("balanced", "heavy-first", "heavy-last"):
+        raise ValueError(f"forced live set: expected F:KIND with 0 < F <= 1 and KIND balanced, heavy-first or "
+                         f"heavy-last, got {spec!r}")
+    bm, bn = tile_shape(head_dim, torch.bfloat16)
+    live = forced_live(1, heads, -(-seqlen // bm), -(-seqlen // bn), fraction, kind, torch.Generator().manual_seed(0))
+    return pack_bits(live).to(device)
+
+
 def kernel_calls(seqlen: int, heads: int, head_dim: int, state: torch.Tensor | None = None, device="cuda"):
     """The calls the GPU tools time or profile (tools/clock_probe.py, kernel_times.py, ncu_worker.py), on one set of
     bf16 inputs in bench.py's layout ((1, S, H, D) storage seen as (1, H, S, D)): "dense" (our dense op), "skip" (the

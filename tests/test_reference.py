@@ -166,3 +166,28 @@ def test_lse_check_catches_one_missing_tile_of_32():
     assert_lse_close(full, full.clone())
     with pytest.raises(AssertionError, match="lse differs"):
         assert_lse_close(missing, full)
+
+
+def test_forced_state_is_benchs_live_set():
+    """forced_state (the GPU tools' --forced F:KIND) packs bench.py's forced live set: per-row live counts of the
+    kind around the fraction, at the tile table's tiles, the same set on every call; a bad spec names itself."""
+    from liteattn_ops.core.state import live_mask
+    from liteattn_ops.testing import forced_state
+
+    seqlen, heads, head_dim = 4000, 3, 128
+    bm, bn = tile_shape(head_dim, torch.bfloat16)
+    m_tiles, n_tiles = -(-seqlen // bm), -(-seqlen // bn)
+    state = forced_state(seqlen, heads, head_dim, "0.5:heavy-first", device="cpu")
+    assert state.shape[:3] == (1, heads, m_tiles)
+    live = unpack_bits(state, n_tiles)
+    counts = live.sum(-1)                                       # (1, H, Mt)
+    assert bool((counts[..., :-1] >= counts[..., 1:]).all())    # heavy first: counts fall over the query tiles
+    assert counts[0, 0, 0] == n_tiles and counts[0, 0, -1] == 1
+    assert abs(live.float().mean().item() - 0.5) < 0.05
+    assert torch.equal(state, forced_state(seqlen, heads, head_dim, "0.5:heavy-first", device="cpu"))
+    balanced = unpack_bits(forced_state(seqlen, heads, head_dim, "0.25:balanced", device="cpu"), n_tiles).sum(-1)
+    assert bool((balanced == round(0.25 * n_tiles)).all())
+    assert live_mask(state, seqlen, head_dim, torch.bfloat16).shape[-1] == n_tiles
+    for spec in ("0.5", "0.5:heavy", "0:balanced", "1.5:balanced", "x:balanced"):
+        with pytest.raises(ValueError, match="F:KIND"):
+            forced_state(seqlen, heads, head_dim, spec, device="cpu")

@@ -24,6 +24,9 @@ environment variable LITEATTN_VARIANT (csrc/forward.cu): names joined by '+', e.
 early, lazy+early, bn176, nolpt; a variant with its own BN (bnN) times the bf16 dense row only (the INT8
 mode's k_scale blocks are the table's BN).
 --repeats R times the variants R times in turn (A B A B ...), so drift between them shows.
+--paired R times each sparse row R times alternating with its mode's dense call (dense, sparse, dense, ...) and
+reports the median of the R ratios of neighbouring times ("paired" in the summary): on a power-capped GPU the clock
+drifts by several % between rows timed seconds apart (NOTES.md wave 20), and a ratio of neighbours cancels most of it.
 TFLOP/s = 4 * B * H * S^2 * D / t (dense-equivalent for the sparse rows); times are the median of
 triton.testing.do_bench. Prints every row, then a summary against the targets of issue 10, and
 writes the rows as JSON.
@@ -36,6 +39,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -104,6 +108,8 @@ def main(argv=None):
     parser.add_argument("--big-kinds", default="balanced", help="forced-mask kinds for shapes of > 2e14 FLOP (slow)")
     parser.add_argument("--variants", default="default", help="comma list of LITEATTN_VARIANT values (A/B builds)")
     parser.add_argument("--repeats", type=int, default=1, help="time the variants this many times in turn")
+    parser.add_argument("--paired", type=int, default=0, metavar="R",
+                        help="time each sparse row R times in turn with its dense call; report the median ratio")
     parser.add_argument("--ceilings", action="store_true", help="also time a bf16 GEMM and a D2D copy")
     parser.add_argument("--json", default="bench.json")
     args = parser.parse_args(argv)
@@ -130,13 +136,26 @@ def main(argv=None):
             yield (None if variants == ["default"] else variant), "bn" not in variant
         os.environ.pop("LITEATTN_VARIANT", None)
 
-    def record(shape, name, ms, fraction=1.0, variant=None):
+    def record(shape, name, ms, fraction=1.0, variant=None, paired=None):
         seqlen, heads, head_dim = shape
         tflops = 4 * heads * seqlen * seqlen * head_dim / (ms * 1e-3) / 1e12
         rows.append(dict(S=seqlen, H=heads, D=head_dim, name=name, variant=variant, ms=ms, live=fraction,
-                         tflops=tflops))
+                         tflops=tflops, **({} if paired is None else {"paired_ratio": paired})))
         label = name if variant is None else f"{name} [{variant}]"
-        print(f"  {label:<42} {ms:9.4f} ms  live {fraction:5.3f}  {tflops:7.1f} TFLOP/s", flush=True)
+        extra = "" if paired is None else f"  paired t / t_dense {paired:.3f}"
+        print(f"  {label:<42} {ms:9.4f} ms  live {fraction:5.3f}  {tflops:7.1f} TFLOP/s{extra}", flush=True)
+
+    def sparse_time(timer, dense_fn, fn, flop):
+        """(ms, paired ratio): the sparse call's median time and, with --paired R, the median over R turns of its
+        time over the dense call's time measured just before it (None without --paired)."""
+        if args.paired <= 0:
+            return timer(fn, flop), None
+        times, ratios = [], []
+        for _ in range(args.paired):
+            dense_ms = timer(dense_fn, flop)
+            times.append(timer(fn, flop))
+            ratios.append(times[-1] / dense_ms)
+        return statistics.median(times), statistics.median(ratios)
 
     if args.ceilings:
         a = torch.randn(8192, 8192, device=dev, dtype=dtype)
@@ -198,15 +217,20 @@ def main(argv=None):
                     forced.append((kind, fraction, pack_bits(live).to(dev), live.float().mean().item()))
         if "ours" in only:
             for tag, has_skip_path in each_variant():
-                record(shape, "ours dense", timer(lambda: torch.ops.liteattn.attention(q, k, v), flop), variant=tag)
+                def dense_call():
+                    return torch.ops.liteattn.attention(q, k, v)
+
+                record(shape, "ours dense", timer(dense_call, flop), variant=tag)
                 if not has_skip_path:
                     continue
                 state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
-                record(shape, "ours state f=1.00",
-                       timer(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop), variant=tag)
+                ms, paired = sparse_time(timer, dense_call,
+                                         lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop)
+                record(shape, "ours state f=1.00", ms, variant=tag, paired=paired)
                 for kind, fraction, state, actual in forced:
-                    ms = timer(lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop)
-                    record(shape, f"ours forced {kind} f={fraction:.2f}", ms, actual, variant=tag)
+                    ms, paired = sparse_time(timer, dense_call,
+                                             lambda: torch.ops.liteattn.sparse_attention(q, k, v, state, no_thr), flop)
+                    record(shape, f"ours forced {kind} f={fraction:.2f}", ms, actual, variant=tag, paired=paired)
             structured("ours", torch.ops.liteattn.sparse_attention)
         if "ours_int8" in only:
             from liteattn_ops.core.int8_cuda import launch_int8, quantize
@@ -220,10 +244,11 @@ def main(argv=None):
                     continue
                 record(shape, "ours_int8 dense", timer(int8_call(q, k, v), flop), variant=tag)
                 state = new_state(1, heads, seqlen, seqlen, head_dim, dtype, dev)
-                record(shape, "ours_int8 state f=1.00", timer(int8_call(q, k, v, state, no_thr), flop), variant=tag)
+                ms, paired = sparse_time(timer, int8_call(q, k, v), int8_call(q, k, v, state, no_thr), flop)
+                record(shape, "ours_int8 state f=1.00", ms, variant=tag, paired=paired)
                 for kind, fraction, state, actual in forced:
-                    record(shape, f"ours_int8 forced {kind} f={fraction:.2f}",
-                           timer(int8_call(q, k, v, state, no_thr), flop), actual, variant=tag)
+                    ms, paired = sparse_time(timer, int8_call(q, k, v), int8_call(q, k, v, state, no_thr), flop)
+                    record(shape, f"ours_int8 forced {kind} f={fraction:.2f}", ms, actual, variant=tag, paired=paired)
             structured("ours_int8", lambda a, b, c, st, thr: launch_int8(a, b, c, st, thr, None, None, None))
         del forced
         if "sdpa" in only:
@@ -288,7 +313,7 @@ def print_int8_summary(mine, shape):
     for name, r in ours.items():
         if name in ("ours_int8 dense", "ours_int8 prepass") or "structured" in name:
             continue
-        ratio = r["ms"] / dense["ms"]
+        ratio = r.get("paired_ratio", r["ms"] / dense["ms"])
         target = 1.01 if "f=1.00" in name else r["live"] + 0.01
         short = name.replace("ours_int8 ", "").replace("forced ", "").replace("balanced", "bal") \
             .replace("heavy-first", "hf").replace("heavy-last", "hl")
@@ -299,7 +324,8 @@ def print_int8_summary(mine, shape):
 def print_summary(rows):
     """Per shape and variant: dense TFLOP/s, its ratio to cuDNN (same run) and to the issue's FA3
     column, and each sparse time over the dense time with the target f + 0.01 (f = 1: <= 1.01)."""
-    print("\nsummary (t / t_dense; target: f = 1 <= 1.01, forced <= f + 0.01; dense >= 1.05 x FA3; "
+    paired = ", paired: the median ratio of neighbouring times" if any("paired_ratio" in r for r in rows) else ""
+    print(f"\nsummary (t / t_dense{paired}; target: f = 1 <= 1.01, forced <= f + 0.01; dense >= 1.05 x FA3; "
           "INT8 dense >= 1.2 x bf16 at d128, 1.15 x at d64)")
     shapes = sorted({(r["S"], r["H"], r["D"]) for r in rows if "S" in r}, key=lambda s: -s[0] * s[0] * s[1] * s[2])
     for shape in shapes:
@@ -322,7 +348,7 @@ def print_summary(rows):
             for name, r in ours.items():
                 if name == "ours dense" or "structured" in name:
                     continue
-                ratio = r["ms"] / dense["ms"]
+                ratio = r.get("paired_ratio", r["ms"] / dense["ms"])
                 target = 1.01 if "f=1.00" in name else r["live"] + 0.01
                 short = name.replace("ours ", "").replace("forced ", "").replace("balanced", "bal") \
                     .replace("heavy-first", "hf").replace("heavy-last", "hl")

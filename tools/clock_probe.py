@@ -23,8 +23,7 @@ import time
 import torch
 
 import liteattn_ops  # noqa: F401
-from liteattn_ops.core.state import pack_bits
-from liteattn_ops.testing import forced_live, kernel_calls
+from liteattn_ops.testing import forced_state, kernel_calls
 
 
 def number(text: str) -> float:
@@ -70,20 +69,12 @@ def main() -> None:
                         help="A/B builds: LITEATTN_VARIANT values to probe our bf16 kernels with, in turn (e.g. default,nosplittail)")
     args = parser.parse_args()
     S, H, D = (int(x) for x in args.shape.split(","))
-    if args.forced:  # checked before any GPU work
-        fraction, _, kind = args.forced.partition(":")
-        try:
-            fraction = float(fraction)
-        except ValueError:
-            fraction = math.nan
-        if not 0 < fraction <= 1 or kind not in ("balanced", "heavy-first", "heavy-last"):
-            parser.error(f"--forced: expected F:KIND with 0 < F <= 1 and KIND balanced, heavy-first or heavy-last, "
-                         f"got {args.forced!r}")
     state = None  # f = 1
-    if args.forced:
-        bm, bn = liteattn_ops.tile_shape(D, torch.bfloat16)
-        live = forced_live(1, H, -(-S // bm), -(-S // bn), fraction, kind, torch.Generator().manual_seed(0))
-        state = pack_bits(live).to("cuda")
+    if args.forced:  # checked before any GPU work
+        try:
+            state = forced_state(S, H, D, args.forced)
+        except ValueError as err:
+            parser.error(f"--forced: {err}")
     calls = kernel_calls(S, H, D, state)
     ours = {"dense": calls["dense"], "skip": calls["skip"]}
 

@@ -2,7 +2,8 @@
 
     python3 tools/kernel_times.py [--shape 16896,8,128] [--calls 5] [--modes dense,skip]
 
-`skip` is the sparse op at f = 1 (fresh state, thr = -inf: every tile visited and voted on). Per mode: each kernel's launches per call and mean time, and the span from
+`skip` is the sparse op at f = 1 (fresh state, thr = -inf: every tile visited and voted on), or with --forced F:KIND on
+bench.py's forced live set. Per mode: each kernel's launches per call and mean time, and the span from
 the first kernel's start to the last one's end per call -- so the skip path's per-call kernels (the LPT schedule,
 the split tail's combine and vote) are told apart from the attention kernel itself, which the clock probe and
 bench.py time together (NOTES.md "Wave 18": is the skip path's f = 1 excess in the loop, at the row boundaries, or
@@ -16,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import liteattn_ops  # noqa: F401
-from liteattn_ops.testing import kernel_calls
+from liteattn_ops.testing import forced_state, kernel_calls
 
 
 def kernel_table(fn, calls: int) -> tuple[list[tuple[str, float, float]], float]:
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="16896,8,128", help="S,H,D (bf16, B = 1)")
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--modes", default="dense,skip", help="comma list of dense, skip")
+    parser.add_argument("--forced", default="", metavar="F:KIND",
+                        help="the skip mode on a forced live set (e.g. 0.5:heavy-last) instead of f = 1")
     args = parser.parse_args(argv)
     try:
         shape = tuple(int(x) for x in args.shape.split(","))
@@ -56,9 +59,17 @@ def main(argv=None) -> int:
         parser.error(f"--modes: unknown {', '.join(unknown)}; expected a comma list of dense, skip")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
-    print(f"kernel times {shape[0]}x{shape[1]}x{shape[2]} bf16, {args.calls} calls, {torch.cuda.get_device_name()}")
+    state = None
+    if args.forced:
+        try:
+            state = forced_state(*shape, args.forced)
+        except ValueError as err:
+            parser.error(f"--forced: {err}")
+    forced = f", skip on forced {args.forced}" if args.forced else ""
+    print(f"kernel times {shape[0]}x{shape[1]}x{shape[2]} bf16{forced}, {args.calls} calls, "
+          f"{torch.cuda.get_device_name()}")
     for mode in modes:
-        rows, span = kernel_table(kernel_calls(*shape)[mode], args.calls)
+        rows, span = kernel_table(kernel_calls(*shape, state)[mode], args.calls)
         print(f"{mode}: {span:.1f} us per call, first kernel start to last kernel end")
         for name, per_call, us in rows:
             print(f"  {per_call:4.1f} x {us:10.1f} us  {name[:110]}")
