@@ -1,9 +1,9 @@
-# Next session, call 1 (prepared at the end of wave 19, not run): main as it is, on an H200 if one comes (the "/FA3"
+# Wave 20, call 1 (prepared at the end of wave 19 as benchmarks/wave20_next/call1.sh): main as it is, on an H200 if one comes (the "/FA3"
 # column needs one). Wave 19 changed host code on the skip path (the schedule kernel zeroes the work counter; the small
 # kernels ask for the forward kernel's carveout), and the whole GPU suite has not run on it. ~9 min: build; the whole
 # GPU suite (`pytest -m cuda tests/`); bench.py's full table with cuDNN in the same run; memcheck, racecheck and synccheck
 # of every sanitizer case with only our kernels instrumented. Run as
-#   mkdir -p $OUT && BUDGET=560 bash benchmarks/wave20_next/call1.sh 2>&1 | tee $OUT/output.txt | tail -60   (carry [".whl"])
+#   mkdir -p $OUT && BUDGET=560 bash benchmarks/wave20/call1.sh 2>&1 | tee $OUT/output.txt | tail -60   (carry [".whl"])
 set -u
 START=$(date +%s)
 left() { echo $(( ${BUDGET:-560} - ($(date +%s) - START) )); }
