@@ -11,13 +11,14 @@ left() { echo $(( ${BUDGET:-520} - ($(date +%s) - START) )); }
 OUT=$OUT bash tools/gpu_suite.sh build > $OUT/build_part.log 2>&1 || { tail -20 $OUT/build_part.log; exit 1; }
 tail -3 $OUT/build_part.log
 export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-timeout $(( $(left) - 100 )) python3 tools/bench.py --only ours,ours_int8,sdpa --fractions 0.75,0.5,0.25 \
+# SHAPES: bench.py's --shapes (default its six); the ncu loop takes what time is left.
+timeout $(( $(left) - 75 )) python3 tools/bench.py --only ours,ours_int8,sdpa ${SHAPES:+--shapes $SHAPES} --fractions 0.75,0.5,0.25 \
   --kinds balanced,heavy-first,heavy-last --big-fractions 0.5 --big-kinds balanced --paired 3 --json $OUT/bench.json \
   > $OUT/bench.log 2>&1; echo "bench rc $? ($(left) s left)"
 M=gpu__time_duration.sum,sm__cycles_active.avg,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active
 SH=32760,12,128
-for spec in "dense" "skip" "skip 0.5:balanced" "skip 0.25:balanced" "skip 0.5:heavy-first" "skip 0.5:heavy-last"; do
-  [ $(left) -gt 30 ] || break
+for spec in "dense" "skip 0.5:balanced" "skip 0.25:balanced" "skip" "skip 0.5:heavy-first" "skip 0.5:heavy-last"; do
+  [ $(left) -gt 25 ] || break
   name=$(echo "$spec" | tr ' :.' '___')
   timeout $(( $(left) - 15 )) ncu -k regex:fwd_kernel --launch-skip 3 --launch-count 1 --metrics $M \
     python3 tools/ncu_worker.py ${spec%% *} $SH $(echo "$spec" | cut -s -d' ' -f2) > $OUT/ncu_$name.log 2>&1
