@@ -58,9 +58,10 @@ def forced_live(batch, heads, m_tiles, n_tiles, fraction, kind, gen):
 
 
 def forced_state(seqlen: int, heads: int, head_dim: int, spec: str, device="cuda") -> torch.Tensor:
-    """The packed skip state (1, H, Mt, W) of bench.py's forced live set named by `spec`, "F:KIND" (fraction
-    0 < F <= 1; KIND balanced, heavy-first or heavy-last), at bf16 S x H x D with the tile table's tiles, drawn from
-    seed 0. Raises ValueError naming the spec when it is not of that form (before any GPU work)."""
+    """The packed skip state (1, H, Mt, W) of a forced live set (forced_live) named by `spec`, "F:KIND" (fraction
+    0 < F <= 1; KIND balanced, heavy-first or heavy-last), at bf16 S x H x D with the tile table's tiles: bench.py's
+    per-row live counts, the tiles drawn from seed 0 (bench.py draws its sets from one generator in turn). Raises
+    ValueError naming the spec when it is not of that form (before any GPU work)."""
     from .core.state import pack_bits
     from .core.tiling import tile_shape
 

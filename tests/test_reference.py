@@ -168,9 +168,10 @@ def test_lse_check_catches_one_missing_tile_of_32():
         assert_lse_close(missing, full)
 
 
-def test_forced_state_is_benchs_live_set():
-    """forced_state (the GPU tools' --forced F:KIND) packs bench.py's forced live set: per-row live counts of the
-    kind around the fraction, at the tile table's tiles, the same set on every call; a bad spec names itself."""
+def test_forced_state_packs_a_forced_live_set():
+    """forced_state (the GPU tools' --forced F:KIND) packs a forced live set of bench.py's kinds: per-row live
+    counts of the kind around the fraction, at the tile table's tiles, the same set on every call; a bad spec
+    names itself."""
     from liteattn_ops.core.state import live_mask
     from liteattn_ops.testing import forced_state
 

@@ -6,7 +6,7 @@ one common clock (time x MHz / 1000: proportional to cycles per call while the c
                                  [--variants default,nosplittail]
 
 `skip` is the sparse op at f = 1 (a fresh state and thr = -inf: every tile visited and voted on, the state kept),
-or with --forced F:KIND on bench.py's forced live set (fraction F, KIND balanced / heavy-first / heavy-last);
+or with --forced F:KIND on a forced live set of bench.py's kinds (fraction F, KIND balanced / heavy-first / heavy-last);
 --variants (A/B builds) probes each of our bf16 kernels named in --kernels once per LITEATTN_VARIANT value.
 
 Used for issue 10's dense gap (NOTES.md, wave 15): INT8's 1.1x was found to be the clock, not the loop (wave 8, ncu);

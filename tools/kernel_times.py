@@ -3,7 +3,7 @@
     python3 tools/kernel_times.py [--shape 16896,8,128] [--calls 5] [--modes dense,skip]
 
 `skip` is the sparse op at f = 1 (fresh state, thr = -inf: every tile visited and voted on), or with --forced F:KIND on
-bench.py's forced live set. Per mode: each kernel's launches per call and mean time, and the span from
+a forced live set of bench.py's kinds. Per mode: each kernel's launches per call and mean time, and the span from
 the first kernel's start to the last one's end per call -- so the skip path's per-call kernels (the LPT schedule,
 the split tail's combine and vote) are told apart from the attention kernel itself, which the clock probe and
 bench.py time together (NOTES.md "Wave 18": is the skip path's f = 1 excess in the loop, at the row boundaries, or
