@@ -13,7 +13,7 @@
 // - A kernel lets its dependent start (allow_dependent_launch) at its own start: the dependent's CTAs then take SMs
 //   as this kernel's CTAs leave them, and block in their wait; they can never hold an SM that one of this kernel's
 //   CTAs still needs, because the dependent launches only once every CTA of this kernel has started.
-// Without the launch attribute (LITEATTN_PDL=0, or a kernel launched plainly) both instructions are no-ops.
+// Without the launch attribute (PDL off, or a kernel launched plainly) both instructions are no-ops.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -26,11 +26,13 @@ namespace liteattn {
 __device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
-// Programmatic dependent launch on, unless the environment says LITEATTN_PDL=0: a diagnostic switch (the chain's
-// kernels then run one after another as plain launches), read at every launch so that one process can time both.
+// Whether the chain uses programmatic dependent launch: the environment's LITEATTN_PDL (1 on, 0 off; read at every
+// launch, so that one process can time both), else kDependentLaunchByDefault.
+constexpr bool kDependentLaunchByDefault = false;  // until measured on a GPU (NOTES.md wave 21)
 inline bool dependent_launch_enabled() {
   const char* env = std::getenv("LITEATTN_PDL");
-  return env == nullptr || std::strcmp(env, "0") != 0;
+  if (env == nullptr || *env == '\0') return kDependentLaunchByDefault;
+  return std::strcmp(env, "0") != 0;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent of the stream's previous kernel when
