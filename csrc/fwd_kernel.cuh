@@ -8,7 +8,6 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
-#include "dependent_launch.cuh"
 #include "epilogue.cuh"
 #include "fwd_traits.cuh"
 #include "mainloop.cuh"
@@ -85,7 +84,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
   const int warpgroup = cutlass::canonical_warp_group_idx();
   static_assert(!(Tr::kPersistent && Tr::kSkip), "kPersistent is the dense path's (the skip path's: kPersistentSkip)");
   constexpr bool kOneTileSkip = Tr::kSkip && !Tr::kPersistentSkip;
-  allow_dependent_launch();  // the split tail's combine and vote kernels may start (dependent_launch.cuh)
 
   if (threadIdx.x == 0) {
     ss.q_full.init(1);
@@ -109,7 +107,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
   // One tile per CTA on the skip path: the whole CTA reads its row's state first.
   QueryTile tile{0, 0, 0};
   if constexpr (kOneTileSkip) {
-    wait_for_previous_kernel();  // the schedule (a dependent launch after the schedule kernel: dependent_launch.cuh)
     if (Tr::kSplitSkip && p.split_chunks >= 2) {  // a 1-D grid of the work list's items (tile_scheduler.cuh)
       int unit;
       const int row = skip_item_row(p, blockIdx.x, unit);

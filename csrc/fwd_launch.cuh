@@ -7,7 +7,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "dependent_launch.cuh"
 #include "fwd_kernel.cuh"
 #include "split_vote.cuh"
 
@@ -76,8 +75,7 @@ void run_fwd(const FwdArgs& a) {
   // The persistent skip kernel's row counter starts at 0: zeroed by the schedule kernel where one runs (a launch
   // fewer per call), else by a memset.
   int32_t* const counter = Tr::kPersistentSkip ? a.work_counter : nullptr;
-  const bool scheduled = kSkip && a.schedule != nullptr && scope != ScheduleScope::kNone;
-  if (scheduled) {
+  if (kSkip && a.schedule != nullptr && scope != ScheduleScope::kNone) {
     const bool global = scope == ScheduleScope::kGlobal;
     launch_lpt_schedule(a.state, global ? 1 : a.batch * a.heads, global ? a.batch * a.heads * p.num_m_tiles : p.num_m_tiles,
                         p.num_state_words, p.num_n_tiles, a.schedule, counter, a.stream);
@@ -121,10 +119,8 @@ void run_fwd(const FwdArgs& a) {
       split = SplitTailPlan{};
     }
   }
-  // A dependent of the schedule kernel when one ran just before (dependent_launch.cuh).
-  check_cuda(launch_maybe_dependent(scheduled, kernel, grid, dim3(Tr::kThreads), Tr::kSmemBytes,
-                                    static_cast<cudaStream_t>(a.stream), p),
-             "forward kernel launch");
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, static_cast<cudaStream_t>(a.stream)>>>(p);
+  check_cuda(cudaGetLastError(), "forward kernel launch");
   if (split.chunks >= 2) {
     SplitCombineArgs c;
     c.partial_o = p.split_o;
@@ -153,9 +149,8 @@ void run_fwd(const FwdArgs& a) {
       check_cuda(cudaFuncSetAttribute(vote_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                  "cudaFuncSetAttribute(split vote shared memory)");
       prefer_forward_carveout(reinterpret_cast<const void*>(vote_kernel));
-      check_cuda(launch_maybe_dependent(true, vote_kernel, dim3(unsigned(split.units / split.chunks)), dim3(Tr::kBM),
-                                        size_t(smem), static_cast<cudaStream_t>(a.stream), p),
-                 "split-tail vote kernel launch");
+      vote_kernel<<<unsigned(split.units / split.chunks), Tr::kBM, smem, static_cast<cudaStream_t>(a.stream)>>>(p);
+      check_cuda(cudaGetLastError(), "split-tail vote kernel launch");
     }
   }
 }

@@ -10,7 +10,6 @@
 #pragma once
 #include <cstdint>
 
-#include "dependent_launch.cuh"
 #include "skip_state.cuh"
 #include "tile_scheduler.cuh"
 
@@ -24,8 +23,7 @@ constexpr int split_vote_smem_bytes(int num_state_words) {
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kBM) split_vote_kernel(const __grid_constant__ typename Tr::Params p) {
   extern __shared__ __align__(16) char split_vote_smem[];
-  wait_for_previous_kernel();  // the forward kernel's records, through the combine kernel (dependent_launch.cuh)
-  constexpr int kBatch = 32;  // records loaded ahead of the (sequential) running max
+  constexpr int kBatch = 8;  // records loaded ahead of the (sequential) running max
   const int stride = p.num_state_words;
   const StateBuffer buf{reinterpret_cast<uint32_t*>(split_vote_smem),
                         reinterpret_cast<uint16_t*>(split_vote_smem + (2 + Tr::kConsumerWarps) * 4 * stride), stride};
@@ -43,47 +41,31 @@ __global__ void __launch_bounds__(Tr::kBM) split_vote_kernel(const __grid_consta
   const float* records = p.split_records + int64_t(tail_tile) * p.num_n_tiles * Tr::kBM + local;
   const float threshold = p.threshold[tile.h];
   uint32_t* warp_words = buf.warp_keep(threadIdx.x / 32);
-  // The records are loaded kBatch tiles ahead of the vote: the loads of the next batch are in flight while this
-  // batch is voted on, so the walk is not one L2 latency per batch (wave 20 measured this kernel at 22-23 us for 36
-  // tail rows of 187 tiles with one batch of 8 at a time; NOTES.md wave 21). Only the running max is sequential.
-  const TileOrder<true> order(buf.visit(), buf.order, p.num_n_tiles);
-  const uint16_t* const first = order.next;
-  const int count = int(order.end - order.next);
+  TileOrder<true> order(buf.visit(), buf.order, p.num_n_tiles);
   float running = -INFINITY;  // the row max of the tiles before, log2 units (softmax.cuh's row_max)
   bool poisoned = false;      // a record before (or this one) was NaN
-  // This warp's verdicts of the current state word, ORed into shared memory when the walk leaves that word (the
-  // visit order ascends but for one wrap), so lane 0 does one read-modify-write per word, not per tile.
-  int word = -1;
-  uint32_t bits = 0u;
-  float next[kBatch];
-  auto fetch = [&](int begin, float (&rec)[kBatch]) {
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i)
-      rec[i] = valid && begin + i < count ? records[int64_t(first[begin + i]) * Tr::kBM] : 0.f;
-  };
-  fetch(0, next);
-  for (int begin = 0; begin < count; begin += kBatch) {
+  while (order.more()) {
+    int n[kBatch];
     float record[kBatch];
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) record[i] = next[i];
-    fetch(begin + kBatch, next);  // in flight during the votes below
+    for (int i = 0; i < kBatch; ++i) {
+      n[i] = -1;
+      if (order.more()) {
+        n[i] = order.current();
+        record[i] = valid ? records[int64_t(n[i]) * Tr::kBM] : 0.f;
+        order.advance();
+      }
+    }
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      if (begin + i >= count) break;  // CTA-uniform: every thread walks the same list
-      const int n = first[begin + i];
+      if (n[i] < 0) break;  // CTA-uniform: every thread walks the same list
       const float l = record[i];
       poisoned |= (__float_as_uint(l) & 0x7fffffffu) > 0x7f800000u;  // NaN (a bit test: fast-math proof)
       const bool keep = valid && (poisoned || row_keeps_tile(l, running, 0.f, threshold));
       running = fmaxf(running, l);
-      if ((n >> 5) != word) {  // warp-uniform
-        if (lane == 0 && bits != 0u) warp_words[word] |= bits;
-        word = n >> 5;
-        bits = 0u;
-      }
-      bits |= __ballot_sync(0xffffffffu, keep) != 0u ? 1u << (n & 31) : 0u;
+      if ((__ballot_sync(0xffffffffu, keep) != 0u) && lane == 0) warp_words[n[i] >> 5] |= 1u << (n[i] & 31);
     }
   }
-  if (lane == 0 && bits != 0u) warp_words[word] |= bits;
   __syncthreads();
   store_skip_state<Tr::kConsumerWarps>(p, row, buf, threadIdx.x, blockDim.x);
 }

@@ -1,7 +1,6 @@
 // The device-side longest-processing-time schedule of the skip path (tile_scheduler.cuh).
 #include <cuda_runtime.h>
 
-#include "dependent_launch.cuh"
 #include "liteattn.h"
 #include "tile_scheduler.cuh"
 
@@ -16,7 +15,6 @@ __global__ void lpt_schedule_kernel(const int32_t* __restrict__ state, int segme
                                     int num_state_words, int num_n_tiles, int32_t* __restrict__ schedule,
                                     int32_t* __restrict__ work_counter) {
   extern __shared__ uint16_t live_count[];  // segment_rows entries; counts <= Nt <= 2^14
-  allow_dependent_launch();  // the forward kernel's CTAs may start; they wait for this schedule (dependent_launch.cuh)
   if (work_counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *work_counter = 0;
   const int64_t first_row = int64_t(blockIdx.x) * segment_rows;
   const int32_t* rows = state + first_row * num_state_words;

@@ -19,7 +19,6 @@
 
 #include <cutlass/arch/barrier.h>
 
-#include "dependent_launch.cuh"
 #include "named_barriers.cuh"
 #include "skip_state.cuh"
 
@@ -217,9 +216,6 @@ __device__ void state_reader_loop(typename Tr::Params const& p, typename Tr::Sha
   constexpr int kThreads = Tr::kStateReaderThreads;
   static_assert(kThreads == 32, "one warp: __syncwarp orders its shared-memory words");
   const RowHandOff<Tr> rows(ss, p);
-  // The schedule and the work counter come from the schedule kernel, whose dependent this kernel may be
-  // (dependent_launch.cuh); the rest of the CTA waits for this warp's rows.
-  wait_for_previous_kernel();
   const int64_t total = Tr::kSplitSkip ? skip_items(p) : int64_t(p.num_m_tiles) * p.heads * p.batch;
   // The row in each buffer (registers: the slot is 0 or 1); held_whole: not a unit of the split tail, whose
   // state split_vote_kernel writes.

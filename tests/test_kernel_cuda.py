@@ -46,22 +46,20 @@ SCHEDULE_POISON = -7
 
 
 def run_kernel(q, k, v, state=None, threshold=None, must_do=None, must_skip=None, scale=None, schedule=True,
-               split_tail=True, return_scratch=False, skip_split=False, out_offset=0):
+               split_tail=True, return_scratch=False, skip_split=False):
     """_C.forward with outputs poisoned with NaN. Returns (out, lse). With a state and schedule=True
     (the op's path) the kernel orders the query tiles itself in a poisoned scratch buffer; a tensor
     passed as `schedule` is used as that buffer; schedule=False runs them in natural order.
     split_tail=False: the dense path without the split wave tail (no scratch passed); skip_split=True: the skip
     path with its split tail's scratch (KernelVariant::split_skip; without it the skip path gets none);
-    return_scratch=True: (out, lse, the split tail's float32 scratch as the kernel left it); out_offset: out starts
-    that many elements into its buffer (2: 4-byte aligned but not 8, as _C.forward allows)."""
+    return_scratch=True: (out, lse, the split tail's float32 scratch as the kernel left it)."""
     batch, heads, seqlen_q, head_dim = q.shape
     if state is not None and schedule is True:
         schedule = torch.full(state.shape[:3], SCHEDULE_POISON, device=q.device, dtype=torch.int32)
     schedule_ptr = schedule.data_ptr() if isinstance(schedule, torch.Tensor) and state is not None else 0
     # The persistent skip kernel's work counter, poisoned: the call must zero it (else no row would be computed).
     counter = torch.full((1,), 1 << 30, device=q.device, dtype=torch.int32)
-    out = torch.full((batch * seqlen_q * heads * head_dim + out_offset,), math.nan, device=q.device, dtype=q.dtype)
-    out = out[out_offset:].view(batch, seqlen_q, heads, head_dim).transpose(1, 2)
+    out = torch.full((batch, seqlen_q, heads, head_dim), math.nan, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.full((batch, heads, seqlen_q), math.nan, device=q.device, dtype=torch.float32)
 
     def ranges(r):
@@ -176,27 +174,6 @@ def test_split_tail_matches_reference(dtype, head_dim, batch, heads, tail, seqle
     partial_o, partial_lse = scratch[:units * bm * head_dim], scratch[units * bm * head_dim:]
     assert (~partial_lse.isnan()).sum().item() == valid_rows * chunks
     assert (~partial_o.isnan()).sum().item() == valid_rows * chunks * head_dim
-
-
-@pytest.mark.parametrize("state", [False, True])
-def test_split_tail_combine_misaligned_output(state):
-    # The combine kernel stores 4 elements at a time where out's rows are 8-byte aligned; an out view 2 elements into
-    # its buffer (4-byte aligned: _C.forward accepts it) must take its element-wise path, not fault or misplace rows.
-    # Dense and skip path (f = 1), both split.
-    seqlen_q, _ = _split_tail_shape(128, torch.bfloat16, 2, 3, 6, 4000)
-    q, k, v = _qkv(2, 3, seqlen_q, 4000, 128, torch.bfloat16, "bshd", seed=5)
-    if state:
-        if _ext().skip_split_workspace_floats(2, 3, seqlen_q, 4000, 128, "bfloat16") == 0:
-            pytest.skip("this build's default variant does not split the skip path's tail")
-        live = new_state(2, 3, seqlen_q, 4000, 128, torch.bfloat16, q.device)
-        out, lse = run_kernel(q, k, v, live, torch.full((3,), -math.inf, device=q.device), skip_split=True,
-                              out_offset=2)
-    else:
-        out, lse = run_kernel(q, k, v, out_offset=2)
-    torch.cuda.synchronize()
-    assert out.data_ptr() % 8 == 4
-    ref_out, ref_lse = reference.attention_reference(q, k, v)
-    assert rel_err(out, ref_out) <= TOL and rel_err(lse, ref_lse) <= TOL
 
 
 def test_split_tail_plan():

@@ -3,12 +3,11 @@ the SM clock and the board power, and the table gives time per call, median cloc
 one common clock (time x MHz / 1000: proportional to cycles per call while the clock is steady).
 
     python3 tools/clock_probe.py [--shape 32760,12,128] [--seconds 4] [--kernels dense,skip,cudnn,int8]
-                                 [--variants default,nosplittail] [--pdl-ab]
+                                 [--variants default,nosplittail]
 
 `skip` is the sparse op at f = 1 (a fresh state and thr = -inf: every tile visited and voted on, the state kept),
 or with --forced F:KIND on a forced live set of bench.py's kinds (fraction F, KIND balanced / heavy-first / heavy-last);
---variants (A/B builds) probes each of our bf16 kernels named in --kernels once per LITEATTN_VARIANT value; --pdl-ab
-probes each of our kernels with programmatic dependent launch on and off (LITEATTN_PDL, csrc/dependent_launch.cuh).
+--variants (A/B builds) probes each of our bf16 kernels named in --kernels once per LITEATTN_VARIANT value.
 
 Used for issue 10's dense gap (NOTES.md, wave 15): INT8's 1.1x was found to be the clock, not the loop (wave 8, ncu);
 this asks the same of our bf16 kernel against cuDNN at boost clocks, where ncu cannot look (it locks the clock)."""
@@ -68,8 +67,6 @@ def main() -> None:
                         help="the skip kernel on a forced live set (e.g. 0.5:heavy-last) instead of f = 1")
     parser.add_argument("--variants", default="",
                         help="A/B builds: LITEATTN_VARIANT values to probe our bf16 kernels with, in turn (e.g. default,nosplittail)")
-    parser.add_argument("--pdl-ab", action="store_true",
-                        help="probe our kernels with LITEATTN_PDL=1 and =0 in turn (the call's kernel chain)")
     args = parser.parse_args()
     S, H, D = (int(x) for x in args.shape.split(","))
     state = None  # f = 1
@@ -87,23 +84,13 @@ def main() -> None:
             fn()
         return run
 
-    def with_pdl(on, fn):
-        def run():
-            os.environ["LITEATTN_PDL"] = "1" if on else "0"
-            fn()
-        return run
-
     kernels = []
     for kind in args.kernels.split(","):
-        if kind in ours and args.pdl_ab:
-            kernels += [(f"{kind} pdl{int(on)}", with_pdl(on, ours[kind])) for on in (True, False)]
-        elif kind in ours:
+        if kind in ours:
             kernels += ([(f"{kind} {name}"[:16], with_variant(name, ours[kind])) for name in args.variants.split(",")]
                         if args.variants else [(f"ours {kind}", ours[kind])])
         elif kind == "cudnn":
             kernels.append(("cuDNN", calls["cudnn"]))
-        elif kind == "int8" and args.pdl_ab:
-            kernels += [(f"int8 pdl{int(on)}", with_pdl(on, calls["int8"])) for on in (True, False)]
         elif kind == "int8":
             kernels.append(("ours int8", calls["int8"]))
         else:
@@ -111,7 +98,6 @@ def main() -> None:
     order = kernels + kernels  # A B C A B C: drift shows
     rows = [probe(name, fn, args.seconds) for name, fn in order]
     os.environ.pop("LITEATTN_VARIANT", None)
-    os.environ.pop("LITEATTN_PDL", None)
     flops = 4 * S * S * H * D
     forced = f", skip on forced {args.forced}" if args.forced else ""
     print(f"clock probe {S}x{H}x{D} bf16{forced}, {args.seconds:g} s per kernel, {torch.cuda.get_device_name()}")
