@@ -41,7 +41,7 @@ PYBIND11_MODULE(_C, m) {
          Stride3 out_stride, float scale, uintptr_t state, uintptr_t threshold, uintptr_t must_do, int num_must_do,
          uintptr_t must_skip, int num_must_skip, uintptr_t stream, uintptr_t schedule, bool int8, uintptr_t q_scale,
          uintptr_t k_scale, uintptr_t q_mu, uintptr_t work_counter, uintptr_t split_workspace,
-         int64_t split_workspace_size) {
+         int64_t split_workspace_size, uintptr_t timeline, int timeline_ctas, int timeline_rows) {
         liteattn::FwdArgs a;
         a.q = as_ptr<const void>(q);
         a.k = as_ptr<const void>(k);
@@ -74,6 +74,9 @@ PYBIND11_MODULE(_C, m) {
         a.q_mu = as_ptr<const float>(q_mu);
         a.split_workspace = as_ptr<float>(split_workspace);
         a.split_workspace_size = split_workspace_size;
+        a.timeline = as_ptr<uint64_t>(timeline);
+        a.timeline_ctas = timeline_ctas;
+        a.timeline_rows = timeline_rows;
         py::gil_scoped_release release;
         liteattn::forward(a);
       },
@@ -84,7 +87,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_must_skip"), py::arg("stream"), py::arg("schedule") = uintptr_t(0), py::arg("int8") = false,
       py::arg("q_scale") = uintptr_t(0), py::arg("k_scale") = uintptr_t(0), py::arg("q_mu") = uintptr_t(0),
       py::arg("work_counter") = uintptr_t(0), py::arg("split_workspace") = uintptr_t(0),
-      py::arg("split_workspace_size") = int64_t(0),
+      py::arg("split_workspace_size") = int64_t(0), py::arg("timeline") = uintptr_t(0), py::arg("timeline_ctas") = 0,
+      py::arg("timeline_rows") = 0,
       "Forward attention. state == 0 runs the dense path; otherwise the skip state (B, H, Mt, W) int32 is read "
       "and updated in place. schedule (skip path, optional): B*H*Mt int32 of device scratch for the "
       "heaviest-first query-tile order; 0 runs the query tiles in natural order. work_counter (skip path, optional): "
@@ -94,7 +98,9 @@ PYBIND11_MODULE(_C, m) {
       "the split wave tail; 0: the tail is not split. "
       "int8=True: INT8 Q/K mode, q and k "
       "are the int8 (B, H, S, D) buffers of quantize_qk (strides in bytes), q_scale / k_scale / q_mu its float32 "
-      "outputs, dtype that of v and out. Raises ValueError on bad arguments.");
+      "outputs, dtype that of v and out. timeline (optional, a kernel with the timeline variant only): uint64 "
+      "(timeline_ctas, TIMELINE_HEADER + TIMELINE_MARKS * timeline_rows) of per-CTA %globaltimer marks "
+      "(tools/cta_timeline.py). Raises ValueError on bad arguments.");
 
 #if LITEATTN_INT8
   m.def(
@@ -156,6 +162,8 @@ PYBIND11_MODULE(_C, m) {
       "(size-1 dims exempt).");
 
   m.attr("MAX_STATE_WORDS") = liteattn::kMaxStateWords;
+  m.attr("TIMELINE_HEADER") = liteattn::kTimelineHeader;
+  m.attr("TIMELINE_MARKS") = liteattn::kTimelineMarks;
   // The scratch one call's split wave tail needs, on the current device (0: not split: no such variant, or no tail
   // worth splitting); both take (batch, heads, seqlen_q, seqlen_k, head_dim, dtype, int8=False).
   auto def_split_workspace = [&m](const char* name, auto floats, const char* doc) {

@@ -21,7 +21,8 @@ int element_bytes(DType) { return 2; }
 // names joined by '+' (or '-', ','), applied in order to the default: "default", "pp" / "nopp",
 // "lazy" / "nolazy", "early" / "noearly", "serial" / "noserial", "maskbranch" / "nomaskbranch",
 // "persist" / "nopersist", "treemax" / "notreemax", "latevote" / "nolatevote", "persistskip" / "nopersistskip",
-// "widev" / "nowidev", "splittail" / "nosplittail", "splitskip" / "nosplitskip", "bn<N>" (a dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
+// "widev" / "nowidev", "splittail" / "nosplittail", "splitskip" / "nosplitskip", "timeline" / "notimeline", "bn<N>" (a
+// dense-only BN), and "nolpt" (no heaviest-first schedule). Parsed
 // per call, so one process can time several variants.
 struct CallVariant {
   int id;
@@ -66,6 +67,8 @@ CallVariant variant_of_call(int head_dim, DType dtype) {
       set_bit(kVariantSplitTail, token == "splittail");
     } else if (token == "splitskip" || token == "nosplitskip") {
       set_bit(kVariantSplitSkip, token == "splitskip");
+    } else if (token == "timeline" || token == "notimeline") {
+      set_bit(kVariantTimeline, token == "timeline");
     } else if (token == "nolpt") {
       v.schedule = false;
     } else if (token.size() > 2 && token.compare(0, 2, "bn") == 0 &&
@@ -77,7 +80,8 @@ CallVariant variant_of_call(int head_dim, DType dtype) {
       require(false, "LITEATTN_VARIANT: unknown token '" + token +
                          "' (expected default, pp, nopp, lazy, nolazy, early, noearly, serial, noserial, maskbranch, "
                          "nomaskbranch, persist, nopersist, treemax, notreemax, latevote, nolatevote, persistskip, "
-                         "nopersistskip, widev, nowidev, splittail, nosplittail, splitskip, nosplitskip, bn<N>, nolpt)");
+                         "nopersistskip, widev, nowidev, splittail, nosplittail, splitskip, nosplitskip, timeline, notimeline, "
+                         "bn<N>, nolpt)");
     }
     start = end + 1;
   }
@@ -237,6 +241,13 @@ void forward(const FwdArgs& a) {
   }
 
   const CallVariant variant = variant_of_call(a.head_dim, a.dtype);
+  if (a.timeline) {
+    require(decode_variant(variant.id).timeline,
+            "timeline: only a kernel with the timeline variant records one (an A/B build that lists it, "
+            "cmake -DLITEATTN_AB_VARIANTS, and LITEATTN_VARIANT=timeline; tools/cta_timeline.py)");
+    require(a.timeline_rows >= 1 && a.timeline_ctas >= 1, "timeline_rows and timeline_ctas must be >= 1");
+    require(reinterpret_cast<uint64_t>(a.timeline) % 8 == 0, "timeline must be an 8-byte aligned uint64 buffer");
+  }
   FwdArgs call = a;
   if (!variant.schedule) call.schedule = nullptr;
   // One case per (head_dim, dtype) of tile_shapes.json.

@@ -8,6 +8,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "cta_timeline.cuh"
 #include "epilogue.cuh"
 #include "fwd_traits.cuh"
 #include "mainloop.cuh"
@@ -84,6 +85,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
   const int warpgroup = cutlass::canonical_warp_group_idx();
   static_assert(!(Tr::kPersistent && Tr::kSkip), "kPersistent is the dense path's (the skip path's: kPersistentSkip)");
   constexpr bool kOneTileSkip = Tr::kSkip && !Tr::kPersistentSkip;
+  if (threadIdx.x == 0) timeline_mark<Tr>(p, 0);  // Tr::kTimeline only (cta_timeline.cuh)
 
   if (threadIdx.x == 0) {
     ss.q_full.init(1);
@@ -146,6 +148,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
         for (TileSequence<Tr::kPersistent, Tr::kSplitTail> seq(p); seq.more(); seq.advance())
           producer_load<Tr>(p, ss, seq.current, seq.iteration, write, one_buffer);
       }
+      timeline_mark<Tr>(p, 2);
     } else if constexpr (Tr::kPersistentSkip) {
       if (threadIdx.x >= 32 && threadIdx.x < 64) state_reader_loop<Tr>(p, ss, int(threadIdx.x) - 32);
     }
@@ -153,20 +156,36 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
     cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
     MmaTurn<Tr::kConsumerWarpgroups, Tr::kPingPong>::start(warpgroup - 1);
     PipelineState k_read, v_read;
+    const bool marks = threadIdx.x == 128;  // Tr::kTimeline: consumer warpgroup 0's thread 0 marks the rows
+    [[maybe_unused]] int rows_done = 0;
     if constexpr (Tr::kPersistentSkip) {
       const RowHandOff<Tr> rows(ss, p);
       for (int it = 0;; ++it) {
         const int row = rows.wait_row(it);
         if (row < 0) break;
+        if (marks) timeline_row_mark<Tr>(p, it, 0);
         consumer_warpgroup<Tr>(p, ss, rows.buffer(it), rows.done_barrier(it), rows.tile(it, row, p), it, k_read,
                                v_read, warpgroup - 1, threadIdx.x - 128);
+        if (marks) timeline_row_mark<Tr>(p, it, 2);
+        rows_done = it + 1;
       }
     } else if constexpr (kOneTileSkip && Tr::kSplitSkip) {  // the tile of the work list (above)
+      if (marks) timeline_row_mark<Tr>(p, 0, 0);
       consumer_warpgroup<Tr>(p, ss, one_buffer, nullptr, tile, 0, k_read, v_read, warpgroup - 1, threadIdx.x - 128);
+      if (marks) timeline_row_mark<Tr>(p, 0, 2);
+      rows_done = 1;
     } else {
-      for (TileSequence<Tr::kPersistent, Tr::kSplitTail> seq(p); seq.more(); seq.advance())
+      for (TileSequence<Tr::kPersistent, Tr::kSplitTail> seq(p); seq.more(); seq.advance()) {
+        if (marks) timeline_row_mark<Tr>(p, seq.iteration, 0);
         consumer_warpgroup<Tr>(p, ss, one_buffer, nullptr, seq.current, seq.iteration, k_read, v_read, warpgroup - 1,
                                threadIdx.x - 128);
+        if (marks) timeline_row_mark<Tr>(p, seq.iteration, 2);
+        rows_done = seq.iteration + 1;
+      }
+    }
+    if (marks) {
+      timeline_mark<Tr>(p, 1);
+      timeline_rows_done<Tr>(p, rows_done);
     }
   }
 }

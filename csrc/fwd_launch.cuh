@@ -119,6 +119,14 @@ void run_fwd(const FwdArgs& a) {
       split = SplitTailPlan{};
     }
   }
+  if constexpr (Tr::kTimeline) {
+    const int64_t ctas = int64_t(grid.x) * grid.y * grid.z;
+    if (a.timeline != nullptr && ctas > a.timeline_ctas)
+      throw std::invalid_argument("timeline: this call runs " + std::to_string(ctas) + " CTAs, the buffer holds " +
+                                  std::to_string(a.timeline_ctas));
+    p.timeline = a.timeline;
+    p.timeline_rows = a.timeline_rows;
+  }
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, static_cast<cudaStream_t>(a.stream)>>>(p);
   check_cuda(cudaGetLastError(), "forward kernel launch");
   if (split.chunks >= 2) {

@@ -56,6 +56,7 @@ struct FwdTraits {
   // Skip path (both grids): the last round's rows split by ranges of their visit lists, their votes deferred
   // (split_vote.cuh).
   static constexpr bool kSplitSkip = kVariantInfo.split_skip && kSkip_;
+  static constexpr bool kTimeline = kVariantInfo.timeline;
   static constexpr bool kInt8 = kInt8_;
   using Softmax = OnlineSoftmax<kLazyRescale, kVariantInfo.tree_max>;
   using Element = typename ElementOf<kDType>::type;      // V, P, O (and Q, K in the 16-bit mode)
@@ -206,6 +207,9 @@ struct FwdTraits {
     float* split_o = nullptr;
     float* split_lse = nullptr;
     float* split_records = nullptr;
+    // kTimeline (KernelVariant::timeline): FwdArgs::timeline, or null.
+    uint64_t* timeline = nullptr;
+    int timeline_rows = 0;
   };
 };
 

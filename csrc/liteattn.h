@@ -44,6 +44,11 @@ struct FwdArgs {
   // scratch of split_workspace_floats(...) for the tail's partial results (nullptr: the tail is not split).
   float* split_workspace = nullptr;
   int64_t split_workspace_size = 0;  // its floats; a split that needs more is not taken
+  // Per-CTA timeline (KernelVariant::timeline, A/B builds only; tools/cta_timeline.py): uint64 (timeline_ctas,
+  // kTimelineHeader + kTimelineMarks * timeline_rows) of %globaltimer nanoseconds, fwd_kernel.cuh says which.
+  // nullptr: none; set without that variant bit: std::invalid_argument.
+  uint64_t* timeline = nullptr;
+  int timeline_ctas = 0, timeline_rows = 0;
   void* stream = nullptr;            // cudaStream_t
 };
 
@@ -180,7 +185,8 @@ void quantize_qk(const QuantArgs& args);
 // behind it). A/B builds (cmake -DLITEATTN_AB_VARIANTS="id;id;...") also compile the listed variants for
 // bf16 (both Q/K modes; a variant that overrides BN only for the 16-bit dense path) and let the environment
 // variable LITEATTN_VARIANT pick one per call by name ("pp", "nopp", "lazy", "early", "serial", "maskbranch",
-// "persist", "treemax", "latevote", "persistskip", "widev", "splittail", "splitskip", "bn176", "nolpt", joined by '+').
+// "persist", "treemax", "latevote", "persistskip", "widev", "splittail", "splitskip", "timeline", "bn176", "nolpt",
+// joined by '+').
 struct KernelVariant {
   bool ping_pong;      // consumer warpgroups take turns to issue their GEMMs (named_barriers.cuh)
   bool lazy_rescale;   // rescale O only when a row max grows by more than kLazyRescaleLog2 (softmax.cuh)
@@ -202,19 +208,26 @@ struct KernelVariant {
   bool split_tail;     // dense path, persistent: the last round's query tiles split by key ranges (SplitTailPlan)
   bool split_skip;     // skip path: the same for the last round's rows, by ranges of their visit lists; the votes
                        // of those rows deferred to split_vote_kernel (split_vote.cuh)
+  bool timeline;       // records each CTA's timeline (FwdArgs::timeline): a measuring instrument, never a default
 };
+// The timeline's layout per CTA: [0] the CTA's entry, [1] its consumers' last row done, [2] its producer thread's
+// last load issued, [3] rows recorded; then per row i < timeline_rows, kTimelineMarks marks from
+// kTimelineHeader + kTimelineMarks * i: the row handed to the consumers, its first K tile arrived, its epilogue done
+// (consumer warpgroup 0, thread 0).
+constexpr int kTimelineHeader = 4, kTimelineMarks = 3;
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
               kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048,
               kVariantLateVote = 4096, kVariantPersistSkip = 8192,
-              kVariantWideV = 16384, kVariantSplitTail = 32768, kVariantSplitSkip = 65536;
+              kVariantWideV = 16384, kVariantSplitTail = 32768, kVariantSplitSkip = 65536, kVariantTimeline = 131072;
 // Bits 12-16 held the measured and removed poly / prewait / mmasum / pin / rowlazy / rowstores / peelmask variants
-// (NOTES.md); bits 12-16 are now latevote, persistskip, widev, splittail and splitskip.
+// (NOTES.md); bits 12-16 are now latevote, persistskip, widev, splittail and splitskip; bit 17 (wave 19's measured
+// and removed quietreader) is the timeline.
 constexpr KernelVariant decode_variant(int id) {
   return {(id & kVariantPingPong) != 0, (id & kVariantLazyRescale) != 0, (id & kVariantEarlyRescale) != 0,
           16 * ((id >> kVariantBnShift) & 31), (id & kVariantSerialSoftmax) != 0, (id & kVariantMaskBranch) != 0,
           (id & kVariantPersistent) != 0, (id & kVariantTreeMax) != 0, (id & kVariantLateVote) != 0,
           (id & kVariantPersistSkip) != 0, (id & kVariantWideV) != 0, (id & kVariantSplitTail) != 0,
-          (id & kVariantSplitSkip) != 0};
+          (id & kVariantSplitSkip) != 0, (id & kVariantTimeline) != 0};
 }
 // Head dim 128: lazy rescale (+1-5 % dense with BN 192, NOTES.md v9); head dim 64 (softmax-bound, BM 192): not.
 // Both: persistent CTAs on the dense path (NOTES.md v10; the INT8 mode's: v11).

@@ -158,7 +158,7 @@ def _launch(q, k, v, state, threshold, must_do, must_skip, scale):
 
 
 def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, threshold, must_do, must_skip, scale,
-                   schedule=True, int8=None, split_tail=True) -> None:
+                   schedule=True, int8=None, split_tail=True, timeline=None) -> None:
     """One `_C.forward` call on the current stream, into `out` / `lse`: the argument assembly both modes share.
 
     q_kernel / k_kernel: what the kernel reads as Q and K (q and k themselves, or the INT8 pre-pass's int8
@@ -166,7 +166,10 @@ def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, thres
     which the skip path orders the query tiles heaviest first), False (natural order) or an int32 (B, H, Mt)
     scratch tensor. The skip path also gets one int32 of scratch for its work counter. int8: None, or (q_scale, k_scale, q_mu) of the pre-pass (INT8 Q/K mode).
     split_tail: False runs without the split wave tail (no scratch; the tests compare the skip path's loop
-    against the dense path's bit for bit, and the split skip path against the unsplit one)."""
+    against the dense path's bit for bit, and the split skip path against the unsplit one).
+    timeline: None, or an int64 CUDA tensor (CTAs, TIMELINE_HEADER + TIMELINE_MARKS * rows) the kernel fills with
+    each CTA's %globaltimer marks (csrc/cta_timeline.cuh; only a kernel built with the timeline variant records one,
+    tools/cta_timeline.py)."""
     batch, heads, seqlen_q, head_dim = qkv_shape
     # The kernel reads int32 (R, 2) ranges; these locals keep any converted copy alive until the
     # launch is queued (the caching allocator's stream order makes a later reuse safe).
@@ -180,6 +183,13 @@ def launch_forward(ext, q_kernel, k_kernel, v, out, lse, qkv_shape, state, thres
         schedule = scratch[:-1]
     extras = {} if int8 is None else dict(int8=True, q_scale=int8[0].data_ptr(), k_scale=int8[1].data_ptr(),
                                           q_mu=int8[2].data_ptr())
+    if timeline is not None:
+        if timeline.dtype != torch.int64 or timeline.dim() != 2 or not timeline.is_contiguous() or \
+                (timeline.shape[1] - ext.TIMELINE_HEADER) % ext.TIMELINE_MARKS or timeline.shape[1] <= ext.TIMELINE_HEADER:
+            raise ValueError(f"timeline: expected a contiguous int64 (CTAs, {ext.TIMELINE_HEADER} + "
+                             f"{ext.TIMELINE_MARKS} * rows) tensor, got {timeline.dtype} {tuple(timeline.shape)}")
+        extras.update(timeline=timeline.data_ptr(), timeline_ctas=timeline.shape[0],
+                      timeline_rows=(timeline.shape[1] - ext.TIMELINE_HEADER) // ext.TIMELINE_MARKS)
     with torch.cuda.device(v.device):
         if split_tail:
             # float32 scratch for the split wave tail (csrc/liteattn.h, SplitTailPlan), if the call has one.

@@ -1,0 +1,40 @@
+// KernelVariant::timeline (A/B builds only): %globaltimer marks of each CTA into FwdArgs::timeline (the layout:
+// liteattn.h, kTimelineHeader), read by tools/cta_timeline.py -- when a CTA starts, when each of its rows is handed to
+// the consumers, gets its first K tile and ends, and when its warps finish. Compiled out of every other variant.
+#pragma once
+#include <cstdint>
+
+#include "liteattn.h"
+
+namespace liteattn {
+
+template <class Tr>
+__device__ __forceinline__ void timeline_mark(typename Tr::Params const& p, int slot) {
+  if constexpr (Tr::kTimeline) {
+    if (p.timeline == nullptr) return;
+    uint64_t ns;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    const int64_t cta = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    p.timeline[cta * (kTimelineHeader + kTimelineMarks * p.timeline_rows) + slot] = ns;
+  }
+}
+
+// Mark `k` of the CTA's row `it` (0: handed to the consumers, 1: its first K tile arrived, 2: its epilogue done);
+// rows past timeline_rows are not recorded.
+template <class Tr>
+__device__ __forceinline__ void timeline_row_mark(typename Tr::Params const& p, int it, int k) {
+  if constexpr (Tr::kTimeline)
+    if (it < p.timeline_rows) timeline_mark<Tr>(p, kTimelineHeader + kTimelineMarks * it + k);
+}
+
+// The header's row count (slot 3), as a timestamp-sized value.
+template <class Tr>
+__device__ __forceinline__ void timeline_rows_done(typename Tr::Params const& p, int rows) {
+  if constexpr (Tr::kTimeline) {
+    if (p.timeline == nullptr) return;
+    const int64_t cta = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    p.timeline[cta * (kTimelineHeader + kTimelineMarks * p.timeline_rows) + 3] = uint64_t(rows);
+  }
+}
+
+}  // namespace liteattn
