@@ -60,3 +60,19 @@ def test_summary_rejects_a_wrong_layout_and_an_empty_timeline():
         tool.summarize(np.zeros((2, 4 + 4), dtype=np.int64))
     with pytest.raises(ValueError, match="no CTA recorded a row"):
         tool.summarize(np.zeros((2, 4 + 3), dtype=np.int64))
+
+
+def test_launch_forward_rejects_a_timeline_of_the_wrong_layout():
+    # The op layer's check, before anything reaches the extension (a stand-in that fails if called).
+    import torch
+    from types import SimpleNamespace
+
+    from liteattn_ops.core import ops
+
+    ext = SimpleNamespace(TIMELINE_HEADER=4, TIMELINE_MARKS=3, forward=lambda **_: pytest.fail("launched"))
+    q = torch.zeros(1, 1, 8, 64)
+    out, lse = torch.zeros(1, 1, 8, 64), torch.zeros(1, 1, 8)
+    for bad in (torch.zeros(2, 4 + 4, dtype=torch.int64), torch.zeros(2, 4 + 3, dtype=torch.int32),
+                torch.zeros(2, 4, dtype=torch.int64), torch.zeros(4 + 3, 2, dtype=torch.int64).t()):
+        with pytest.raises(ValueError, match="timeline: expected a contiguous int64"):
+            ops.launch_forward(ext, q, q, q, out, lse, q.shape, None, None, None, None, None, timeline=bad)
