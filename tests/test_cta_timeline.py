@@ -2,20 +2,10 @@
 timeline build on the GPU). The layout is csrc/liteattn.h's: [entry, consumers done, producer done, rows], then per
 row (handed, first K, done)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "cta_timeline.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("cta_timeline", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tool_module import load_tool
 
 
 BASE = 10**12  # %globaltimer is never 0; 0 is "not written"
@@ -30,7 +20,7 @@ def cta(entry, consumers_done, producer_done, rows, cap=3):
 
 
 def test_summary_of_two_ctas():
-    tool = load_tool()
+    tool = load_tool("cta_timeline")
     ns = 1000  # marks in ns, the summary in us
     marks = np.array([
         # CTA 0: starts at 0, first row handed at 2 us, its K at 3, done at 10; second row handed at 11 (gap 1), K at
@@ -55,7 +45,7 @@ def test_summary_of_two_ctas():
 
 
 def test_summary_rejects_a_wrong_layout_and_an_empty_timeline():
-    tool = load_tool()
+    tool = load_tool("cta_timeline")
     with pytest.raises(ValueError, match="expected"):
         tool.summarize(np.zeros((2, 4 + 4), dtype=np.int64))
     with pytest.raises(ValueError, match="no CTA recorded a row"):

@@ -2,17 +2,7 @@
 
 The logs below have the shape of compute-sanitizer 2025 racecheck / memcheck output, with made-up kernels."""
 
-import importlib.util
-from pathlib import Path
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "sanitize.py"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("sanitize", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tool_module import load_tool
 
 
 def hazard(kind, address, reader, read_site, writer, write_site):
@@ -33,7 +23,7 @@ CLEAN = "worker done: 0 failing cases\n========= RACECHECK SUMMARY: 0 hazards di
 
 
 def test_racecheck_summary_pass_and_fail():
-    sanitize = load_tool()
+    sanitize = load_tool("sanitize")
     assert sanitize.parse("racecheck", CLEAN) == ("0 hazards (0 errors, 0 warnings)", True)
     summary, passed = sanitize.parse("racecheck", RACY)
     assert not passed and summary == "3 hazards (17 errors, 0 warnings)"
@@ -43,9 +33,9 @@ def test_racecheck_summary_pass_and_fail():
 
 
 def test_hazards_grouped_by_source_lines():
-    sites = load_tool().hazard_sites(RACY)
+    sites = load_tool("sanitize").hazard_sites(RACY)
     assert sites == [
         "2 x WAR: Read sched.cuh:108 (threads 159, 223) / Write sched.cuh:143 (threads 32)",
         "1 x RAW: Read loop.cuh:12 (threads 7) / Write loop.cuh:30 (threads 40)",
     ]
-    assert load_tool().hazard_sites(CLEAN) == []
+    assert load_tool("sanitize").hazard_sites(CLEAN) == []

@@ -1,16 +1,12 @@
 """tools/soak.py runs and passes at a tiny size on CPU (the long runs are for the GPU)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "soak.py"
+from tool_module import load_tool
 
 
 def test_soak_tool_small_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("soak", TOOL)
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
+    soak = load_tool("soak")
     out = tmp_path / "soak.json"
     assert soak.main(["--calls", "6", "--reset-every", "3", "--seq", "384", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
