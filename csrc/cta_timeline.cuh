@@ -8,14 +8,20 @@
 
 namespace liteattn {
 
+// Slot `slot` of this CTA's timeline row := value (no-op without a buffer).
+template <class Tr>
+__device__ __forceinline__ void timeline_write(typename Tr::Params const& p, int slot, uint64_t value) {
+  if (p.timeline == nullptr) return;
+  const int64_t cta = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  p.timeline[cta * (kTimelineHeader + kTimelineMarks * p.timeline_rows) + slot] = value;
+}
+
 template <class Tr>
 __device__ __forceinline__ void timeline_mark(typename Tr::Params const& p, int slot) {
   if constexpr (Tr::kTimeline) {
-    if (p.timeline == nullptr) return;
     uint64_t ns;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-    const int64_t cta = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-    p.timeline[cta * (kTimelineHeader + kTimelineMarks * p.timeline_rows) + slot] = ns;
+    timeline_write<Tr>(p, slot, ns);
   }
 }
 
@@ -27,14 +33,10 @@ __device__ __forceinline__ void timeline_row_mark(typename Tr::Params const& p, 
     if (it < p.timeline_rows) timeline_mark<Tr>(p, kTimelineHeader + kTimelineMarks * it + k);
 }
 
-// The header's row count (slot 3), as a timestamp-sized value.
+// The header's row count (slot 3).
 template <class Tr>
 __device__ __forceinline__ void timeline_rows_done(typename Tr::Params const& p, int rows) {
-  if constexpr (Tr::kTimeline) {
-    if (p.timeline == nullptr) return;
-    const int64_t cta = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-    p.timeline[cta * (kTimelineHeader + kTimelineMarks * p.timeline_rows) + 3] = uint64_t(rows);
-  }
+  if constexpr (Tr::kTimeline) timeline_write<Tr>(p, 3, uint64_t(rows));
 }
 
 }  // namespace liteattn

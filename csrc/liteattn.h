@@ -45,7 +45,7 @@ struct FwdArgs {
   float* split_workspace = nullptr;
   int64_t split_workspace_size = 0;  // its floats; a split that needs more is not taken
   // Per-CTA timeline (KernelVariant::timeline, A/B builds only; tools/cta_timeline.py): uint64 (timeline_ctas,
-  // kTimelineHeader + kTimelineMarks * timeline_rows) of %globaltimer nanoseconds, fwd_kernel.cuh says which.
+  // kTimelineHeader + kTimelineMarks * timeline_rows) of %globaltimer nanoseconds (the layout: at kTimelineHeader below).
   // nullptr: none; set without that variant bit: std::invalid_argument.
   uint64_t* timeline = nullptr;
   int timeline_ctas = 0, timeline_rows = 0;
