@@ -4,7 +4,7 @@
 # CTA: the excess there is 15-20 us of a 182 us call) and 16896x8x128 (8 rows a CTA, no tail: call 1's ncu shape).
 # Reading: the skip CTAs start later (start_mean, first_row_wait, first_k_wait), spend it between rows (row_gap,
 # later_k_wait), or end apart (last_row_max - last_row_min, exit_after_last_row).
-# Run as  mkdir -p $OUT && BUDGET=300 bash benchmarks/wave22_next/call2.sh 2>&1 | tee $OUT/output.txt | tail -60  (carry [".whl"])
+# Run as  mkdir -p $OUT && BUDGET=300 bash benchmarks/wave23_next/call2.sh 2>&1 | tee $OUT/output.txt | tail -60  (carry [".whl"])
 set -u
 START=$(date +%s)
 left() { echo $(( ${BUDGET:-300} - ($(date +%s) - START) )); }
