@@ -25,18 +25,18 @@ __device__ __forceinline__ void timeline_mark(typename Tr::Params const& p, int 
   }
 }
 
-// Mark `k` of the CTA's row `it` (0: handed to the consumers, 1: its first K tile arrived, 2: its epilogue done);
-// rows past timeline_rows are not recorded.
+// Mark `k` (kTimelineRowHanded, kTimelineRowFirstK, kTimelineRowDone) of the CTA's row `it`; rows past
+// timeline_rows are not recorded.
 template <class Tr>
 __device__ __forceinline__ void timeline_row_mark(typename Tr::Params const& p, int it, int k) {
   if constexpr (Tr::kTimeline)
     if (it < p.timeline_rows) timeline_mark<Tr>(p, kTimelineHeader + kTimelineMarks * it + k);
 }
 
-// The header's row count (slot 3).
+// The header's row count.
 template <class Tr>
 __device__ __forceinline__ void timeline_rows_done(typename Tr::Params const& p, int rows) {
-  if constexpr (Tr::kTimeline) timeline_write<Tr>(p, 3, uint64_t(rows));
+  if constexpr (Tr::kTimeline) timeline_write<Tr>(p, kTimelineRowCount, uint64_t(rows));
 }
 
 }  // namespace liteattn

@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
   const int warpgroup = cutlass::canonical_warp_group_idx();
   static_assert(!(Tr::kPersistent && Tr::kSkip), "kPersistent is the dense path's (the skip path's: kPersistentSkip)");
   constexpr bool kOneTileSkip = Tr::kSkip && !Tr::kPersistentSkip;
-  if (threadIdx.x == 0) timeline_mark<Tr>(p, 0);  // Tr::kTimeline only (cta_timeline.cuh)
+  if (threadIdx.x == 0) timeline_mark<Tr>(p, kTimelineEntry);  // Tr::kTimeline only (cta_timeline.cuh)
 
   if (threadIdx.x == 0) {
     ss.q_full.init(1);
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
         for (TileSequence<Tr::kPersistent, Tr::kSplitTail> seq(p); seq.more(); seq.advance())
           producer_load<Tr>(p, ss, seq.current, seq.iteration, write, one_buffer);
       }
-      timeline_mark<Tr>(p, 2);
+      timeline_mark<Tr>(p, kTimelineProducerDone);
     } else if constexpr (Tr::kPersistentSkip) {
       if (threadIdx.x >= 32 && threadIdx.x < 64) state_reader_loop<Tr>(p, ss, int(threadIdx.x) - 32);
     }
@@ -163,28 +163,28 @@ __global__ void __launch_bounds__(Tr::kThreads, 1) fwd_kernel(const __grid_const
       for (int it = 0;; ++it) {
         const int row = rows.wait_row(it);
         if (row < 0) break;
-        if (marks) timeline_row_mark<Tr>(p, it, 0);
+        if (marks) timeline_row_mark<Tr>(p, it, kTimelineRowHanded);
         consumer_warpgroup<Tr>(p, ss, rows.buffer(it), rows.done_barrier(it), rows.tile(it, row, p), it, k_read,
                                v_read, warpgroup - 1, threadIdx.x - 128);
-        if (marks) timeline_row_mark<Tr>(p, it, 2);
+        if (marks) timeline_row_mark<Tr>(p, it, kTimelineRowDone);
         rows_done = it + 1;
       }
     } else if constexpr (kOneTileSkip && Tr::kSplitSkip) {  // the tile of the work list (above)
-      if (marks) timeline_row_mark<Tr>(p, 0, 0);
+      if (marks) timeline_row_mark<Tr>(p, 0, kTimelineRowHanded);
       consumer_warpgroup<Tr>(p, ss, one_buffer, nullptr, tile, 0, k_read, v_read, warpgroup - 1, threadIdx.x - 128);
-      if (marks) timeline_row_mark<Tr>(p, 0, 2);
+      if (marks) timeline_row_mark<Tr>(p, 0, kTimelineRowDone);
       rows_done = 1;
     } else {
       for (TileSequence<Tr::kPersistent, Tr::kSplitTail> seq(p); seq.more(); seq.advance()) {
-        if (marks) timeline_row_mark<Tr>(p, seq.iteration, 0);
+        if (marks) timeline_row_mark<Tr>(p, seq.iteration, kTimelineRowHanded);
         consumer_warpgroup<Tr>(p, ss, one_buffer, nullptr, seq.current, seq.iteration, k_read, v_read, warpgroup - 1,
                                threadIdx.x - 128);
-        if (marks) timeline_row_mark<Tr>(p, seq.iteration, 2);
+        if (marks) timeline_row_mark<Tr>(p, seq.iteration, kTimelineRowDone);
         rows_done = seq.iteration + 1;
       }
     }
     if (marks) {
-      timeline_mark<Tr>(p, 1);
+      timeline_mark<Tr>(p, kTimelineConsumersDone);
       timeline_rows_done<Tr>(p, rows_done);
     }
   }

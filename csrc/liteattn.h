@@ -45,8 +45,8 @@ struct FwdArgs {
   float* split_workspace = nullptr;
   int64_t split_workspace_size = 0;  // its floats; a split that needs more is not taken
   // Per-CTA timeline (KernelVariant::timeline, A/B builds only; tools/cta_timeline.py): uint64 (timeline_ctas,
-  // kTimelineHeader + kTimelineMarks * timeline_rows) of %globaltimer nanoseconds (the layout: at kTimelineHeader below).
-  // nullptr: none; set without that variant bit: std::invalid_argument.
+  // kTimelineHeader + kTimelineMarks * timeline_rows) of %globaltimer nanoseconds (the layout: at kTimelineHeader
+  // below). nullptr: none; set without that variant bit: std::invalid_argument.
   uint64_t* timeline = nullptr;
   int timeline_ctas = 0, timeline_rows = 0;
   void* stream = nullptr;            // cudaStream_t
@@ -210,11 +210,13 @@ struct KernelVariant {
                        // of those rows deferred to split_vote_kernel (split_vote.cuh)
   bool timeline;       // records each CTA's timeline (FwdArgs::timeline): a measuring instrument, never a default
 };
-// The timeline's layout per CTA: [0] the CTA's entry, [1] its consumers' last row done, [2] its producer thread's
-// last load issued, [3] rows recorded; then per row i < timeline_rows, kTimelineMarks marks from
-// kTimelineHeader + kTimelineMarks * i: the row handed to the consumers, its first K tile arrived, its epilogue done
-// (consumer warpgroup 0, thread 0).
-constexpr int kTimelineHeader = 4, kTimelineMarks = 3;
+// The timeline's layout per CTA: a header of kTimelineHeader slots (the CTA's entry, its consumers' last row done,
+// its producer thread's last load issued, the rows recorded), then per row i < timeline_rows kTimelineMarks marks
+// from kTimelineHeader + kTimelineMarks * i (the row handed to the consumers, its first K tile arrived, its epilogue
+// done; consumer warpgroup 0, thread 0).
+constexpr int kTimelineEntry = 0, kTimelineConsumersDone = 1, kTimelineProducerDone = 2, kTimelineRowCount = 3,
+              kTimelineHeader = 4;
+constexpr int kTimelineRowHanded = 0, kTimelineRowFirstK = 1, kTimelineRowDone = 2, kTimelineMarks = 3;
 constexpr int kVariantPingPong = 1, kVariantLazyRescale = 2, kVariantEarlyRescale = 4, kVariantBnShift = 3,
               kVariantSerialSoftmax = 256, kVariantMaskBranch = 512, kVariantPersistent = 1024, kVariantTreeMax = 2048,
               kVariantLateVote = 4096, kVariantPersistSkip = 8192,

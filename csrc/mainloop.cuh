@@ -229,7 +229,7 @@ __device__ __forceinline__ void consumer_mainloop(typename Tr::Params const& p, 
 
   // First tile: S only.
   ss.k_full[k_read.stage].wait(k_read.phase);
-  if (warpgroup == 0 && t == 0) timeline_row_mark<Tr>(p, iteration, 1);  // Tr::kTimeline only
+  if (warpgroup == 0 && t == 0) timeline_row_mark<Tr>(p, iteration, kTimelineRowFirstK);  // Tr::kTimeline only
   int n = tiles.current();
   float k_scale = k_scales.load(n);
   tiles.advance();

@@ -21,6 +21,8 @@ import os
 import numpy as np
 
 HEADER, MARKS = 4, 3  # csrc/liteattn.h kTimelineHeader, kTimelineMarks (checked against the extension at run time)
+ENTRY, CONSUMERS_DONE, PRODUCER_DONE, ROW_COUNT = range(HEADER)  # the header slots (liteattn.h kTimelineEntry ...)
+ROW_DONE = 2  # a row's marks: handed, first K, done (liteattn.h kTimelineRowHanded ...)
 
 
 def summarize(marks: np.ndarray) -> dict:
@@ -30,24 +32,24 @@ def summarize(marks: np.ndarray) -> dict:
     if marks.ndim != 2 or marks.shape[1] <= HEADER or (marks.shape[1] - HEADER) % MARKS:
         raise ValueError(f"timeline: expected (CTAs, {HEADER} + {MARKS} * rows) marks, got {marks.shape}")
     rows_cap = (marks.shape[1] - HEADER) // MARKS
-    used = marks[(marks[:, 3] > 0) & (marks[:, 0] > 0)]
+    used = marks[(marks[:, ROW_COUNT] > 0) & (marks[:, ENTRY] > 0)]
     if used.shape[0] == 0:
         raise ValueError("timeline: no CTA recorded a row (was the timeline variant running?)")
-    t0 = used[:, 0].min()
+    t0 = used[:, ENTRY].min()
     us = lambda x: np.asarray(x, dtype=np.float64) / 1e3  # noqa: E731
-    start, rows_per_cta = us(used[:, 0] - t0), np.minimum(used[:, 3], rows_cap)
+    start, rows_per_cta = us(used[:, ENTRY] - t0), np.minimum(used[:, ROW_COUNT], rows_cap)
     first_handed, first_k, busy, gap, later_k = [], [], [], [], []
     for cta, n in zip(used, rows_per_cta):
         handed, k1, done = (cta[HEADER + j: HEADER + MARKS * n: MARKS] for j in range(MARKS))
-        first_handed.append(handed[0] - cta[0])
+        first_handed.append(handed[0] - cta[ENTRY])
         if k1[0] > 0:
             first_k.append(k1[0] - handed[0])
         busy.extend(done - handed)
         gap.extend(handed[1:] - done[:-1])
         later_k.extend(k1[1:][k1[1:] > 0] - handed[1:][k1[1:] > 0])
     mean = lambda x: float(np.mean(us(x))) if len(x) else math.nan  # noqa: E731
-    last_row = us(np.array([cta[HEADER + MARKS * (n - 1) + 2] for cta, n in zip(used, rows_per_cta)]) - t0)
-    exits = us(np.maximum(used[:, 1], used[:, 2]) - t0)
+    last_row = us(np.array([cta[HEADER + MARKS * (n - 1) + ROW_DONE] for cta, n in zip(used, rows_per_cta)]) - t0)
+    exits = us(np.maximum(used[:, CONSUMERS_DONE], used[:, PRODUCER_DONE]) - t0)
     return {"ctas": int(used.shape[0]), "rows": int(rows_per_cta.sum()), "start_mean": float(start.mean()),
             "start_max": float(start.max()), "first_row_wait": mean(first_handed), "first_k_wait": mean(first_k),
             "row_time": mean(busy), "row_gap": mean(gap), "later_k_wait": mean(later_k),
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         marks = marks.cpu().numpy()
         if args.csv:
-            np.savetxt(f"{args.csv}_{mode}.csv", marks[marks[:, 3] > 0], fmt="%d", delimiter=",")
+            np.savetxt(f"{args.csv}_{mode}.csv", marks[marks[:, ROW_COUNT] > 0], fmt="%d", delimiter=",")
         results[mode] = summarize(marks)
     keys = list(next(iter(results.values())))
     print(f"{'us':24}" + "".join(f"{m:>12}" for m in results))
