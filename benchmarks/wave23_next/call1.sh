@@ -15,7 +15,7 @@ set -u
 START=$(date +%s)
 left() { echo $(( ${BUDGET:-590} - ($(date +%s) - START) )); }
 # One A/B build serves both: the default kernels for the suite and the table, the timeline variant (261123) for
-# call 2's instrument (call2.sh is that part alone).
+# the per-CTA timeline.
 CMAKE_ARGS='-DLITEATTN_AB_VARIANTS=261123@128' OUT=$OUT bash tools/gpu_suite.sh build > $OUT/build_part.log 2>&1 || { tail -30 $OUT/build_part.log; exit 1; }
 tail -1 $OUT/build_part.log; echo "($(left) s left)"
 export LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6) PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -27,7 +27,7 @@ for pdl in 0 1; do
 done
 timeout 45 python3 tools/clock_probe.py --shape 4096,12,128 --seconds 1 --kernels dense,skip --pdl-ab > $OUT/probe_4096.log 2>&1
 echo "probe 4096 rc $?"; tail -9 $OUT/probe_4096.log
-timeline() {  # the per-CTA timeline (call2.sh's part): where the skip kernel's per-call and per-row excess goes
+timeline() {  # the per-CTA timeline: where the skip kernel's per-call and per-row excess goes
   local shape=$1 forced=$2 name
   name=$(echo "tl_${shape}_${forced:-f1}" | tr ',:.' '___')
   timeout 60 python3 tools/cta_timeline.py --shape $shape --modes dense,skip ${forced:+--forced $forced} \
