@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import liteattn_ops
-from liteattn_ops.calibration import ThresholdTable, ThresholdTableError, analyse_call, calibrate
-from liteattn_ops.calibration.calibrate import CAP, TOLERANCE, Profile, _Curves, _Units, allocate, profile
+from liteattn_ops.calibration import Profile, ThresholdTable, ThresholdTableError, analyse_call, calibrate, profile
+from liteattn_ops.calibration.calibrate import CAP, TOLERANCE, _Curves, _Units, allocate
 from liteattn_ops.calibration.margins import next_live, relative_error, threshold_grid
 from liteattn_ops.core.state import pack_bits, unpack_bits
 from liteattn_ops.testing import local_qkv, token_grid

@@ -10,8 +10,9 @@ file format; criteria.py: the error-aware (softmax mass) criterion, a prototype 
 `python -m liteattn_ops.calibration`: the demo model's table and report.
 """
 
-from .calibrate import CalibrationError, calibrate
+from .calibrate import CalibrationError, Profile, calibrate, profile
 from .margins import CallAnalysis, analyse_call
 from .table import ThresholdTable, ThresholdTableError
 
-__all__ = ["CallAnalysis", "CalibrationError", "ThresholdTable", "ThresholdTableError", "analyse_call", "calibrate"]
+__all__ = ["CallAnalysis", "CalibrationError", "Profile", "ThresholdTable", "ThresholdTableError", "analyse_call", "calibrate",
+           "profile"]
