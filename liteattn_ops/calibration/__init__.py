@@ -14,5 +14,5 @@ from .calibrate import CalibrationError, Profile, calibrate, profile
 from .margins import CallAnalysis, analyse_call
 from .table import ThresholdTable, ThresholdTableError
 
-__all__ = ["CallAnalysis", "CalibrationError", "Profile", "ThresholdTable", "ThresholdTableError", "analyse_call", "calibrate",
-           "profile"]
+__all__ = ["CallAnalysis", "CalibrationError", "Profile", "ThresholdTable", "ThresholdTableError", "analyse_call",
+           "calibrate", "profile"]
